@@ -1,0 +1,135 @@
+"""``compute_rope``: the rotation of a tensor in any declared layout."""
+
+from __future__ import annotations
+
+import torch
+
+from ._errors import FlexRopeError, LayoutError
+from ._layout import Binding, Layout, bind, parse_layout
+from ._positions import angles_at, resolve_positions
+from ._rotation import rotate
+from ._tables import check_rotary_dim
+
+
+def half_tables(cos: object, sin: object, rotary_dim: int | None, head_dim: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Check the tables and return their angle halves, (length, r/2) each, with the rotary dim r.
+
+    Tables are full width (length, r), seed format, or half width (length, r/2). With ``rotary_dim`` None
+    r is the head dim; a table of width head_dim/2 is then refused as ambiguous (half-width tables for full
+    rotary, or full-width tables for rotary_dim = head_dim/2).
+    """
+    for name, table in (("cos", cos), ("sin", sin)):
+        if not isinstance(table, torch.Tensor) or not table.dtype.is_floating_point or table.ndim != 2:
+            what = f"{table.dtype} tensor of shape {tuple(table.shape)}" if isinstance(table, torch.Tensor) else type(table).__name__
+            raise FlexRopeError(f"{name} is a {what}: expected a floating tensor of shape (context_length, rotary_dim)")
+    if cos.shape != sin.shape:
+        raise FlexRopeError(f"cos has shape {tuple(cos.shape)} but sin has {tuple(sin.shape)}: pass the pair made together")
+    if cos.device != sin.device:
+        raise FlexRopeError(f"cos is on {cos.device} but sin is on {sin.device}: keep both tables on one device")
+    width = cos.shape[1]
+    if rotary_dim is None and width * 2 == head_dim:
+        raise FlexRopeError(
+            f"tables of width {width} for head dim {head_dim} are ambiguous: pass rotary_dim={head_dim} for "
+            f"half-width tables rotating every channel, or rotary_dim={width} for full-width tables of a "
+            f"partial rotation"
+        )
+    rotary_dim = check_rotary_dim(head_dim, rotary_dim)
+    half = rotary_dim // 2
+    if width not in (rotary_dim, half):
+        raise FlexRopeError(
+            f"tables of width {width} fit neither rotary_dim={rotary_dim} (full width, seed format) nor "
+            f"{half} (half width); make them with precompute_rope_params(head_dim, rotary_dim={rotary_dim})"
+        )
+    return cos[:, :half], sin[:, :half], rotary_dim
+
+
+def _check_x(x: object) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise FlexRopeError(f"x is a {type(x).__name__}: expected a torch.Tensor")
+    if not x.dtype.is_floating_point:
+        raise FlexRopeError(f"x has dtype {x.dtype}: expected a real floating dtype (float32, bfloat16, ...)")
+
+
+def _describe(x: object, layout: object, axes_lengths: dict) -> str:
+    shape = f"x of shape {tuple(x.shape)}" if isinstance(x, torch.Tensor) else "x"
+    keywords = "".join(f", {name}={value!r}" for name, value in axes_lengths.items())
+    return f"compute_rope({shape}, layout={layout!r}{keywords})"
+
+
+def parse(layout: object, axes_lengths: dict) -> Layout:
+    if not isinstance(layout, str):
+        raise LayoutError(f"layout={layout!r}: expected a string such as 'b s h d'")
+    return parse_layout(layout, tuple(sorted(axes_lengths.items(), key=lambda item: item[0])))
+
+
+def bound(layout: Layout, x: torch.Tensor) -> Binding:
+    _check_x(x)
+    return bind(layout, tuple(x.shape))
+
+
+def compute_rope(
+    x: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    layout: str = "b h s d",
+    *,
+    positions: torch.Tensor | None = None,
+    offset: int | torch.Tensor = 0,
+    interleaved: bool = False,
+    rotary_dim: int | None = None,
+    inplace: bool = False,
+    **axes_lengths: int,
+) -> torch.Tensor:
+    """Rotate the channel pairs of ``x`` by the angles of each token's position.
+
+    Notation: b batch, h heads, s sequence, d head dim, r rotary dim.
+
+    Args:
+        x: queries or keys, laid out as ``layout``, e.g. (b h s d) or (b s h d). Real floating dtype;
+            half precision is rotated in float32 and returned in its own dtype.
+        cos, sin: tables of shape (context_length, r) in the seed format ``[t0..tn-1, t0..tn-1]``, as
+            :func:`precompute_rope_params` makes them, or half width (context_length, r/2).
+        layout: an einops pattern naming the axes of ``x``: ``s`` and ``d`` required, ``b`` and ``h``
+            optional, ``...`` for extra leading axes, groups such as ``"b s (h d)"`` with the other lengths
+            given as keywords.
+        positions: integer tensor (s,) or (b, s) of the token positions. Default ``offset + arange(s)``.
+        offset: the position of the first token: an int, or an integer tensor (b,), one per row.
+        interleaved: pair channels (2i, 2i+1) (Meta, GPT-J) instead of (i, i + r/2) (NeoX, Hugging Face).
+        rotary_dim: channels that rotate; the rest pass through. Default: the head dim.
+        inplace: write the result into ``x`` and return it. Otherwise ``x`` is not modified.
+        **axes_lengths: lengths of axes, needed inside groups and checked everywhere, e.g. ``h=8``.
+
+    Returns:
+        The rotated tensor, of the same shape, layout, memory order, dtype and device as ``x``.
+
+    Raises:
+        LayoutError: the layout string is malformed or does not fit ``x``.
+        FlexRopeError: any other bad input (tables, positions, dtypes).
+
+    Example:
+        >>> import torch, flexrope
+        >>> cos, sin = flexrope.precompute_rope_params(16, context_length=32)
+        >>> x = torch.randn(2, 10, 4, 16)  # (b s h d)
+        >>> flexrope.compute_rope(x, cos, sin, "b s h d").shape
+        torch.Size([2, 10, 4, 16])
+    """
+    try:
+        parsed = parse(layout, axes_lengths)
+        shape = bound(parsed, x)
+        cos_half, sin_half, rotary_dim = half_tables(cos, sin, rotary_dim, shape.d)
+        if cos_half.device != x.device:
+            raise FlexRopeError(f"x is on {x.device} but the tables are on {cos.device}: move them with .to(x.device)")
+        where = resolve_positions(positions, offset, seq_len=shape.s, batch=shape.b, table_len=cos.shape[0])
+    except FlexRopeError as error:
+        raise type(error)(f"{_describe(x, layout, axes_lengths)}: {error}") from None
+    x_c = parsed.canonical(x)
+    out_c = x_c if inplace else parsed.canonical(out := torch.empty_like(x))
+    rotate(
+        x_c,
+        out_c,
+        angles_at(cos_half, where, shape.s),
+        angles_at(sin_half, where, shape.s),
+        rotary_dim=rotary_dim,
+        interleaved=interleaved,
+    )
+    return x if inplace else out

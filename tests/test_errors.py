@@ -1,0 +1,108 @@
+"""Every class of bad input raises FlexRopeError (or LayoutError) saying what was passed and what to do."""
+
+import pytest
+import torch
+
+from flexrope import FlexRopeError, LayoutError, compute_rope, precompute_rope_params
+
+COS, SIN = precompute_rope_params(16, context_length=32)
+X = torch.randn(2, 3, 5, 16)  # (b h s d)
+
+
+def rope(x=X, cos=COS, sin=SIN, layout="b h s d", **kwargs):
+    return compute_rope(x, cos, sin, layout, **kwargs)
+
+
+LAYOUT_CASES = [
+    ("unknown axis", dict(layout="b h t d"), r"unknown axis 't' \(the sequence axis is s\)"),
+    ("duplicate axis", dict(layout="b s s d"), r"axis 's' appears 2 times"),
+    ("missing s", dict(layout="b h x d"), r"unknown axis 'x'"),
+    ("missing sequence", dict(layout="b h d", x=X[0]), r"has no 's' \(sequence\) axis"),
+    ("missing head dim", dict(layout="b h s", x=X[..., 0]), r"has no 'd' \(head dim\) axis"),
+    ("commas", dict(layout="b, h, s, d"), "separated with spaces, not commas"),
+    ("rank mismatch", dict(layout="b s d"), r"describes 3 dims but the tensor has 4"),
+    ("rank below ellipsis", dict(layout="... b h s d", x=X[0]), r"describes at least 4 dims but the tensor has 3"),
+    ("keyword length mismatch", dict(layout="b h s d", h=4), r"dim 1 \(axis h\) has length 3 but h=4 was given"),
+    ("keyword for absent axis", dict(layout="b h s d", n=4), r"n=4 names an axis the layout does not have"),
+    ("keyword not an int", dict(layout="b h s d", h=3.0), r"h=3.0: an axis length must be a positive int"),
+    ("d grouped with s", dict(layout="b h (s d)", x=X.flatten(2), s=5), r"'d' is grouped with 's'"),
+    ("group needs lengths", dict(layout="b s (h d)", x=X.transpose(1, 2).flatten(2)), r"pass h=\.\.\. or d=\.\.\."),
+    ("group not divisible", dict(layout="b s (h d)", x=X.transpose(1, 2).flatten(2), h=5), "not divisible by 5"),
+    ("unbalanced", dict(layout="b s (h d"), "never closed"),
+    ("nested", dict(layout="b s ((h) d)"), "cannot be nested"),
+    ("empty group", dict(layout="b h s d ()"), "empty group"),
+    ("ellipsis in group", dict(layout="(... b) h s d"), "cannot stand inside a group"),
+    ("not a string", dict(layout=["b", "h", "s", "d"]), "expected a string"),
+]
+
+
+@pytest.mark.parametrize("kwargs, match", [case[1:] for case in LAYOUT_CASES], ids=[c[0] for c in LAYOUT_CASES])
+def test_layout_errors(kwargs, match):
+    with pytest.raises(LayoutError, match=match) as info:
+        rope(**kwargs)
+    assert "compute_rope(" in str(info.value) and "layout=" in str(info.value)
+
+
+OTHER_CASES = [
+    ("odd head dim", dict(x=torch.randn(1, 1, 5, 15)), "head dim 15 is odd"),
+    ("odd rotary_dim", dict(rotary_dim=7), "rotary_dim=7 is odd"),
+    ("rotary_dim past head dim", dict(rotary_dim=18), "rotary_dim=18 is larger than the head dim 16"),
+    ("table width fits nothing", dict(cos=COS[:, :6], sin=SIN[:, :6]), r"tables of width 6 fit neither rotary_dim=16"),
+    ("ambiguous half width", dict(cos=COS[:, :8], sin=SIN[:, :8]), r"ambiguous: pass rotary_dim=16 .* or rotary_dim=8"),
+    ("cos/sin shapes disagree", dict(sin=SIN[:16]), r"cos has shape \(32, 16\) but sin has \(16, 16\)"),
+    ("cos/sin devices disagree", dict(sin=SIN.to("meta")), r"cos is on cpu but sin is on meta"),
+    ("x and tables on other devices", dict(cos=COS.to("meta"), sin=SIN.to("meta")), r"x is on cpu but the tables are on meta"),
+    ("table not 2-D", dict(cos=COS[None], sin=SIN[None]), r"cos is a torch.float32 tensor of shape \(1, 32, 16\)"),
+    ("seq past the table", dict(x=torch.randn(1, 1, 40, 16)), r"40 positions, past the table's 32 positions"),
+    ("offset past the table", dict(offset=30), r"offset 30 \+ sequence length 5 = 35 positions"),
+    ("negative offset", dict(offset=-1), "offset=-1: positions must be >= 0"),
+    ("positions past the table", dict(positions=torch.tensor([0, 1, 2, 3, 32])), "reach position 32, past the table's 32"),
+    ("negative positions", dict(positions=torch.tensor([0, 1, -2, 3, 4])), "hold position -2: positions must be >= 0"),
+    ("positions of wrong length", dict(positions=torch.arange(4)), r"positions of shape \(4,\): expected \(5,\) or \(2, 5\)"),
+    ("positions of wrong batch", dict(positions=torch.zeros(3, 5, dtype=torch.long)), r"positions of shape \(3, 5\)"),
+    ("float positions", dict(positions=torch.arange(5.0)), "positions of type torch.float32: expected an integer tensor"),
+    ("list positions", dict(positions=[0, 1, 2, 3, 4]), "positions of type list"),
+    ("positions and offset", dict(positions=torch.arange(5), offset=2), "both positions and offset were given"),
+    ("float offset", dict(offset=1.5), r"offset=1.5: expected an int"),
+    ("offset tensor of wrong batch", dict(offset=torch.tensor([1, 2, 3])), r"integer tensor of shape \(2,\)"),
+    ("integer x", dict(x=torch.ones(2, 3, 5, 16, dtype=torch.long)), "x has dtype torch.int64: expected a real floating"),
+    ("complex x", dict(x=torch.ones(2, 3, 5, 16, dtype=torch.complex64)), "x has dtype torch.complex64"),
+    ("x not a tensor", dict(x=[[1.0]]), "x is a list: expected a torch.Tensor"),
+]
+
+
+@pytest.mark.parametrize("kwargs, match", [case[1:] for case in OTHER_CASES], ids=[c[0] for c in OTHER_CASES])
+def test_input_errors(kwargs, match):
+    with pytest.raises(FlexRopeError, match=match) as info:
+        rope(**kwargs)
+    assert str(info.value).startswith("compute_rope(")
+
+
+TABLE_CASES = [
+    (dict(head_dim=15), "head dim 15 is odd"),
+    (dict(head_dim=0), "head_dim=0: expected a positive int"),
+    (dict(head_dim=16, rotary_dim=32), "rotary_dim=32 is larger than the head dim 16"),
+    (dict(head_dim=16, rotary_dim=6.0), r"rotary_dim=6.0: expected a positive int"),
+    (dict(head_dim=16, context_length=0), "context_length=0: expected a positive int"),
+    (dict(head_dim=16, theta_base=float("inf")), "theta_base=inf: expected a finite number"),
+    (dict(head_dim=16, dtype=torch.int32), "dtype=torch.int32: expected a floating torch dtype"),
+    (dict(head_dim=16, scaling={"rope_type": "nope"}), "scaling"),
+]
+
+
+@pytest.mark.parametrize("kwargs, match", [case for case in TABLE_CASES], ids=[str(c[0]) for c in TABLE_CASES])
+def test_table_errors(kwargs, match):
+    with pytest.raises(FlexRopeError, match=match) as info:
+        precompute_rope_params(**kwargs)
+    assert str(info.value).startswith("precompute_rope_params(")
+
+
+def test_errors_are_value_errors_and_layout_errors_are_flexrope_errors():
+    assert issubclass(FlexRopeError, ValueError) and issubclass(LayoutError, FlexRopeError)
+
+
+def test_failed_call_leaves_x_untouched():
+    x = X.clone()
+    with pytest.raises(FlexRopeError):
+        compute_rope(x, COS, SIN, offset=40, inplace=True)
+    assert torch.equal(x, X)
