@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import torch
 
+from ._autograd import rope
 from ._errors import FlexRopeError, LayoutError
 from ._layout import Binding, Layout, bind, parse_layout
-from ._positions import angles_at, resolve_positions
-from ._rotation import rotate
+from ._positions import resolve_positions
 from ._tables import check_rotary_dim
 
 
@@ -67,6 +67,15 @@ def bound(layout: Layout, x: torch.Tensor) -> Binding:
     return bind(layout, tuple(x.shape))
 
 
+def checked_positions(
+    x: torch.Tensor, shape: Binding, cos_half: torch.Tensor, positions: torch.Tensor | None, offset: int | torch.Tensor
+) -> int | torch.Tensor:
+    """The positions of ``x``'s tokens (an int start or a tensor), checked against ``x`` and the table."""
+    if cos_half.device != x.device:
+        raise FlexRopeError(f"x is on {x.device} but the tables are on {cos_half.device}: move them with .to(x.device)")
+    return resolve_positions(positions, offset, seq_len=shape.s, batch=shape.b, table_len=cos_half.shape[0])
+
+
 def compute_rope(
     x: torch.Tensor,
     cos: torch.Tensor,
@@ -117,19 +126,9 @@ def compute_rope(
         parsed = parse(layout, axes_lengths)
         shape = bound(parsed, x)
         cos_half, sin_half, rotary_dim = half_tables(cos, sin, rotary_dim, shape.d)
-        if cos_half.device != x.device:
-            raise FlexRopeError(f"x is on {x.device} but the tables are on {cos.device}: move them with .to(x.device)")
-        where = resolve_positions(positions, offset, seq_len=shape.s, batch=shape.b, table_len=cos.shape[0])
+        where = checked_positions(x, shape, cos_half, positions, offset)
+        return rope(
+            x, parsed, cos_half, sin_half, where, rotary_dim=rotary_dim, interleaved=interleaved, inplace=inplace
+        )
     except FlexRopeError as error:
         raise type(error)(f"{_describe(x, layout, axes_lengths)}: {error}") from None
-    x_c = parsed.canonical(x)
-    out_c = x_c if inplace else parsed.canonical(out := torch.empty_like(x))
-    rotate(
-        x_c,
-        out_c,
-        angles_at(cos_half, where, shape.s),
-        angles_at(sin_half, where, shape.s),
-        rotary_dim=rotary_dim,
-        interleaved=interleaved,
-    )
-    return x if inplace else out

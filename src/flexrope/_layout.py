@@ -12,7 +12,6 @@ from splits and a permutation only, so it is always a view of the tensor, never 
 from __future__ import annotations
 
 import functools
-import math
 from dataclasses import dataclass
 
 import einops
@@ -32,6 +31,7 @@ class Layout:
     text: str
     entries: tuple[tuple[str, ...], ...]
     lengths: tuple[tuple[str, int], ...]
+    to_canonical: str  # the einops pattern from this layout to the canonical (*lead, b, h, s, d) view
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -40,13 +40,6 @@ class Layout:
     @property
     def has_ellipsis(self) -> bool:
         return (ELLIPSIS,) in self.entries
-
-    @functools.cached_property
-    def to_canonical(self) -> str:
-        """The einops pattern from this layout to the canonical ``(*lead, b, h, s, d)`` view."""
-        lead = [ELLIPSIS] if self.has_ellipsis else []
-        target = lead + [axis if axis in self.names else "1" for axis in AXES]
-        return f"{self.text} -> {' '.join(target)}"
 
     def canonical(self, x: torch.Tensor) -> torch.Tensor:
         return einops.rearrange(x, self.to_canonical, **dict(self.lengths))
@@ -61,6 +54,18 @@ class Binding:
     h: int
     s: int
     d: int
+
+
+def cached(fn):
+    """``functools.lru_cache``, bypassed while torch.compile traces (it traces the function, not its cache)."""
+    cache = functools.lru_cache(maxsize=1024)(fn)
+
+    @functools.wraps(fn)
+    def call(*args):
+        return fn(*args) if torch.compiler.is_compiling() else cache(*args)
+
+    call.cache_info = cache.cache_info
+    return call
 
 
 def _tokenize(text: str) -> list[str]:
@@ -105,7 +110,7 @@ def _entries(text: str) -> tuple[tuple[str, ...], ...]:
     return tuple(entries)
 
 
-@functools.lru_cache(maxsize=256)
+@cached
 def parse_layout(text: str, lengths: tuple[tuple[str, int], ...] = ()) -> Layout:
     """Parse ``text`` with the keyword lengths ``lengths`` (sorted (name, int) pairs); raise LayoutError."""
     if "," in text:
@@ -142,10 +147,12 @@ def parse_layout(text: str, lengths: tuple[tuple[str, int], ...] = ()) -> Layout
                 f"group ({' '.join(entry)}) needs the lengths of all its axes but one: pass {missing}"
             )
     text = " ".join(f"({' '.join(entry)})" if len(entry) > 1 else entry[0] for entry in entries)
-    return Layout(text=text, entries=entries, lengths=lengths)
+    lead = [ELLIPSIS] if (ELLIPSIS,) in entries else []
+    target = " ".join(lead + [axis if axis in names else "1" for axis in AXES])
+    return Layout(text=text, entries=entries, lengths=lengths, to_canonical=f"{text} -> {target}")
 
 
-@functools.lru_cache(maxsize=1024)
+@cached
 def bind(layout: Layout, shape: tuple[int, ...]) -> Binding:
     """The axis lengths of a tensor of ``shape`` laid out as ``layout``; raise LayoutError if it does not fit."""
     named = [entry for entry in layout.entries if entry != (ELLIPSIS,)]
@@ -166,8 +173,12 @@ def bind(layout: Layout, shape: tuple[int, ...]) -> Binding:
             dim += lead_len
             continue
         size = shape[dim]
-        known = math.prod(lengths[name] for name in entry if name in lengths)
-        unknown = [name for name in entry if name not in lengths]
+        known, unknown = 1, []
+        for name in entry:
+            if name in lengths:
+                known *= lengths[name]
+            else:
+                unknown.append(name)
         where = f"dim {dim} (axis {'(' + ' '.join(entry) + ')' if len(entry) > 1 else entry[0]})"
         if unknown:
             if size % known:

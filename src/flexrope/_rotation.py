@@ -30,6 +30,17 @@ def _rotate_pairs(src: torch.Tensor, dst: torch.Tensor, cos: torch.Tensor, sin: 
     torch.mul(b, cos, out=out_b).add_(a_sin)
 
 
+def _rotated_pairs(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rotary_dim: int,
+                   interleaved: bool) -> torch.Tensor:
+    """The rotated first ``rotary_dim`` channels as one expression, for compilers to fuse into one pass."""
+    a, b = _pair_views(x, rotary_dim, interleaved)
+    a, b = a.to(cos.dtype), b.to(cos.dtype)
+    out_a, out_b = a * cos - b * sin, b * cos + a * sin
+    if interleaved:
+        return torch.stack([out_a, out_b], dim=-1).flatten(-2)
+    return torch.cat([out_a, out_b], dim=-1)
+
+
 def rotate(
     x: torch.Tensor,
     out: torch.Tensor,
@@ -46,7 +57,9 @@ def rotate(
     """
     compute = torch.promote_types(x.dtype, torch.float32)
     cos, sin = cos.to(compute), sin.to(compute)
-    if x.dtype == compute:
+    if torch.compiler.is_compiling():
+        out[..., :rotary_dim].copy_(_rotated_pairs(x, cos, sin, rotary_dim, interleaved))
+    elif x.dtype == compute:
         _rotate_pairs(x, out, cos, sin, rotary_dim, interleaved)
     else:
         work = x[..., :rotary_dim].to(compute)

@@ -83,7 +83,8 @@ def precompute_rope_params(
             head_dim. Frequencies are computed from r, not from head_dim.
         scaling: a context-extension recipe; ``None`` for plain RoPE.
         dtype: floating dtype of the tables. The angles are computed in float64 and rounded once to it.
-        device: where the tables live.
+        device: where the tables live; default torch's default device (so ``with torch.device("meta")``
+            makes meta tables).
 
     Returns:
         ``(cos, sin)``, each of shape (context_length, rotary_dim): the r/2 angles of each position written
@@ -109,6 +110,6 @@ def precompute_rope_params(
             raise FlexRopeError(f"scaling={scaling!r}: scaling is not supported yet; pass scaling=None")
     except FlexRopeError as error:
         raise FlexRopeError(f"precompute_rope_params(head_dim={head_dim!r}): {error}") from None
-    device = torch.device("cpu") if device is None else torch.device(device)
+    device = torch.get_default_device() if device is None else torch.device(device)
     inv_freq = inverse_frequencies(rotary_dim, theta_base, device=_float64_device(device))
     return tables_from_inverse_frequencies(inv_freq, context_length, dtype=dtype, device=device)
