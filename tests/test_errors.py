@@ -86,7 +86,7 @@ TABLE_CASES = [
     (dict(head_dim=16, context_length=0), "context_length=0: expected a positive int"),
     (dict(head_dim=16, theta_base=float("inf")), "theta_base=inf: expected a finite number"),
     (dict(head_dim=16, dtype=torch.int32), "dtype=torch.int32: expected a floating torch dtype"),
-    (dict(head_dim=16, scaling={"rope_type": "nope"}), "scaling"),
+    (dict(head_dim=16, scaling={"rope_type": "nope"}), "scaling rope_type 'nope' is unknown"),
 ]
 
 

@@ -13,6 +13,7 @@ import math
 import torch
 
 from ._errors import FlexRopeError
+from ._scaling import frequencies, parse_scaling
 
 # Rows of the float64 angle table made at once: bounds the temporary memory at long context.
 _CHUNK_ROWS = 1 << 16
@@ -34,32 +35,33 @@ def check_rotary_dim(head_dim: object, rotary_dim: object) -> int:
     return rotary_dim
 
 
-def inverse_frequencies(rotary_dim: int, theta_base: float, device: torch.device | None = None) -> torch.Tensor:
-    """``theta_base ** (-2i / rotary_dim)`` for i < rotary_dim / 2, in float64."""
-    exponents = torch.arange(0, rotary_dim, 2, dtype=torch.float64, device=device) / rotary_dim
-    return torch.pow(torch.tensor(float(theta_base), dtype=torch.float64, device=device), -exponents)
-
-
 def _float64_device(device: torch.device) -> torch.device:
     # MPS has no float64: the angles are made on the CPU and the rounded tables moved.
     return torch.device("cpu") if device.type == "mps" else device
 
 
 def tables_from_inverse_frequencies(
-    inv_freq: torch.Tensor, context_length: int, *, dtype: torch.dtype, device: torch.device
+    inv_freq: torch.Tensor,
+    context_length: int,
+    *,
+    dtype: torch.dtype,
+    device: torch.device,
+    attention_factor: float = 1.0,
+    start: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Seed-format cos and sin tables for positions ``0 .. context_length - 1`` from float64 ``inv_freq``."""
+    """Seed-format cos and sin tables for positions ``start .. start + context_length - 1`` from float64
+    ``inv_freq``, times ``attention_factor``."""
     half = inv_freq.shape[0]
     work = _float64_device(device)
     inv_freq = inv_freq.to(device=work, dtype=torch.float64)
     cos = torch.empty(context_length, 2 * half, dtype=dtype, device=work)
     sin = torch.empty_like(cos)
-    for start in range(0, context_length, _CHUNK_ROWS):
-        stop = min(start + _CHUNK_ROWS, context_length)
-        angles = torch.arange(start, stop, dtype=torch.float64, device=work)[:, None] * inv_freq
+    for row in range(0, context_length, _CHUNK_ROWS):
+        stop = min(row + _CHUNK_ROWS, context_length)
+        angles = torch.arange(start + row, start + stop, dtype=torch.float64, device=work)[:, None] * inv_freq
         for table, values in ((cos, angles.cos()), (sin, angles.sin())):
-            table[start:stop, :half] = values
-            table[start:stop, half:] = table[start:stop, :half]
+            table[row:stop, :half] = values if attention_factor == 1.0 else values * attention_factor
+            table[row:stop, half:] = table[row:stop, :half]
     return cos.to(device), sin.to(device)
 
 
@@ -81,7 +83,10 @@ def precompute_rope_params(
         context_length: number of positions (rows) in the tables.
         rotary_dim: channels that rotate (r), the first r of each head; the rest pass through. Defaults to
             head_dim. Frequencies are computed from r, not from head_dim.
-        scaling: a context-extension recipe; ``None`` for plain RoPE.
+        scaling: a context-extension recipe: a Hugging Face ``rope_scaling`` / ``rope_parameters`` dict
+            (``rope_type`` or ``type``: default, linear, dynamic, yarn, longrope, llama3) or the seed's llama3
+            ``freq_config``; ``None`` for plain RoPE. ``dynamic`` and ``longrope`` depend on the length of the
+            sequence: these tables are those of a sequence of ``context_length`` tokens.
         dtype: floating dtype of the tables. The angles are computed in float64 and rounded once to it.
         device: where the tables live; default torch's default device (so ``with torch.device("meta")``
             makes meta tables).
@@ -106,10 +111,11 @@ def precompute_rope_params(
             raise FlexRopeError(f"theta_base={theta_base!r}: expected a finite number larger than 1")
         if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
             raise FlexRopeError(f"dtype={dtype!r}: expected a floating torch dtype such as torch.float32")
-        if scaling is not None:
-            raise FlexRopeError(f"scaling={scaling!r}: scaling is not supported yet; pass scaling=None")
+        recipe = parse_scaling(scaling, rotary_dim=rotary_dim, head_dim=head_dim, theta_base=theta_base)
     except FlexRopeError as error:
         raise FlexRopeError(f"precompute_rope_params(head_dim={head_dim!r}): {error}") from None
     device = torch.get_default_device() if device is None else torch.device(device)
-    inv_freq = inverse_frequencies(rotary_dim, theta_base, device=_float64_device(device))
-    return tables_from_inverse_frequencies(inv_freq, context_length, dtype=dtype, device=device)
+    inv_freq, attention_factor = frequencies(recipe, rotary_dim, theta_base, context_length)
+    return tables_from_inverse_frequencies(
+        inv_freq, context_length, dtype=dtype, device=device, attention_factor=attention_factor
+    )
