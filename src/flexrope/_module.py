@@ -8,7 +8,16 @@ from torch import nn
 from ._autograd import rope
 from ._errors import FlexRopeError
 from ._functional import bound, checked_positions, parse
-from ._tables import check_rotary_dim, precompute_rope_params
+from ._hf_config import settings_from_hf_config
+from ._scaling import frequencies, parse_scaling
+from ._tables import check_rotary_dim, precompute_rope_params, tables_from_inverse_frequencies
+
+
+def _reach(where: int | torch.Tensor, seq_len: int) -> int:
+    """1 + the largest position: the length of the sequence, as length-dependent recipes count it."""
+    if isinstance(where, int):
+        return where + seq_len
+    return int(where.max()) + 1 if where.numel() else 0
 
 
 class RotaryEmbedding(nn.Module):
@@ -25,7 +34,9 @@ class RotaryEmbedding(nn.Module):
         context_length: positions in the tables; a position past it is an error, never clamped or wrapped.
         rotary_dim: channels that rotate (default head_dim); the rest pass through.
         interleaved: pair channels (2i, 2i+1) instead of (i, i + r/2).
-        scaling: a context-extension recipe, or None.
+        scaling: a context-extension recipe (a Hugging Face ``rope_scaling`` dict), or None. For ``dynamic``
+            and ``longrope``, whose frequencies depend on the length of the sequence, each call uses the
+            frequencies of its own length: 1 + the largest position among q and k, as the reference does.
         **axes_lengths: other axis lengths the layout needs, e.g. ``b=2`` for ``"s (b h) d"``.
 
     The tables ``cos`` and ``sin`` (context_length, r) are non-persistent buffers: never in ``state_dict``,
@@ -63,39 +74,94 @@ class RotaryEmbedding(nn.Module):
             if "d" in axes_lengths:
                 raise FlexRopeError(f"d={axes_lengths['d']} was given as a keyword: head_dim gives d")
             self.layout = parse(layout, {"d": head_dim, **axes_lengths})
+            self._recipe = parse_scaling(scaling, rotary_dim=self.rotary_dim, head_dim=head_dim, theta_base=theta_base)
         except FlexRopeError as error:
             raise type(error)(f"RotaryEmbedding(head_dim={head_dim!r}, layout={layout!r}): {error}") from None
         self.head_dim, self.theta_base, self.context_length = head_dim, theta_base, context_length
         self.interleaved, self.scaling = interleaved, scaling
-        cos, sin = self._tables(torch.float32, device=None)
-        self.register_buffer("cos", cos, persistent=False)
-        self.register_buffer("sin", sin, persistent=False)
+        for name, table in self._tables(torch.float32, device=None).items():
+            self.register_buffer(name, table, persistent=False)
 
-    def _tables(self, dtype: torch.dtype, device: torch.device | None) -> tuple[torch.Tensor, torch.Tensor]:
-        return precompute_rope_params(
-            self.head_dim,
-            self.theta_base,
-            self.context_length,
-            rotary_dim=self.rotary_dim,
-            scaling=self.scaling,
-            dtype=dtype,
-            device=device,
-        )
+    @property
+    def _short_length(self) -> int | None:
+        """L0 when calls of at most L0 positions use other tables than longer ones (dynamic, longrope)."""
+        recipe = self._recipe
+        if recipe is not None and recipe.length_dependent and recipe.original_length < self.context_length:
+            return recipe.original_length
+        return None
+
+    def _tables(self, dtype: torch.dtype, device: torch.device | None) -> dict[str, torch.Tensor]:
+        """The buffers: tables for ``context_length`` positions, and for L0 where the recipe depends on length."""
+        lengths = {"": self.context_length}
+        if self._short_length is not None:
+            lengths["short_"] = self._short_length
+        tables = {}
+        for prefix, length in lengths.items():
+            tables[f"{prefix}cos"], tables[f"{prefix}sin"] = precompute_rope_params(
+                self.head_dim,
+                self.theta_base,
+                length,
+                rotary_dim=self.rotary_dim,
+                scaling=self.scaling,
+                dtype=dtype,
+                device=device,
+            )
+        return tables
 
     def reset_parameters(self) -> None:
         """Recompute the tables in place, on their current device: call it after ``to_empty()``."""
-        self.cos, self.sin = self._tables(self.cos.dtype, self.cos.device)
+        for name, table in self._tables(self.cos.dtype, self.cos.device).items():
+            setattr(self, name, table)
 
     def _apply(self, fn, recurse=True):
-        before = self.cos, self.sin
+        before = dict(self.named_buffers(recurse=False))
         super()._apply(fn, recurse)
-        if self.cos.dtype == before[0].dtype:
+        if self.cos.dtype == before["cos"].dtype:
             return self
         if self.cos.dtype == torch.float64:
-            self.cos, self.sin = self._tables(torch.float64, self.cos.device)
+            self.reset_parameters()
         else:  # a cast to lower precision: keep the float32 tables, on the new device
-            self.cos, self.sin = (t.to(device=new.device) for t, new in zip(before, (self.cos, self.sin)))
+            for name, table in before.items():
+                setattr(self, name, table.to(device=getattr(self, name).device))
         return self
+
+    def _tables_for(self, *calls: tuple[int | torch.Tensor, int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The tables for a call of tensors with these (positions, sequence length)."""
+        short = self._short_length
+        if short is None:
+            return self.cos, self.sin
+        seq_len = max(_reach(where, length) for where, length in calls)
+        if seq_len == self.context_length:
+            return self.cos, self.sin
+        if seq_len <= short:
+            return self.short_cos, self.short_sin
+        if self._recipe.rope_type == "longrope":
+            return self.cos, self.sin
+        # dynamic NTK between L0 and context_length: the frequencies of this very length
+        inv_freq, attention_factor = frequencies(self._recipe, self.rotary_dim, self.theta_base, seq_len)
+        return tables_from_inverse_frequencies(
+            inv_freq, seq_len, dtype=self.cos.dtype, device=self.cos.device, attention_factor=attention_factor
+        )
+
+    @classmethod
+    def from_hf_config(cls, config, *, layout: str = "b h s d", context_length: int | None = None,
+                       **axes_lengths: int) -> "RotaryEmbedding":
+        """The module a Hugging Face model's attention uses, from its config.
+
+        Args:
+            config: a ``transformers`` config object or a plain dict (a ``config.json``): ``head_dim`` or
+                ``hidden_size`` / ``num_attention_heads``, ``rope_theta``, ``rope_scaling`` or
+                ``rope_parameters``, ``partial_rotary_factor`` or ``rotary_pct``, ``max_position_embeddings``.
+            layout: the layout of q and k in your code.
+            context_length: positions in the tables; default ``max_position_embeddings``.
+        """
+        try:
+            settings = settings_from_hf_config(config)
+        except FlexRopeError as error:
+            raise type(error)(f"RotaryEmbedding.from_hf_config: {error}") from None
+        if context_length is not None:
+            settings["context_length"] = context_length
+        return cls(layout=layout, **settings, **axes_lengths)
 
     def _positions(self, x: torch.Tensor, name: str, positions, offset) -> tuple[int, int | torch.Tensor]:
         """The sequence length of ``x`` and its checked positions."""
@@ -109,13 +175,14 @@ class RotaryEmbedding(nn.Module):
                 f"{shape_text}: {error}"
             ) from None
 
-    def _rotate(self, x: torch.Tensor, where: int | torch.Tensor) -> torch.Tensor:
+    def _rotate(self, x: torch.Tensor, where: int | torch.Tensor, tables: tuple[torch.Tensor, torch.Tensor]):
         half = self.rotary_dim // 2
+        cos, sin = tables
         return rope(
             x,
             self.layout,
-            self.cos[:, :half],
-            self.sin[:, :half],
+            cos[:, :half],
+            sin[:, :half],
             where,
             rotary_dim=self.rotary_dim,
             interleaved=self.interleaved,
@@ -149,7 +216,7 @@ class RotaryEmbedding(nn.Module):
             raise FlexRopeError("k_positions or k_offset was given without k")
         q_len, q_where = self._positions(q, "q", positions, offset)
         if k is None:
-            return self._rotate(q, q_where)
+            return self._rotate(q, q_where, self._tables_for((q_where, q_len)))
         inherited = k_positions is None and k_offset is None
         if inherited:
             k_positions, k_offset = positions, offset
@@ -159,7 +226,8 @@ class RotaryEmbedding(nn.Module):
                 f"q has {q_len} tokens and k has {k_len}: say where k's tokens are with k_offset= or "
                 f"k_positions= (e.g. k_offset=0 for keys of the whole cache)"
             )
-        return self._rotate(q, q_where), self._rotate(k, k_where)
+        tables = self._tables_for((q_where, q_len), (k_where, k_len))
+        return self._rotate(q, q_where, tables), self._rotate(k, k_where, tables)
 
     def extra_repr(self) -> str:
         parts = [

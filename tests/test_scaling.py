@@ -1,0 +1,244 @@
+"""Scaling recipes against Hugging Face transformers itself (a test dependency only)."""
+
+import math
+
+import pytest
+import torch
+
+import flexrope
+from flexrope import FlexRopeError, RotaryEmbedding, precompute_rope_params
+from flexrope._scaling import frequencies, parse_scaling
+
+from . import reference
+
+transformers = pytest.importorskip("transformers")
+from transformers.models.gpt_neox import modeling_gpt_neox  # noqa: E402
+from transformers.models.llama import modeling_llama  # noqa: E402
+from transformers.models.phi3 import modeling_phi3  # noqa: E402
+
+EPS32 = torch.finfo(torch.float32).eps
+HIDDEN, HEADS, MAX_POS = 256, 4, 512  # head_dim 64
+ORIGINAL = 128
+
+
+def _llama(rope_scaling, theta=10_000.0):
+    return transformers.LlamaConfig(hidden_size=HIDDEN, num_attention_heads=HEADS, max_position_embeddings=MAX_POS,
+                                    rope_theta=theta, rope_scaling=rope_scaling)
+
+
+def _phi3(short, long):
+    return transformers.Phi3Config(hidden_size=HIDDEN, num_attention_heads=HEADS, max_position_embeddings=MAX_POS,
+                                   original_max_position_embeddings=ORIGINAL,
+                                   rope_scaling={"type": "longrope", "short_factor": short, "long_factor": long})
+
+
+def _neox():
+    return transformers.GPTNeoXConfig(hidden_size=HIDDEN, num_attention_heads=HEADS, rotary_pct=0.25,
+                                      max_position_embeddings=MAX_POS)
+
+
+_gen = torch.Generator().manual_seed(0)
+SHORT = (1.0 + torch.rand(32, generator=_gen)).tolist()
+LONG = (1.0 + 8 * torch.rand(32, generator=_gen)).tolist()
+
+CASES = {
+    "default": (lambda: _llama(None), modeling_llama),
+    "linear": (lambda: _llama({"rope_type": "linear", "factor": 4.0}), modeling_llama),
+    "dynamic": (lambda: _llama({"rope_type": "dynamic", "factor": 2.0}), modeling_llama),
+    "llama3": (lambda: _llama({"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                               "original_max_position_embeddings": ORIGINAL}, theta=500_000.0), modeling_llama),
+    "yarn": (lambda: _llama({"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": ORIGINAL}),
+             modeling_llama),
+    "yarn-mscale": (lambda: _llama({"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": ORIGINAL,
+                                    "mscale": 0.707, "mscale_all_dim": 1.0, "beta_fast": 16, "beta_slow": 2}),
+                    modeling_llama),
+    "yarn-attention-factor-no-truncate": (
+        lambda: _llama({"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": ORIGINAL,
+                        "attention_factor": 1.3, "truncate": False}), modeling_llama),
+    "longrope": (lambda: _phi3(SHORT, LONG), modeling_phi3),
+    "partial-neox": (_neox, modeling_gpt_neox),
+}
+# (case, sequence length): length-dependent recipes below and above their original length
+RUNS = [(name, 96) for name in CASES] + [("dynamic", 1500), ("longrope", 400)]
+
+
+def _hf(case, seq_len, q, k):
+    make_config, module = CASES[case]
+    config = make_config()
+    rotary = next(getattr(module, n) for n in dir(module) if n.endswith("RotaryEmbedding"))(config)
+    position_ids = torch.arange(seq_len)[None]
+    cos, sin = rotary(q, position_ids)
+    return module.apply_rotary_pos_emb(q, k, cos, sin), rotary, config
+
+
+@pytest.mark.parametrize("case, seq_len", RUNS, ids=[f"{c}-{s}" for c, s in RUNS])
+def test_rotated_q_and_k_match_transformers(case, seq_len):
+    gen = torch.Generator().manual_seed(seq_len)
+    q, k = torch.randn(1, HEADS, seq_len, 64, generator=gen), torch.randn(1, 2, seq_len, 64, generator=gen)
+    (hf_q, hf_k), hf_rotary, config = _hf(case, seq_len, q, k)
+    rope = RotaryEmbedding.from_hf_config(config, context_length=2048)
+    ours_q, ours_k = rope(q, k)
+    # The reference's float32 angles are off by up to ~position * eps; ours are float64, rounded once.
+    position = torch.arange(seq_len, dtype=torch.float32)[:, None]
+    scale = hf_rotary.attention_scaling * max(q.abs().max(), k.abs().max())
+    bound = 8 * EPS32 * (position + 16) * scale
+    assert ((ours_q - hf_q).abs() <= bound).all(), (ours_q - hf_q).abs().max()
+    assert ((ours_k - hf_k).abs() <= bound).all(), (ours_k - hf_k).abs().max()
+
+
+@pytest.mark.parametrize("case, seq_len", RUNS, ids=[f"{c}-{s}" for c, s in RUNS])
+def test_frequencies_and_attention_factor_match_transformers(case, seq_len):
+    q = torch.zeros(1, 1, seq_len, 64)
+    _, hf_rotary, config = _hf(case, seq_len, q, q)
+    settings = flexrope._hf_config.settings_from_hf_config(config)
+    recipe = parse_scaling(settings["scaling"], rotary_dim=settings["rotary_dim"], head_dim=64,
+                           theta_base=settings["theta_base"])
+    inv, attention = frequencies(recipe, settings["rotary_dim"], settings["theta_base"], seq_len)
+    torch.testing.assert_close(inv.float(), hf_rotary.inv_freq, rtol=4 * EPS32, atol=0)
+    assert attention == pytest.approx(hf_rotary.attention_scaling, rel=1e-12)
+
+
+def test_dynamic_uses_original_frequencies_below_and_grows_above():
+    recipe = parse_scaling({"rope_type": "dynamic", "factor": 2.0, "original_max_position_embeddings": 512},
+                           rotary_dim=64, head_dim=64, theta_base=10_000.0)
+    plain, _ = frequencies(None, 64, 10_000.0, 100)
+    assert torch.equal(frequencies(recipe, 64, 10_000.0, 512)[0], plain)
+    above, _ = frequencies(recipe, 64, 10_000.0, 2048)
+    base = 10_000.0 * (2.0 * 2048 / 512 - 1.0) ** (64 / 62)
+    torch.testing.assert_close(above, base ** (-torch.arange(0, 64, 2, dtype=torch.float64) / 64), rtol=1e-14, atol=0)
+
+
+def test_dynamic_module_each_call_uses_its_own_length():
+    rope = RotaryEmbedding(64, scaling={"rope_type": "dynamic", "factor": 2.0, "original_max_position_embeddings": 128},
+                           context_length=1024)
+    x = torch.randn(1, 1, 300, 64)
+    cos300, sin300 = precompute_rope_params(64, context_length=300, scaling=rope.scaling)
+    assert torch.equal(rope(x), flexrope.compute_rope(x, cos300, sin300))
+    short = torch.randn(1, 1, 100, 64)
+    cos, sin = precompute_rope_params(64, context_length=100)
+    assert torch.equal(rope(short), flexrope.compute_rope(short, cos, sin))
+
+
+def test_longrope_module_switches_factors_at_the_original_length():
+    scaling = {"rope_type": "longrope", "short_factor": SHORT, "long_factor": LONG, "factor": 4.0,
+               "original_max_position_embeddings": ORIGINAL}
+    rope = RotaryEmbedding(64, scaling=scaling, context_length=MAX_POS)
+    x = torch.randn(1, 2, 10, 64)
+    short_cos, short_sin = precompute_rope_params(64, context_length=ORIGINAL, scaling=scaling)
+    long_cos, long_sin = precompute_rope_params(64, context_length=MAX_POS, scaling=scaling)
+    assert torch.equal(rope(x, offset=ORIGINAL - 10), flexrope.compute_rope(x, short_cos, short_sin,
+                                                                            offset=ORIGINAL - 10))
+    assert torch.equal(rope(x, offset=ORIGINAL - 9), flexrope.compute_rope(x, long_cos, long_sin,
+                                                                           offset=ORIGINAL - 9))
+    # a long call rotates its early tokens with the long factors too, as the reference does
+    q, k = torch.randn(1, 2, 1, 64), torch.randn(1, 2, 200, 64)
+    _, rk = rope(q, k, offset=199, k_offset=0)
+    assert torch.equal(rk, flexrope.compute_rope(k, long_cos, long_sin))
+
+
+def test_llama3_pairs_unchanged_smoothed_and_divided():
+    """theta 500000, r 128, factor 8, 1, 4, L0 8192: pairs 0-28 unchanged, 29-34 smoothed, 35-63 divided by 8."""
+    recipe = parse_scaling({"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                            "original_max_position_embeddings": 8192}, rotary_dim=128, head_dim=128,
+                           theta_base=500_000.0)
+    plain, _ = frequencies(None, 128, 500_000.0, 1)
+    scaled, _ = frequencies(recipe, 128, 500_000.0, 1)
+    ratio = plain / scaled
+    assert torch.equal(ratio[:29], torch.ones(29, dtype=torch.float64))
+    assert ((ratio[29:35] > 1) & (ratio[29:35] < 8)).all()
+    torch.testing.assert_close(ratio[35:], torch.full((29,), 8.0, dtype=torch.float64), rtol=1e-15, atol=0)
+
+
+def test_seed_llama3_freq_config_is_accepted():
+    seed = {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_context_length": 8192}
+    hf = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+          "original_max_position_embeddings": 8192}
+    a = precompute_rope_params(128, 500_000, 64, scaling=seed)
+    b = precompute_rope_params(128, 500_000, 64, scaling=hf)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+
+def test_yarn_attention_factor_multiplies_cos_and_sin():
+    scaling = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 128}
+    cos, sin = precompute_rope_params(64, context_length=8, scaling=scaling, dtype=torch.float64)
+    assert cos[0, 0].item() == pytest.approx(0.1 * math.log(4.0) + 1.0, rel=1e-15)
+    torch.testing.assert_close(cos**2 + sin**2, torch.full_like(cos, (0.1 * math.log(4.0) + 1.0) ** 2))
+
+
+LONG_CONTEXT = 1 << 20
+TYPES_AT_1M = {
+    "linear": {"rope_type": "linear", "factor": 8.0},
+    "dynamic": {"rope_type": "dynamic", "factor": 8.0, "original_max_position_embeddings": 131_072},
+    "llama3": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 8192},
+    "yarn": {"rope_type": "yarn", "factor": 32.0, "original_max_position_embeddings": 32_768},
+    "longrope": {"rope_type": "longrope", "short_factor": SHORT, "long_factor": LONG, "factor": 32.0,
+                 "original_max_position_embeddings": 32_768},
+}
+
+
+@pytest.mark.parametrize("name", TYPES_AT_1M)
+def test_tables_within_1e6_of_float64_truth_at_1m_positions(name):
+    scaling = TYPES_AT_1M[name]
+    cos, sin = precompute_rope_params(64, theta_base=500_000.0, context_length=LONG_CONTEXT, scaling=scaling)
+    recipe = parse_scaling(scaling, rotary_dim=64, head_dim=64, theta_base=500_000.0)
+    inv, attention = frequencies(recipe, 64, 500_000.0, LONG_CONTEXT)
+    worst = 0.0
+    for row in (1, 65_537, 777_777, LONG_CONTEXT - 1):
+        for i in range(32):
+            angle = row * inv[i].item()
+            worst = max(worst, abs(cos[row, i].item() - attention * math.cos(angle)),
+                        abs(sin[row, i].item() - attention * math.sin(angle)))
+    assert worst < 1e-6
+
+
+SCALING_ERRORS = [
+    ({"rope_type": "ntk"}, "rope_type 'ntk' is unknown"),
+    ({"factor": 2.0}, "has no 'rope_type'"),
+    ({"rope_type": "linear"}, "missing 'factor'"),
+    ({"rope_type": "linear", "factor": -1.0}, r"scaling\['factor'\]=-1.0 .* expected a number > 0"),
+    ({"rope_type": "linear", "factor": 2.0, "fudge": 1}, "scaling key 'fudge' is not a parameter"),
+    ({"rope_type": "yarn", "factor": 4.0}, "missing 'original_max_position_embeddings'"),
+    ({"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 128, "truncate": "yes"},
+     r"scaling\['truncate'\]='yes'"),
+    ({"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 4.0, "high_freq_factor": 1.0,
+      "original_max_position_embeddings": 8192}, "high_freq_factor'] must be larger"),
+    ({"rope_type": "longrope", "short_factor": [1.0] * 3, "long_factor": [1.0] * 32,
+      "original_max_position_embeddings": 128, "factor": 2.0}, r"scaling\['short_factor'\] has 3 entries"),
+    ({"rope_type": "longrope", "short_factor": SHORT, "long_factor": LONG, "original_max_position_embeddings": 128},
+     "needs 'factor'"),
+    ({"rope_type": "linear", "factor": 2.0, "rope_theta": 500_000.0}, r"pass theta_base=500000.0"),
+    ({"rope_type": "linear", "factor": 2.0, "partial_rotary_factor": 0.5}, "means rotary_dim=32"),
+    ("linear", "expected None or a dict"),
+]
+
+
+@pytest.mark.parametrize("scaling, match", SCALING_ERRORS, ids=[m for _, m in SCALING_ERRORS])
+def test_bad_scaling_names_the_key(scaling, match):
+    with pytest.raises(FlexRopeError, match=match):
+        precompute_rope_params(64, context_length=16, scaling=scaling)
+    with pytest.raises(FlexRopeError, match=match):
+        RotaryEmbedding(64, context_length=16, scaling=scaling)
+
+
+def test_from_hf_config_accepts_a_plain_dict():
+    config = {"hidden_size": 4096, "num_attention_heads": 32, "rope_theta": 500000.0,
+              "max_position_embeddings": 131072,
+              "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                               "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}}
+    rope = RotaryEmbedding.from_hf_config(config, layout="b s h d", context_length=64)
+    assert rope.head_dim == 128 and rope.theta_base == 500000.0 and rope.scaling["rope_type"] == "llama3"
+    assert rope.layout.text == "b s h d"
+
+
+def test_from_hf_config_partial_rotary_from_rotary_pct():
+    rope = RotaryEmbedding.from_hf_config({"hidden_size": 256, "num_attention_heads": 4, "rotary_pct": 0.25,
+                                           "max_position_embeddings": 64})
+    assert rope.rotary_dim == 16 and rope.cos.shape == (64, 16)
+
+
+def test_from_hf_config_errors_name_what_is_missing():
+    with pytest.raises(FlexRopeError, match="from_hf_config: the config has no 'max_position_embeddings'"):
+        RotaryEmbedding.from_hf_config({"head_dim": 64})
+    with pytest.raises(FlexRopeError, match="neither 'head_dim' nor"):
+        RotaryEmbedding.from_hf_config({"max_position_embeddings": 64})
