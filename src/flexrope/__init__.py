@@ -4,6 +4,15 @@ from ._errors import FlexRopeError, LayoutError
 from ._functional import compute_rope
 from ._module import RotaryEmbedding
 from ._tables import precompute_rope_params
+from ._weights import half_split_to_interleaved, interleaved_to_half_split
 
-__all__ = ["FlexRopeError", "LayoutError", "RotaryEmbedding", "compute_rope", "precompute_rope_params"]
+__all__ = [
+    "FlexRopeError",
+    "LayoutError",
+    "RotaryEmbedding",
+    "compute_rope",
+    "half_split_to_interleaved",
+    "interleaved_to_half_split",
+    "precompute_rope_params",
+]
 __version__ = "0.1.0"

@@ -1,4 +1,4 @@
-"""Command line: ``python -m flexrope`` runs the self-check."""
+"""Command line: ``python -m flexrope`` runs the self-check; ``plot`` draws the scaling recipes."""
 
 from __future__ import annotations
 
@@ -8,13 +8,31 @@ import sys
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m flexrope", description=__doc__)
-    parser.add_argument("command", nargs="?", default="check", choices=["check"], help="what to run (default: check)")
+    commands = parser.add_subparsers(dest="command")
+    commands.add_parser("check", help="every layout and pairing against a float64 reference (the default)")
+    plot = commands.add_parser("plot", help="PNG of the wavelength per channel pair for each scaling recipe")
+    plot.add_argument("--config", help="a Hugging Face config.json: its own recipe is drawn too")
+    plot.add_argument("--head-dim", type=int, default=128)
+    plot.add_argument("--theta", type=float, default=500_000.0)
+    plot.add_argument("--factor", type=float, default=8.0)
+    plot.add_argument("--original", type=int, default=8192, help="original_max_position_embeddings")
+    plot.add_argument("--out", default="rope_scaling.png")
     args = parser.parse_args(argv)
-    if args.command == "check":
-        from ._selfcheck import run
+    if args.command == "plot":
+        from ._errors import FlexRopeError
+        from ._plot import plot as draw
 
-        return 0 if run() else 1
-    return 2
+        try:
+            path = draw(args.out, head_dim=args.head_dim, theta=args.theta, factor=args.factor,
+                        original=args.original, config=args.config)
+        except FlexRopeError as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 2
+        print(f"wrote {path}")
+        return 0
+    from ._selfcheck import run
+
+    return 0 if run() else 1
 
 
 if __name__ == "__main__":

@@ -1,0 +1,32 @@
+import json
+import sys
+
+import pytest
+
+from flexrope.__main__ import main
+
+
+def test_plot_writes_a_png(tmp_path):
+    pytest.importorskip("matplotlib")
+    out = tmp_path / "rope.png"
+    assert main(["plot", "--out", str(out)]) == 0
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_plot_of_a_config_file(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps({
+        "hidden_size": 3072, "num_attention_heads": 32, "max_position_embeddings": 131072, "rope_theta": 10000.0,
+        "original_max_position_embeddings": 4096,
+        "rope_scaling": {"type": "longrope", "short_factor": [1.0] * 48, "long_factor": [4.0] * 48},
+    }))
+    out = tmp_path / "phi3.png"
+    assert main(["plot", "--config", str(config), "--out", str(out)]) == 0
+    assert out.exists() and "wrote" in capsys.readouterr().out
+
+
+def test_plot_without_matplotlib_says_how_to_install(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    assert main(["plot", "--out", str(tmp_path / "x.png")]) == 2
+    assert "pip install 'flexrope[plot]'" in capsys.readouterr().err
