@@ -3,6 +3,7 @@
 from ._errors import FlexRopeError, LayoutError
 from ._functional import compute_rope
 from ._module import RotaryEmbedding
+from ._positions import context_parallel_indices, context_parallel_positions, packed_positions
 from ._tables import precompute_rope_params
 from ._weights import half_split_to_interleaved, interleaved_to_half_split
 
@@ -11,8 +12,11 @@ __all__ = [
     "LayoutError",
     "RotaryEmbedding",
     "compute_rope",
+    "context_parallel_indices",
+    "context_parallel_positions",
     "half_split_to_interleaved",
     "interleaved_to_half_split",
+    "packed_positions",
     "precompute_rope_params",
 ]
 __version__ = "0.1.0"

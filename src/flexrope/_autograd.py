@@ -7,6 +7,8 @@ tables, which are alive anyway, and the integer positions; the angles of each to
 
 from __future__ import annotations
 
+import sys
+
 import torch
 
 from ._errors import FlexRopeError
@@ -69,7 +71,11 @@ def rope(
     interleaved: bool,
     inplace: bool,
 ) -> torch.Tensor:
-    """Rotate ``x``, through autograd when a gradient is needed."""
+    """Rotate ``x``, through autograd when a gradient is needed; a DTensor shard by shard."""
+    dtensor = _dtensor_class(x)
+    if dtensor is not None:
+        return _rope_dtensor(dtensor, x, layout, cos_half, sin_half, where, rotary_dim=rotary_dim,
+                             interleaved=interleaved, inplace=inplace)
     if not torch.is_grad_enabled() or not (x.requires_grad or cos_half.requires_grad or sin_half.requires_grad):
         return rotate_in_layout(
             x, layout, cos_half, sin_half, where, rotary_dim=rotary_dim, interleaved=interleaved, inplace=inplace
@@ -84,3 +90,34 @@ def rope(
     positions = where if isinstance(where, torch.Tensor) else None
     offset = where if isinstance(where, int) else 0
     return _Rope.apply(x, cos_half, sin_half, positions, offset, layout, rotary_dim, interleaved, inplace)
+
+
+def _dtensor_class(x: torch.Tensor):
+    # Only code that made a DTensor has imported torch.distributed.tensor: no import here for anyone else.
+    module = sys.modules.get("torch.distributed.tensor")
+    return module.DTensor if module is not None and isinstance(x, module.DTensor) else None
+
+
+def _rope_dtensor(dtensor, x, layout: Layout, cos_half, sin_half, where, **kwargs) -> torch.Tensor:
+    """Rotate each rank's local shard: exact when no shard cuts the sequence or the head dim."""
+    entries = layout.entry_of_dim(x.ndim)
+    for placement in x.placements:
+        if placement.is_partial():
+            raise FlexRopeError(f"x is a DTensor with a partial placement ({placement}): reduce it first")
+        if placement.is_shard():
+            entry = entries[placement.dim]
+            if "s" in entry or "d" in entry:
+                axis = "s (sequence)" if "s" in entry else "d (head dim)"
+                raise FlexRopeError(
+                    f"x is a DTensor sharded along dim {placement.dim}, which holds {axis}: shard along batch or "
+                    f"heads, or rotate the local shards with context_parallel_positions"
+                )
+            if "b" in entry and isinstance(where, torch.Tensor) and where.ndim == 2 and where.shape[0] > 1:
+                raise FlexRopeError(
+                    f"x is a DTensor sharded along dim {placement.dim} (batch) with per-row positions: rotate "
+                    f"the local shards with their own rows of positions"
+                )
+    local = rope(x.to_local(), layout, cos_half, sin_half, where, **kwargs)
+    if kwargs["inplace"]:
+        return x
+    return dtensor.from_local(local, x.device_mesh, x.placements, shape=x.shape, stride=x.stride())

@@ -41,6 +41,13 @@ class Layout:
     def has_ellipsis(self) -> bool:
         return (ELLIPSIS,) in self.entries
 
+    def entry_of_dim(self, ndim: int) -> list[tuple[str, ...]]:
+        """The layout entry each dim of an ``ndim``-dim tensor holds (``("...",)`` for the extra axes)."""
+        out: list[tuple[str, ...]] = []
+        for entry in self.entries:
+            out.extend([entry] * (ndim - len(self.entries) + 1) if entry == (ELLIPSIS,) else [entry])
+        return out
+
     def canonical(self, x: torch.Tensor) -> torch.Tensor:
         return einops.rearrange(x, self.to_canonical, **dict(self.lengths))
 

@@ -73,3 +73,133 @@ def angles_at(table: torch.Tensor, positions: int | torch.Tensor, seq_len: int) 
         return table[positions : positions + seq_len]
     rows = table[positions.to(table.device)]
     return rows if rows.ndim == 2 else rows.unsqueeze(-3)
+
+
+def _check_cu_seqlens(cu_seqlens: object, where: str) -> torch.Tensor:
+    if not isinstance(cu_seqlens, torch.Tensor) or not _is_integer(cu_seqlens) or cu_seqlens.ndim != 1:
+        kind = (f"a {cu_seqlens.dtype} tensor of shape {tuple(cu_seqlens.shape)}"
+                if isinstance(cu_seqlens, torch.Tensor) else type(cu_seqlens).__name__)
+        raise FlexRopeError(f"{where}: cu_seqlens is {kind}: expected a 1-D integer tensor such as [0, 3, 8, 10]")
+    if cu_seqlens.numel() == 0 or int(cu_seqlens[0]) != 0:
+        raise FlexRopeError(f"{where}: cu_seqlens must start at 0 (the cumulative lengths [0, n0, n0 + n1, ...])")
+    lengths = cu_seqlens.diff()
+    if (lengths < 0).any():
+        at = int(torch.nonzero(lengths < 0)[0])
+        raise FlexRopeError(
+            f"{where}: cu_seqlens decreases at index {at + 1} ({int(cu_seqlens[at])} -> {int(cu_seqlens[at + 1])}): "
+            f"it holds cumulative lengths, which never decrease"
+        )
+    return cu_seqlens.long()
+
+
+def packed_positions(cu_seqlens: torch.Tensor) -> torch.Tensor:
+    """Positions of a packed row of documents: they restart at 0 at each boundary of ``cu_seqlens``.
+
+    Args:
+        cu_seqlens: 1-D integer tensor of cumulative document lengths, starting at 0.
+
+    Returns:
+        LongTensor (total,) on ``cu_seqlens``'s device, ``total = cu_seqlens[-1]``.
+
+    Example:
+        >>> import torch, flexrope
+        >>> flexrope.packed_positions(torch.tensor([0, 3, 8, 10])).tolist()
+        [0, 1, 2, 0, 1, 2, 3, 4, 0, 1]
+    """
+    cu_seqlens = _check_cu_seqlens(cu_seqlens, "packed_positions")
+    lengths = cu_seqlens.diff()
+    total = int(cu_seqlens[-1])
+    starts = torch.repeat_interleave(cu_seqlens[:-1], lengths, output_size=total)
+    return torch.arange(total, device=cu_seqlens.device) - starts
+
+
+def _rank_chunks(length: int, cp_size: int, cp_rank: int, load_balanced: bool) -> list[tuple[int, int]]:
+    """(start, stop) of the chunks of a sequence of ``length`` tokens that rank ``cp_rank`` holds."""
+    if load_balanced:
+        chunk = length // (2 * cp_size)
+        return [(cp_rank * chunk, (cp_rank + 1) * chunk), ((2 * cp_size - 1 - cp_rank) * chunk,
+                                                            (2 * cp_size - cp_rank) * chunk)]
+    chunk = length // cp_size
+    return [(cp_rank * chunk, (cp_rank + 1) * chunk)]
+
+
+def context_parallel_indices(
+    seq_len: int,
+    cp_size: int,
+    cp_rank: int,
+    *,
+    load_balanced: bool = True,
+    cu_seqlens: torch.Tensor | None = None,
+    device: torch.device | str | None = None,
+) -> torch.Tensor:
+    """Indices along the sequence of the tokens that one context-parallel rank holds, in its local order.
+
+    Use them to shard the full sequence (``x.index_select(s_dim, indices)``) and to gather it back.
+    Load-balanced (for causal attention) cuts the sequence, or each packed document, into 2 * cp_size chunks
+    and gives rank r chunks r and 2 * cp_size - 1 - r; otherwise rank r holds the r-th of cp_size blocks.
+    """
+    where = f"context_parallel_indices(seq_len={seq_len!r}, cp_size={cp_size!r}, cp_rank={cp_rank!r})"
+    if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 0:
+        raise FlexRopeError(f"{where}: seq_len must be an int >= 0")
+    if isinstance(cp_size, bool) or not isinstance(cp_size, int) or cp_size < 1:
+        raise FlexRopeError(f"{where}: cp_size must be an int >= 1")
+    if isinstance(cp_rank, bool) or not isinstance(cp_rank, int) or not 0 <= cp_rank < cp_size:
+        raise FlexRopeError(f"{where}: cp_rank must be an int in [0, {cp_size})")
+    pieces = 2 * cp_size if load_balanced else cp_size
+    split = "2 * cp_size" if load_balanced else "cp_size"
+    if cu_seqlens is None:
+        starts, lengths = [0], [seq_len]
+    else:
+        cu = _check_cu_seqlens(cu_seqlens, where)
+        if int(cu[-1]) != seq_len:
+            raise FlexRopeError(f"{where}: cu_seqlens ends at {int(cu[-1])}, not at seq_len={seq_len}")
+        starts, lengths = cu[:-1].tolist(), cu.diff().tolist()
+    for doc, length in enumerate(lengths):
+        if length % pieces:
+            what = "the sequence" if cu_seqlens is None else f"document {doc}"
+            raise FlexRopeError(
+                f"{where}: {what} has {length} tokens, not a multiple of {split} = {pieces}; pad it to a "
+                f"multiple of {pieces}"
+            )
+    ranges = [
+        torch.arange(start + lo, start + hi, device=device)
+        for start, length in zip(starts, lengths)
+        for lo, hi in _rank_chunks(length, cp_size, cp_rank, load_balanced)
+    ]
+    return torch.cat(ranges) if ranges else torch.zeros(0, dtype=torch.long, device=device)
+
+
+def context_parallel_positions(
+    seq_len: int,
+    cp_size: int,
+    cp_rank: int,
+    *,
+    load_balanced: bool = True,
+    cu_seqlens: torch.Tensor | None = None,
+    device: torch.device | str | None = None,
+) -> torch.Tensor:
+    """The global positions of the tokens one context-parallel rank holds, for ``compute_rope(positions=...)``.
+
+    Args:
+        seq_len: tokens in the full sequence (the packed total with ``cu_seqlens``).
+        cp_size, cp_rank: the context-parallel group size and this rank.
+        load_balanced: the dual-chunk split for causal attention (default); False for contiguous blocks.
+        cu_seqlens: cumulative document lengths of a packed sequence: each document is split the same way
+            and positions restart in each one. Each length must be a multiple of 2 * cp_size (cp_size when
+            not load balanced), as TransformerEngine requires.
+
+    Returns:
+        LongTensor of seq_len / cp_size positions, in the rank's local order (that of
+        :func:`context_parallel_indices`).
+
+    Example:
+        >>> import flexrope
+        >>> flexrope.context_parallel_positions(8, 2, 0).tolist(), flexrope.context_parallel_positions(8, 2, 1).tolist()
+        ([0, 1, 6, 7], [2, 3, 4, 5])
+    """
+    indices = context_parallel_indices(
+        seq_len, cp_size, cp_rank, load_balanced=load_balanced, cu_seqlens=cu_seqlens, device=device
+    )
+    if cu_seqlens is None:
+        return indices
+    return packed_positions(cu_seqlens.to(indices.device))[indices]

@@ -1,0 +1,75 @@
+import pytest
+import torch
+
+import flexrope
+from flexrope import FlexRopeError, context_parallel_indices, context_parallel_positions, packed_positions
+
+
+def test_packed_positions_restart_at_each_boundary():
+    assert packed_positions(torch.tensor([0, 3, 8, 10])).tolist() == [0, 1, 2, 0, 1, 2, 3, 4, 0, 1]
+    assert packed_positions(torch.tensor([0, 0, 2, 2, 3])).tolist() == [0, 1, 0]  # empty documents
+    assert packed_positions(torch.tensor([0])).tolist() == []
+
+
+def test_packed_row_equals_rotating_each_document_alone():
+    lengths = [3, 5, 2]
+    cu = torch.tensor([0, 3, 8, 10])
+    x = torch.randn(10, 2, 8)
+    cos, sin = flexrope.precompute_rope_params(8, context_length=16)
+    packed = flexrope.compute_rope(x, cos, sin, "s h d", positions=packed_positions(cu))
+    alone = torch.cat([flexrope.compute_rope(doc, cos, sin, "s h d") for doc in x.split(lengths)])
+    assert torch.equal(packed, alone)
+    batched = flexrope.compute_rope(x[None], cos, sin, "b s h d", positions=packed_positions(cu))
+    assert torch.equal(batched[0], alone)
+
+
+@pytest.mark.parametrize("cu, match", [
+    (torch.tensor([1, 3]), "must start at 0"),
+    (torch.tensor([0, 5, 3]), r"decreases at index 2 \(5 -> 3\)"),
+    (torch.tensor([[0, 3]]), r"cu_seqlens is a torch.int64 tensor of shape \(1, 2\)"),
+    (torch.tensor([0.0, 3.0]), "expected a 1-D integer tensor"),
+    ([0, 3], "cu_seqlens is list"),
+])
+def test_bad_cu_seqlens(cu, match):
+    with pytest.raises(FlexRopeError, match=match):
+        packed_positions(cu)
+
+
+def test_load_balanced_dual_chunks():
+    assert context_parallel_positions(8, 2, 0).tolist() == [0, 1, 6, 7]
+    assert context_parallel_positions(8, 2, 1).tolist() == [2, 3, 4, 5]
+    assert context_parallel_positions(16, 4, 1).tolist() == [2, 3, 12, 13]
+
+
+def test_contiguous_blocks():
+    assert context_parallel_positions(8, 2, 1, load_balanced=False).tolist() == [4, 5, 6, 7]
+
+
+@pytest.mark.parametrize("load_balanced", [True, False])
+@pytest.mark.parametrize("cp_size", [1, 2, 3, 4])
+def test_ranks_partition_the_sequence(cp_size, load_balanced):
+    seq_len = 2 * 3 * 4 * 2
+    held = torch.cat([context_parallel_indices(seq_len, cp_size, r, load_balanced=load_balanced)
+                      for r in range(cp_size)])
+    assert sorted(held.tolist()) == list(range(seq_len))
+
+
+def test_packed_documents_are_each_split():
+    cu = torch.tensor([0, 4, 12])
+    assert context_parallel_indices(12, 2, 0, cu_seqlens=cu).tolist() == [0, 3, 4, 5, 10, 11]
+    assert context_parallel_positions(12, 2, 0, cu_seqlens=cu).tolist() == [0, 3, 0, 1, 6, 7]
+    assert context_parallel_positions(12, 2, 1, cu_seqlens=cu).tolist() == [1, 2, 2, 3, 4, 5]
+
+
+@pytest.mark.parametrize("args, kwargs, match", [
+    ((10, 2, 0), {}, r"the sequence has 10 tokens, not a multiple of 2 \* cp_size = 4"),
+    ((9, 2, 0), {"load_balanced": False}, "not a multiple of cp_size = 2"),
+    ((12, 2, 0), {"cu_seqlens": torch.tensor([0, 6, 12])}, "document 0 has 6 tokens, not a multiple of 2 \\* cp_size"),
+    ((12, 2, 0), {"cu_seqlens": torch.tensor([0, 8])}, "cu_seqlens ends at 8, not at seq_len=12"),
+    ((8, 2, 2), {}, r"cp_rank must be an int in \[0, 2\)"),
+    ((8, 0, 0), {}, "cp_size must be an int >= 1"),
+    ((-8, 2, 0), {}, "seq_len must be an int >= 0"),
+])
+def test_context_parallel_errors(args, kwargs, match):
+    with pytest.raises(FlexRopeError, match=match):
+        context_parallel_positions(*args, **kwargs)
