@@ -14,57 +14,76 @@ import torch
 from ._errors import FlexRopeError
 from ._layout import Layout
 from ._positions import angles_at
-from ._rotation import rotate
+from . import _rotation
+from ._rotation import over_pairs, rotate, rotated
 
 
 def rotate_in_layout(
     x: torch.Tensor,
     layout: Layout,
-    cos_half: torch.Tensor,
-    sin_half: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
     where: int | torch.Tensor,
     *,
     rotary_dim: int,
     interleaved: bool,
     inplace: bool,
+    inverse: bool = False,
 ) -> torch.Tensor:
-    """Rotate ``x`` (laid out as ``layout``) by the angles at ``where`` (an int start or positions)."""
+    """Rotate ``x`` (laid out as ``layout``) by the angles at ``where`` (an int start or positions), with
+    ``cos`` and ``sin`` the full tables; by the negated angles when ``inverse``."""
     x_c = layout.canonical(x)
+    seq_len, half = x_c.shape[-2], rotary_dim // 2
+    if not inplace and x.numel() <= _rotation.SMALL_ELEMENTS and x.is_contiguous() and x_c.is_contiguous():
+        # Few tokens (decoding): per-call overhead dominates, so the fewest operations, into a new tensor
+        # whose memory order (canonical order, here also x's) is x's. Seed-format tables already hold
+        # the half-split angles over all r channels.
+        if not interleaved and cos.shape[-1] == rotary_dim:
+            cos2, sin2 = angles_at(cos, where, seq_len, rotary_dim), angles_at(sin, where, seq_len, rotary_dim)
+        else:
+            cos2 = over_pairs(angles_at(cos, where, seq_len, half), interleaved)
+            sin2 = over_pairs(angles_at(sin, where, seq_len, half), interleaved)
+        out = rotated(x_c, cos2, -sin2 if inverse else sin2, rotary_dim, interleaved)
+        return out.as_strided(x.shape, x.stride())
+    cos, sin = angles_at(cos, where, seq_len, half), angles_at(sin, where, seq_len, half)
+    if inverse:
+        sin = -sin
     out = x if inplace else torch.empty_like(x)
     out_c = x_c if inplace else layout.canonical(out)
-    seq_len = x_c.shape[-2]
-    cos, sin = angles_at(cos_half, where, seq_len), angles_at(sin_half, where, seq_len)
     rotate(x_c, out_c, cos, sin, rotary_dim=rotary_dim, interleaved=interleaved)
     return out
 
 
 class _Rope(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, cos_half, sin_half, positions, offset, layout, rotary_dim, interleaved, inplace):
+    def forward(ctx, x, cos, sin, positions, offset, layout, rotary_dim, interleaved, inplace, inverse):
         where = offset if positions is None else positions
         out = rotate_in_layout(
-            x, layout, cos_half, sin_half, where, rotary_dim=rotary_dim, interleaved=interleaved, inplace=inplace
+            x, layout, cos, sin, where, rotary_dim=rotary_dim, interleaved=interleaved, inplace=inplace,
+            inverse=inverse,
         )
         if inplace:
             ctx.mark_dirty(x)
-        ctx.save_for_backward(cos_half, sin_half, positions)
+        ctx.save_for_backward(cos, sin, positions)
         ctx.offset, ctx.layout, ctx.rotary_dim, ctx.interleaved = offset, layout, rotary_dim, interleaved
+        ctx.inverse = inverse
         return out
 
     @staticmethod
     def backward(ctx, grad):
-        cos_half, sin_half, positions = ctx.saved_tensors
+        cos, sin, positions = ctx.saved_tensors
         grad_x = _Rope.apply(
-            grad, cos_half, -sin_half, positions, ctx.offset, ctx.layout, ctx.rotary_dim, ctx.interleaved, False
+            grad, cos, sin, positions, ctx.offset, ctx.layout, ctx.rotary_dim, ctx.interleaved, False,
+            not ctx.inverse,
         )
-        return grad_x, None, None, None, None, None, None, None, None
+        return grad_x, None, None, None, None, None, None, None, None, None
 
 
 def rope(
     x: torch.Tensor,
     layout: Layout,
-    cos_half: torch.Tensor,
-    sin_half: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
     where: int | torch.Tensor,
     *,
     rotary_dim: int,
@@ -74,13 +93,13 @@ def rope(
     """Rotate ``x``, through autograd when a gradient is needed; a DTensor shard by shard."""
     dtensor = _dtensor_class(x)
     if dtensor is not None:
-        return _rope_dtensor(dtensor, x, layout, cos_half, sin_half, where, rotary_dim=rotary_dim,
+        return _rope_dtensor(dtensor, x, layout, cos, sin, where, rotary_dim=rotary_dim,
                              interleaved=interleaved, inplace=inplace)
-    if not torch.is_grad_enabled() or not (x.requires_grad or cos_half.requires_grad or sin_half.requires_grad):
+    if not torch.is_grad_enabled() or not (x.requires_grad or cos.requires_grad or sin.requires_grad):
         return rotate_in_layout(
-            x, layout, cos_half, sin_half, where, rotary_dim=rotary_dim, interleaved=interleaved, inplace=inplace
+            x, layout, cos, sin, where, rotary_dim=rotary_dim, interleaved=interleaved, inplace=inplace
         )
-    if cos_half.requires_grad or sin_half.requires_grad:
+    if cos.requires_grad or sin.requires_grad:
         raise FlexRopeError("the cos/sin tables require grad: gradients flow to x only; detach the tables")
     if inplace and x.is_leaf:
         raise FlexRopeError(
@@ -89,7 +108,7 @@ def rope(
         )
     positions = where if isinstance(where, torch.Tensor) else None
     offset = where if isinstance(where, int) else 0
-    return _Rope.apply(x, cos_half, sin_half, positions, offset, layout, rotary_dim, interleaved, inplace)
+    return _Rope.apply(x, cos, sin, positions, offset, layout, rotary_dim, interleaved, inplace, False)
 
 
 def _dtensor_class(x: torch.Tensor):
@@ -98,7 +117,7 @@ def _dtensor_class(x: torch.Tensor):
     return module.DTensor if module is not None and isinstance(x, module.DTensor) else None
 
 
-def _rope_dtensor(dtensor, x, layout: Layout, cos_half, sin_half, where, **kwargs) -> torch.Tensor:
+def _rope_dtensor(dtensor, x, layout: Layout, cos, sin, where, **kwargs) -> torch.Tensor:
     """Rotate each rank's local shard: exact when no shard cuts the sequence or the head dim."""
     entries = layout.entry_of_dim(x.ndim)
     for placement in x.placements:
@@ -117,7 +136,7 @@ def _rope_dtensor(dtensor, x, layout: Layout, cos_half, sin_half, where, **kwarg
                     f"x is a DTensor sharded along dim {placement.dim} (batch) with per-row positions: rotate "
                     f"the local shards with their own rows of positions"
                 )
-    local = rope(x.to_local(), layout, cos_half, sin_half, where, **kwargs)
+    local = rope(x.to_local(), layout, cos, sin, where, **kwargs)
     if kwargs["inplace"]:
         return x
     return dtensor.from_local(local, x.device_mesh, x.placements, shape=x.shape, stride=x.stride())

@@ -11,8 +11,8 @@ from ._positions import resolve_positions
 from ._tables import check_rotary_dim
 
 
-def half_tables(cos: object, sin: object, rotary_dim: int | None, head_dim: int) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """Check the tables and return their angle halves, (length, r/2) each, with the rotary dim r.
+def checked_tables(cos: object, sin: object, rotary_dim: int | None, head_dim: int) -> int:
+    """Check the tables against the head dim and return the rotary dim r.
 
     Tables are full width (length, r), seed format, or half width (length, r/2). With ``rotary_dim`` None
     r is the head dim; a table of width head_dim/2 is then refused as ambiguous (half-width tables for full
@@ -40,7 +40,7 @@ def half_tables(cos: object, sin: object, rotary_dim: int | None, head_dim: int)
             f"tables of width {width} fit neither rotary_dim={rotary_dim} (full width, seed format) nor "
             f"{half} (half width); make them with precompute_rope_params(head_dim, rotary_dim={rotary_dim})"
         )
-    return cos[:, :half], sin[:, :half], rotary_dim
+    return rotary_dim
 
 
 def _check_x(x: object) -> None:
@@ -68,12 +68,12 @@ def bound(layout: Layout, x: torch.Tensor) -> Binding:
 
 
 def checked_positions(
-    x: torch.Tensor, shape: Binding, cos_half: torch.Tensor, positions: torch.Tensor | None, offset: int | torch.Tensor
+    x: torch.Tensor, shape: Binding, cos: torch.Tensor, positions: torch.Tensor | None, offset: int | torch.Tensor
 ) -> int | torch.Tensor:
     """The positions of ``x``'s tokens (an int start or a tensor), checked against ``x`` and the table."""
-    if cos_half.device != x.device:
-        raise FlexRopeError(f"x is on {x.device} but the tables are on {cos_half.device}: move them with .to(x.device)")
-    return resolve_positions(positions, offset, seq_len=shape.s, batch=shape.b, table_len=cos_half.shape[0])
+    if cos.device != x.device:
+        raise FlexRopeError(f"x is on {x.device} but the tables are on {cos.device}: move them with .to(x.device)")
+    return resolve_positions(positions, offset, seq_len=shape.s, batch=shape.b, table_len=cos.shape[0])
 
 
 def compute_rope(
@@ -125,10 +125,8 @@ def compute_rope(
     try:
         parsed = parse(layout, axes_lengths)
         shape = bound(parsed, x)
-        cos_half, sin_half, rotary_dim = half_tables(cos, sin, rotary_dim, shape.d)
-        where = checked_positions(x, shape, cos_half, positions, offset)
-        return rope(
-            x, parsed, cos_half, sin_half, where, rotary_dim=rotary_dim, interleaved=interleaved, inplace=inplace
-        )
+        rotary_dim = checked_tables(cos, sin, rotary_dim, shape.d)
+        where = checked_positions(x, shape, cos, positions, offset)
+        return rope(x, parsed, cos, sin, where, rotary_dim=rotary_dim, interleaved=interleaved, inplace=inplace)
     except FlexRopeError as error:
         raise type(error)(f"{_describe(x, layout, axes_lengths)}: {error}") from None

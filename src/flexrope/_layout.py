@@ -32,6 +32,7 @@ class Layout:
     entries: tuple[tuple[str, ...], ...]
     lengths: tuple[tuple[str, int], ...]
     to_canonical: str  # the einops pattern from this layout to the canonical (*lead, b, h, s, d) view
+    permutation: tuple[int, ...] | None  # when the layout is a plain permutation of b h s d: the one to apply
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -49,7 +50,21 @@ class Layout:
         return out
 
     def canonical(self, x: torch.Tensor) -> torch.Tensor:
-        return einops.rearrange(x, self.to_canonical, **dict(self.lengths))
+        """The canonical ``(*lead, b, h, s, d)`` view of ``x``, as ``einops.rearrange`` makes it."""
+        if self.permutation is not None:  # what einops does for a plain permutation, without its overhead
+            return x if self.permutation == (0, 1, 2, 3) else x.permute(self.permutation)
+        if torch.compiler.is_compiling():
+            return einops.rearrange(x, self.to_canonical, **dict(self.lengths))
+        # einops' view of a stand-in with x's geometry, once per geometry; then one as_strided per call
+        shape, stride = _canonical_geometry(self, tuple(x.shape), tuple(x.stride()))
+        return x.as_strided(shape, stride, x.storage_offset())
+
+
+@functools.lru_cache(maxsize=1024)
+def _canonical_geometry(layout: Layout, shape: tuple[int, ...], stride: tuple[int, ...]):
+    stand_in = torch.empty_strided(shape, stride, device="meta")
+    view = einops.rearrange(stand_in, layout.to_canonical, **dict(layout.lengths))
+    return tuple(view.shape), tuple(view.stride())
 
 
 @dataclass(frozen=True)
@@ -156,7 +171,9 @@ def parse_layout(text: str, lengths: tuple[tuple[str, int], ...] = ()) -> Layout
     text = " ".join(f"({' '.join(entry)})" if len(entry) > 1 else entry[0] for entry in entries)
     lead = [ELLIPSIS] if (ELLIPSIS,) in entries else []
     target = " ".join(lead + [axis if axis in names else "1" for axis in AXES])
-    return Layout(text=text, entries=entries, lengths=lengths, to_canonical=f"{text} -> {target}")
+    plain = len(entries) == 4 and all(len(entry) == 1 and entry[0] in AXES for entry in entries)
+    permutation = tuple(entries.index((axis,)) for axis in AXES) if plain else None
+    return Layout(text, entries, lengths, to_canonical=f"{text} -> {target}", permutation=permutation)
 
 
 @cached

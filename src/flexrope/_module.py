@@ -176,13 +176,12 @@ class RotaryEmbedding(nn.Module):
             ) from None
 
     def _rotate(self, x: torch.Tensor, where: int | torch.Tensor, tables: tuple[torch.Tensor, torch.Tensor]):
-        half = self.rotary_dim // 2
         cos, sin = tables
         return rope(
             x,
             self.layout,
-            cos[:, :half],
-            sin[:, :half],
+            cos,
+            sin,
             where,
             rotary_dim=self.rotary_dim,
             interleaved=self.interleaved,

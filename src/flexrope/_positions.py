@@ -67,11 +67,13 @@ def resolve_positions(
     return positions
 
 
-def angles_at(table: torch.Tensor, positions: int | torch.Tensor, seq_len: int) -> torch.Tensor:
-    """Rows of ``table`` (length, n) at ``positions``, shaped to broadcast over a canonical (b h s n) view."""
+def angles_at(table: torch.Tensor, positions: int | torch.Tensor, seq_len: int, width: int) -> torch.Tensor:
+    """The first ``width`` columns of ``table`` at ``positions``, shaped to broadcast over a canonical
+    (b h s width) view: (s, width) or (b, 1, s, width)."""
     if isinstance(positions, int):
-        return table[positions : positions + seq_len]
-    rows = table[positions.to(table.device)]
+        rows = table[positions : positions + seq_len]
+        return rows if width == table.shape[1] else rows.narrow(1, 0, width)
+    rows = table[positions.to(table.device), :width]
     return rows if rows.ndim == 2 else rows.unsqueeze(-3)
 
 
