@@ -16,6 +16,7 @@ def chunk_elements(monkeypatch):
     """Sets the chunk size, with the small-call path off so that the chunked one runs."""
     def set_to(n):
         monkeypatch.setattr(_rotation, "CHUNK_ELEMENTS", n)
+        monkeypatch.setattr(_rotation, "MIN_CHUNK_ELEMENTS", 1)
         monkeypatch.setattr(_rotation, "SMALL_ELEMENTS", 0)
     return set_to
 
@@ -61,13 +62,14 @@ def test_small_call_path_equals_chunked_path_bitwise(monkeypatch, layout, interl
 def test_chunks_cover_every_element_once():
     shape = torch.Size([3, 5, 4, 6])
     for chunk in (1, 6, 7, 24, 100, 10_000):
-        _rotation.CHUNK_ELEMENTS, saved = chunk, _rotation.CHUNK_ELEMENTS
+        saved = _rotation.CHUNK_ELEMENTS, _rotation.MIN_CHUNK_ELEMENTS
+        _rotation.CHUNK_ELEMENTS, _rotation.MIN_CHUNK_ELEMENTS = chunk, 1
         try:
             seen = torch.zeros(shape, dtype=torch.int32)
             for index in _rotation._chunks(shape):
                 seen[index] += 1
         finally:
-            _rotation.CHUNK_ELEMENTS = saved
+            _rotation.CHUNK_ELEMENTS, _rotation.MIN_CHUNK_ELEMENTS = saved
         assert torch.equal(seen, torch.ones_like(seen))
 
 

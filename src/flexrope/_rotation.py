@@ -18,10 +18,12 @@ import itertools
 
 import torch
 
-# Elements of x per chunk. Each elementwise operation has a fixed cost, so chunks are large, but the chunk's
-# inputs, outputs and float32 scratch stay within the last-level cache: x is read from memory once and the
-# result written once. Measured on a 2-core CPU: 2^20 elements ran 2-3x faster than 2^16 (see benchmarks/).
+# Elements of x per chunk, at most. Each elementwise operation has a fixed cost, so chunks are large, but the
+# chunk's inputs, outputs and float32 scratch stay within the last-level cache: x is read from memory once
+# and the result written once. On a 2-core CPU 2^20 elements ran 2-3x faster than 2^16. A chunk is also at
+# most 1/16 of x, so that the scratch stays a small fraction of x's size.
 CHUNK_ELEMENTS = 1 << 20
+MIN_CHUNK_ELEMENTS = 1 << 16
 # Up to this many elements a call is latency-bound (a decoding step): the fewest operations win.
 SMALL_ELEMENTS = 1 << 14
 
@@ -97,15 +99,16 @@ def _memory_order(x: torch.Tensor) -> list[int]:
 
 
 def _chunks(shape: torch.Size) -> list[tuple]:
-    """Index tuples that cut a tensor of ``shape`` into blocks of about CHUNK_ELEMENTS consecutive outer
-    indices (whole trailing dims, a slice of one dim, single indices of the dims before it)."""
+    """Index tuples that cut a tensor of ``shape`` into blocks of about the chunk size, each of consecutive
+    outer indices (whole trailing dims, a slice of one dim, single indices of the dims before it)."""
+    limit = min(CHUNK_ELEMENTS, max(MIN_CHUNK_ELEMENTS, shape.numel() // 16))
     inner, split = shape[-1], len(shape) - 1
-    while split > 0 and inner * shape[split - 1] <= CHUNK_ELEMENTS:
+    while split > 0 and inner * shape[split - 1] <= limit:
         split -= 1
         inner *= shape[split]
     if split == 0:
         return [()]
-    step = max(1, CHUNK_ELEMENTS // inner)
+    step = max(1, limit // inner)
     heads = itertools.product(*(range(n) for n in shape[: split - 1]))
     return [(*head, slice(i, i + step)) for head in heads for i in range(0, shape[split - 1], step)]
 

@@ -1,0 +1,218 @@
+"""Timing and memory of flexrope against the floor (``x.clone()``) and the peers that are installed.
+
+Every ratio is to ``x.clone()`` timed in the same process, in alternating rounds with the case itself, so
+that a machine slowing down or speeding up moves both. ``python -m flexrope bench`` runs a short version;
+``benchmarks/bench_rope.py`` the full one, with the plot.
+"""
+
+from __future__ import annotations
+
+import platform
+import statistics
+import time
+import weakref
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+
+from ._functional import compute_rope
+from ._tables import precompute_rope_params
+
+LAYOUT_SHAPES = {"b h s d": "bhsd", "b s h d": "bshd", "s b h d": "sbhd"}
+
+
+@dataclass
+class Result:
+    case: str
+    who: str
+    seconds: float
+    floor: float
+    peak_bytes: int | None = None
+    x_bytes: int = 0
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def ratio(self) -> float:
+        return self.seconds / self.floor
+
+
+def _time_once(fn: Callable[[], object], number: int) -> float:
+    start = time.perf_counter()
+    for _ in range(number):
+        fn()
+    return (time.perf_counter() - start) / number
+
+
+def compare(fn: Callable[[], object], floor: Callable[[], object], *, rounds: int, number: int) -> tuple[float, float]:
+    """Median seconds of ``fn`` and of ``floor``, measured in alternating rounds after a warm-up."""
+    for _ in range(2):
+        fn(), floor()
+    times, floors = [], []
+    for _ in range(rounds):
+        floors.append(_time_once(floor, number))
+        times.append(_time_once(fn, number))
+    return statistics.median(times), statistics.median(floors)
+
+
+class _Allocations(TorchDispatchMode):
+    """Peak bytes of tensor storage created by the operations run under it and still referenced."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.storages: dict[int, tuple[int, list]] = {}
+        self.peak = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = {t.untyped_storage().data_ptr() for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor) and t.device.type != "meta":
+                pointer = t.untyped_storage().data_ptr()
+                if pointer in self.storages:
+                    self.storages[pointer][1].append(weakref.ref(t))
+                elif pointer not in inputs and t.untyped_storage().nbytes():
+                    self.storages[pointer] = (t.untyped_storage().nbytes(), [weakref.ref(t)])
+        live = sum(size for size, refs in self.storages.values() if any(ref() is not None for ref in refs))
+        self.peak = max(self.peak, live)
+        return out
+
+
+def peak_allocation(fn: Callable[[], object]) -> int:
+    """Peak bytes of new tensor storage alive while ``fn`` runs (the result counts)."""
+    with torch.no_grad(), _Allocations() as tracker:
+        result = fn()
+        del result
+    return tracker.peak
+
+
+def seed_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, offset: int = 0) -> torch.Tensor:
+    """The seed's formula on (b h s d), re-implemented from its description: x cos + rotate_half(x) sin."""
+    half = x.shape[-1] // 2
+    cos = cos[offset : offset + x.shape[-2]].unsqueeze(0).unsqueeze(0)
+    sin = sin[offset : offset + x.shape[-2]].unsqueeze(0).unsqueeze(0)
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return ((x * cos) + (rotated * sin)).to(dtype=x.dtype)
+
+
+def _peers(head_dim: int, context: int, cos: torch.Tensor, sin: torch.Tensor, notes: list[str]):
+    """Peer callables by (layout, pairing): each peer rotates in its own native layout and pairing."""
+    peers: dict[tuple[str, bool], dict[str, Callable]] = {
+        ("b h s d", False): {"seed formula": lambda x: seed_rope(x, cos.to(x.dtype), sin.to(x.dtype))}
+    }
+    try:
+        from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+        def hf(x):
+            c, s = cos[: x.shape[-2]].to(x.dtype)[None], sin[: x.shape[-2]].to(x.dtype)[None]
+            return apply_rotary_pos_emb(x, x, c, s)  # q and k: half of the time is one tensor's
+
+        peers[("b h s d", False)]["transformers (per tensor)"] = hf
+    except ImportError:
+        notes.append("transformers not installed: skipped")
+    try:
+        import rotary_embedding_torch
+
+        module = rotary_embedding_torch.RotaryEmbedding(dim=head_dim, cache_if_possible=False)
+        peers.setdefault(("b h s d", True), {})["rotary-embedding-torch"] = module.rotate_queries_or_keys
+    except ImportError:
+        notes.append("rotary-embedding-torch not installed: skipped")
+    try:
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            from torchtune.modules import RotaryPositionalEmbeddings
+        module = RotaryPositionalEmbeddings(head_dim, max_seq_len=context)
+        peers.setdefault(("b s h d", True), {})["torchtune"] = module
+    except Exception as error:  # noqa: BLE001 - torchtune fails to import for many reasons (torchao)
+        notes.append(f"torchtune unavailable ({type(error).__name__}): skipped")
+    return peers
+
+
+def run(
+    shape: tuple[int, int, int, int] = (4, 32, 1024, 128),
+    *,
+    dtypes: tuple[torch.dtype, ...] = (torch.float32, torch.bfloat16),
+    layouts: tuple[str, ...] = tuple(LAYOUT_SHAPES),
+    rounds: int = 7,
+    number: int = 3,
+    peers: bool = True,
+    memory: bool = True,
+) -> tuple[list[Result], list[str]]:
+    """Time every case; returns the results and notes (skipped peers)."""
+    b, h, s, d = shape
+    notes: list[str] = []
+    cos, sin = precompute_rope_params(d, context_length=max(s, 4096))
+    peer_table = _peers(d, max(s, 4096), cos, sin, notes) if peers else {}
+    results = []
+    for dtype in dtypes:
+        canonical = torch.randn(b, h, s, d, generator=torch.Generator().manual_seed(0)).to(dtype)
+        for layout in layouts:
+            x = canonical.permute(*[("bhsd".index(a)) for a in LAYOUT_SHAPES[layout]]).contiguous()
+            dtype_name = str(dtype).removeprefix("torch.")
+            for interleaved in (False, True):
+                pairing = "interleaved" if interleaved else "half-split"
+                case = f"{layout} {pairing} {dtype_name}"
+                candidates = {
+                    "flexrope": lambda x=x, i=interleaved: compute_rope(x, cos, sin, layout, interleaved=i),
+                }
+                work = x.clone()
+                candidates["flexrope inplace"] = lambda w=work, i=interleaved: compute_rope(
+                    w, cos, sin, layout, interleaved=i, inplace=True)
+                candidates.update({name: (lambda f=f, x=x: f(x)) for name, f in
+                                   peer_table.get((layout, interleaved), {}).items()})
+                for who, fn in candidates.items():
+                    with torch.no_grad():
+                        seconds, floor = compare(fn, x.clone, rounds=rounds, number=number)
+                    if who.startswith("transformers"):
+                        seconds /= 2
+                    peak = peak_allocation(fn) if memory else None
+                    if peak is not None and who.startswith("transformers"):
+                        peak //= 2
+                    results.append(Result(case, who, seconds, floor, peak, x.numel() * x.element_size()))
+    return results, notes
+
+
+def decode_latency(*, rounds: int = 7, number: int = 200) -> list[Result]:
+    """One decoding step, (1, 32, 1, 128) at position 100, float32: flexrope against the seed's formula."""
+    cos, sin = precompute_rope_params(128, context_length=4096)
+    x = torch.randn(1, 32, 1, 128)
+    results = []
+    for who, fn in {
+        "flexrope": lambda: compute_rope(x, cos, sin, offset=100),
+        "flexrope b s h d": lambda: compute_rope(x.transpose(1, 2), cos, sin, "b s h d", offset=100),
+        "seed formula": lambda: seed_rope(x, cos, sin, offset=100),
+    }.items():
+        with torch.no_grad():
+            seconds, floor = compare(fn, x.clone, rounds=rounds, number=number)
+        results.append(Result("decode (1 32 1 128) float32", who, seconds, floor, None, x.numel() * 4))
+    return results
+
+
+def header() -> str:
+    return (f"machine: {platform.machine()} {platform.processor() or ''}, {torch.get_num_threads()} threads; "
+            f"torch {torch.__version__}; python {platform.python_version()}")
+
+
+def table(results: list[Result]) -> str:
+    lines = [f"{'case':<34} {'who':<26} {'time':>10} {'x.clone()':>10} {'ratio':>7} {'peak alloc':>11}"]
+    for r in results:
+        peak = "" if r.peak_bytes is None else f"{r.peak_bytes / r.x_bytes:.2f} x"
+        unit, scale = ("us", 1e6) if r.seconds < 1e-3 else ("ms", 1e3)
+        lines.append(f"{r.case:<34} {r.who:<26} {r.seconds * scale:>7.2f} {unit} {r.floor * scale:>7.2f} {unit} "
+                     f"{r.ratio:>6.2f}x {peak:>11}")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    """The short version: every layout and pairing at (2, 16, 512, 128), float32 and bfloat16."""
+    print(header())
+    print("ratios are to x.clone() timed in the same run; peak alloc in multiples of x's size\n")
+    results, notes = run((2, 16, 512, 128), rounds=5, number=3)
+    print(table(results + decode_latency(rounds=5, number=100)))
+    for note in notes:
+        print(f"note: {note}")
+    return 0
