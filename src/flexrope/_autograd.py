@@ -12,6 +12,7 @@ import sys
 import torch
 
 from ._errors import FlexRopeError
+from ._fused import fused_rotation
 from ._layout import Layout
 from ._positions import angles_at
 from . import _rotation
@@ -48,6 +49,10 @@ def rotate_in_layout(
     cos, sin = angles_at(cos, where, seq_len, half), angles_at(sin, where, seq_len, half)
     if inverse:
         sin = -sin
+    if not inplace:
+        fused = fused_rotation(x, x_c, cos, sin, rotary_dim=rotary_dim, interleaved=interleaved)
+        if fused is not None:
+            return fused
     out = x if inplace else torch.empty_like(x)
     out_c = x_c if inplace else layout.canonical(out)
     rotate(x_c, out_c, cos, sin, rotary_dim=rotary_dim, interleaved=interleaved)
