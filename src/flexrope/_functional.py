@@ -59,7 +59,7 @@ def _describe(x: object, layout: object, axes_lengths: dict) -> str:
 def parse(layout: object, axes_lengths: dict) -> Layout:
     if not isinstance(layout, str):
         raise LayoutError(f"layout={layout!r}: expected a string such as 'b s h d'")
-    return parse_layout(layout, tuple(sorted(axes_lengths.items(), key=lambda item: item[0])))
+    return parse_layout(layout, tuple(sorted(axes_lengths.items())) if axes_lengths else ())
 
 
 def bound(layout: Layout, x: torch.Tensor) -> Binding:
