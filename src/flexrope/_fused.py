@@ -19,7 +19,6 @@ import types
 import warnings
 
 import torch
-from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from ._rotation import _as, _broadcast_to, _memory_order, _rotated_pairs
 
@@ -58,7 +57,7 @@ def fused_rotation(x: torch.Tensor, x_c: torch.Tensor, cos: torch.Tensor, sin: t
         or x.numel() < FUSED_MIN_ELEMENTS
         or x.dtype not in (torch.float32, torch.float64)
         or torch.compiler.is_compiling()
-        or _get_current_dispatch_mode() is not None  # fake tensors, flop counters: they see eager operations
+        or torch._C._len_torch_dispatch_stack() > 0  # fake tensors, flop counters: they see eager operations
     ):
         return None
     order = _memory_order(x_c)
