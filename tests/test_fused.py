@@ -1,4 +1,4 @@
-"""The compiled path for large float32/float64 calls gives the eager kernels' bits, and steps aside cleanly."""
+"""The compiled path for large out-of-place calls gives the eager kernels' bits, and steps aside cleanly."""
 
 import pytest
 import torch
@@ -26,8 +26,9 @@ def _eager(monkeypatch, fn):
 
 CASES = [
     ("b h s d", False, torch.float32, None),
-    ("b s h d", False, torch.float32, None),
+    ("b s h d", False, torch.bfloat16, None),
     ("b h s d", True, torch.float32, None),
+    ("b s h d", True, torch.bfloat16, None),
     ("s b h d", False, torch.float64, 6),
 ]
 
@@ -52,14 +53,15 @@ def test_compiled_equals_eager_bitwise_and_compiles_once_for_all_lengths(
 
 def test_compiled_path_was_taken(fused_everywhere, monkeypatch):
     calls = []
-    monkeypatch.setattr(_fused, "_kernel", lambda key: lambda *args: calls.append(key) or _fused._expression(*args))
+    monkeypatch.setattr(_fused, "_kernel", lambda key, r, i: lambda *args: calls.append(key) or _fused._expression(
+        *args, r, i))
     cos, sin = flexrope.precompute_rope_params(8, context_length=16)
     compute_rope(torch.randn(1, 2, 5, 8), cos, sin)
     assert len(calls) == 1
 
 
 def test_compiler_failure_falls_back_to_eager_with_one_warning(fused_everywhere, monkeypatch):
-    def broken(key):
+    def broken(key, rotary_dim, interleaved):
         def fail(*args):
             raise RuntimeError("no C++ compiler")
         return fail
@@ -74,11 +76,11 @@ def test_compiler_failure_falls_back_to_eager_with_one_warning(fused_everywhere,
 
 
 @pytest.mark.parametrize("x", [
-    torch.randn(1, 2, 5, 8).bfloat16(),  # half precision stays eager
     torch.randn(1, 2, 5, 16)[..., ::2],  # channels not contiguous
+    torch.randn(1, 2, 8, 5).transpose(-1, -2),  # channels not innermost
 ])
 def test_steps_aside_where_it_does_not_apply(fused_everywhere, monkeypatch, x):
-    monkeypatch.setattr(_fused, "_kernel", lambda key: pytest.fail("the compiled path ran"))
+    monkeypatch.setattr(_fused, "_kernel", lambda *key: pytest.fail("the compiled path ran"))
     cos, sin = flexrope.precompute_rope_params(8, context_length=16)
     compute_rope(x, cos, sin)
     compute_rope(torch.randn(1, 2, 5, 8), cos, sin, inplace=True)

@@ -1,4 +1,4 @@
-"""A fused rotation through ``torch.compile`` for large out-of-place float32 and float64 calls.
+"""A fused rotation through ``torch.compile`` for large out-of-place calls.
 
 The eager kernels run six elementwise operations per chunk. In cache that still costs about three times a
 copy of x, whereas one fused loop reads x once and writes the result once. Inductor writes that loop
@@ -8,8 +8,7 @@ rounded operations, so the results are bitwise the same (tested).
 Each variant (pairing, rank, which table dims broadcast, dtype) is compiled once per process, with dynamic
 shapes so that no new sequence length recompiles it; the first large call of a variant takes seconds. Where
 no compiler works the eager kernels are used, with one warning. ``FLEXROPE_COMPILE=0`` turns this path off.
-Half precision stays eager: inductor's bfloat16 loop ran slower than the chunked eager kernel on the CPUs
-measured (see benchmarks/).
+In-place calls stay eager: they allocate nothing and already run below the cost of ``x.clone()``.
 """
 
 from __future__ import annotations
@@ -20,7 +19,7 @@ import warnings
 
 import torch
 
-from ._rotation import _as, _broadcast_to, _memory_order, _rotated_pairs
+from ._rotation import _as, _broadcast_to, _memory_order
 
 # From this many elements a call is worth a compiled kernel; below, the eager kernels' cost is small.
 FUSED_MIN_ELEMENTS = 1 << 20
@@ -30,32 +29,46 @@ _unavailable = False
 
 
 def _expression(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rotary_dim: int, interleaved: bool):
-    rotated = _rotated_pairs(x, cos, sin, rotary_dim, interleaved)
+    """``x * cos + flip(x) * signed sin`` over each pair: the form inductor fuses into one vectorised loop in
+    every dtype (concatenating or stacking the two rotated halves ran 2-3x slower in bfloat16)."""
+    compute = cos.dtype
+    pair_dim = -1 if interleaved else -2
+    shape = (rotary_dim // 2, 2) if interleaved else (2, rotary_dim // 2)
+    pairs = x[..., :rotary_dim].unflatten(-1, shape).to(compute)
+    cos2, sin2 = torch.stack([cos, cos], dim=pair_dim), torch.stack([-sin, sin], dim=pair_dim)
+    rotated = (pairs * cos2 + pairs.flip(pair_dim) * sin2).flatten(-2)
     if rotary_dim < x.shape[-1]:
-        rotated = torch.cat([rotated, _as(x[..., rotary_dim:], rotated.dtype)], dim=-1)
-    return _as(rotated, x.dtype)
+        rotated = torch.cat([rotated, x[..., rotary_dim:].to(compute)], dim=-1)
+    return rotated.to(x.dtype)
 
 
-def _kernel(key: tuple):
-    # torch.compile keeps its cache (and its recompile limit) per code object: one code object per variant
+def _kernel_template(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    return _expression(x, cos, sin, ROTARY_DIM, INTERLEAVED)  # noqa: F821 - globals of each variant
+
+
+def _kernel(key: tuple, rotary_dim: int, interleaved: bool):
+    # rotary_dim and interleaved are globals of each variant's function, which dynamo treats as constants:
+    # passed as arguments or closure cells they became symbolic, and inductor stopped vectorising the
+    # bfloat16 loop (6x slower). torch.compile keeps its cache and recompile limit per code object: one
+    # code object per variant.
     kernel = _kernels.get(key)
     if kernel is None:
-        code = _expression.__code__.replace(co_name=f"flexrope_fused_{len(_kernels)}")
-        function = types.FunctionType(code, _expression.__globals__, code.co_name)
-        kernel = _kernels[key] = torch.compile(function, dynamic=True, fullgraph=True)
+        code = _kernel_template.__code__.replace(co_name=f"flexrope_fused_{len(_kernels)}")
+        scope = {**_kernel_template.__globals__, "ROTARY_DIM": rotary_dim, "INTERLEAVED": interleaved}
+        kernel = _kernels[key] = torch.compile(types.FunctionType(code, scope, code.co_name), dynamic=True,
+                                               fullgraph=True)
     return kernel
 
 
 def fused_rotation(x: torch.Tensor, x_c: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *, rotary_dim: int,
                    interleaved: bool) -> torch.Tensor | None:
     """The rotation of ``x`` (canonical view ``x_c``) as a new tensor laid out in memory like x, or None when
-    this path does not apply (small, half precision, not dense with channels innermost, no compiler)."""
+    this path does not apply (small, not dense with channels innermost, no compiler)."""
     global _unavailable
     if (
         not ENABLED
         or _unavailable
         or x.numel() < FUSED_MIN_ELEMENTS
-        or x.dtype not in (torch.float32, torch.float64)
         or torch.compiler.is_compiling()
         or torch._C._len_torch_dispatch_stack() > 0  # fake tensors, flop counters: they see eager operations
     ):
@@ -64,10 +77,11 @@ def fused_rotation(x: torch.Tensor, x_c: torch.Tensor, cos: torch.Tensor, sin: t
     x_m = x_c.permute(order)
     if not x_m.is_contiguous():
         return None
-    cos_m, sin_m = (_as(_broadcast_to(t, x_c.ndim).permute(order), x.dtype) for t in (cos, sin))
-    key = (interleaved, x_m.ndim, x.dtype, tuple(size == 1 for size in cos_m.shape), rotary_dim == x.shape[-1])
+    compute = torch.promote_types(x.dtype, torch.float32)
+    cos_m, sin_m = (_as(_broadcast_to(t, x_c.ndim).permute(order), compute) for t in (cos, sin))
+    key = (interleaved, rotary_dim, x_m.ndim, x.dtype, tuple(size == 1 for size in cos_m.shape))
     try:
-        out_m = _kernel(key)(x_m, cos_m, sin_m, rotary_dim, interleaved)
+        out_m = _kernel(key, rotary_dim, interleaved)(x_m, cos_m, sin_m)
     except Exception as error:  # noqa: BLE001 - any compiler failure means: use the eager kernels
         _unavailable = True
         warnings.warn(
