@@ -208,10 +208,12 @@ def table(results: list[Result]) -> str:
 
 
 def main() -> int:
-    """The short version: every layout and pairing at (2, 16, 512, 128), float32 and bfloat16."""
+    """The short version: the full benchmark's shape, two layouts, both pairings and dtypes, fewer rounds."""
+    shape = (4, 32, 1024, 128)
     print(header())
-    print("ratios are to x.clone() timed in the same run; peak alloc in multiples of x's size\n")
-    results, notes = run((2, 16, 512, 128), rounds=5, number=3)
+    print(f"x of (b h s d) = {shape}; ratios to x.clone() timed in the same run; peak alloc in multiples of x's")
+    print("size. The first large call of each variant compiles (seconds); benchmarks/bench_rope.py runs them all.\n")
+    results, notes = run(shape, layouts=("b h s d", "b s h d"), rounds=3, number=2)
     print(table(results + decode_latency(rounds=5, number=100)))
     for note in notes:
         print(f"note: {note}")
