@@ -9,8 +9,6 @@ import flexrope
 from flexrope import FlexRopeError, RotaryEmbedding, precompute_rope_params
 from flexrope._scaling import frequencies, parse_scaling
 
-from . import reference
-
 transformers = pytest.importorskip("transformers")
 from transformers.models.gpt_neox import modeling_gpt_neox  # noqa: E402
 from transformers.models.llama import modeling_llama  # noqa: E402

@@ -157,11 +157,11 @@ def run(
                 pairing = "interleaved" if interleaved else "half-split"
                 case = f"{layout} {pairing} {dtype_name}"
                 candidates = {
-                    "flexrope": lambda x=x, i=interleaved: compute_rope(x, cos, sin, layout, interleaved=i),
+                    "flexrope": lambda x=x, i=interleaved, l=layout: compute_rope(x, cos, sin, l, interleaved=i),
                 }
                 work = x.clone()
-                candidates["flexrope inplace"] = lambda w=work, i=interleaved: compute_rope(
-                    w, cos, sin, layout, interleaved=i, inplace=True)
+                candidates["flexrope inplace"] = lambda w=work, i=interleaved, l=layout: compute_rope(
+                    w, cos, sin, l, interleaved=i, inplace=True)
                 candidates.update({name: (lambda f=f, x=x: f(x)) for name, f in
                                    peer_table.get((layout, interleaved), {}).items()})
                 for who, fn in candidates.items():
