@@ -20,8 +20,9 @@ import torch
 
 # Elements of x per chunk, at most. Each elementwise operation has a fixed cost, so chunks are large, but the
 # chunk's inputs, outputs and float32 scratch stay within the last-level cache: x is read from memory once
-# and the result written once. On a 2-core CPU 2^20 elements ran 2-3x faster than 2^16. A chunk is also at
-# most 1/16 of x, so that the scratch stays a small fraction of x's size.
+# and the result written once. On a 2-core CPU 2^20 elements ran 2-3x faster than 2^16. A tensor of at most
+# CHUNK_ELEMENTS is one chunk (it fits in cache whole); a larger one is cut into chunks of at most 1/16 of it
+# (and at least MIN_CHUNK_ELEMENTS), so that the scratch stays a small fraction of x's size.
 CHUNK_ELEMENTS = 1 << 20
 MIN_CHUNK_ELEMENTS = 1 << 16
 # Up to this many elements a call is latency-bound (a decoding step): the fewest operations win.
@@ -101,7 +102,8 @@ def _memory_order(x: torch.Tensor) -> list[int]:
 def _chunks(shape: torch.Size) -> list[tuple]:
     """Index tuples that cut a tensor of ``shape`` into blocks of about the chunk size, each of consecutive
     outer indices (whole trailing dims, a slice of one dim, single indices of the dims before it)."""
-    limit = min(CHUNK_ELEMENTS, max(MIN_CHUNK_ELEMENTS, shape.numel() // 16))
+    numel = shape.numel()
+    limit = numel if numel <= CHUNK_ELEMENTS else min(CHUNK_ELEMENTS, max(MIN_CHUNK_ELEMENTS, numel // 16))
     inner, split = shape[-1], len(shape) - 1
     while split > 0 and inner * shape[split - 1] <= limit:
         split -= 1
