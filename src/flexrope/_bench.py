@@ -177,19 +177,28 @@ def run(
 
 
 def decode_latency(*, rounds: int = 7, number: int = 200) -> list[Result]:
-    """One decoding step, (1, 32, 1, 128) at position 100, float32: flexrope against the seed's formula."""
+    """One decoding step, (1, 32, 1, 128) at position 100, float32: flexrope against the seed's formula.
+
+    Latency this small drifts with the machine, so every candidate and the floor are timed round-robin in
+    each round, and each reports its median."""
     cos, sin = precompute_rope_params(128, context_length=4096)
     x = torch.randn(1, 32, 1, 128)
-    results = []
-    for who, fn in {
+    candidates = {
         "flexrope": lambda: compute_rope(x, cos, sin, offset=100),
         "flexrope b s h d": lambda: compute_rope(x.transpose(1, 2), cos, sin, "b s h d", offset=100),
         "seed formula": lambda: seed_rope(x, cos, sin, offset=100),
-    }.items():
-        with torch.no_grad():
-            seconds, floor = compare(fn, x.clone, rounds=rounds, number=number)
-        results.append(Result("decode (1 32 1 128) float32", who, seconds, floor, None, x.numel() * 4))
-    return results
+        "x.clone()": x.clone,
+    }
+    times: dict[str, list[float]] = {name: [] for name in candidates}
+    with torch.no_grad():
+        for fn in candidates.values():
+            _time_once(fn, number)
+        for _ in range(rounds):
+            for name, fn in candidates.items():
+                times[name].append(_time_once(fn, number))
+    floor = statistics.median(times.pop("x.clone()"))
+    return [Result("decode (1 32 1 128) float32", name, statistics.median(t), floor, None, x.numel() * 4)
+            for name, t in times.items()]
 
 
 def header() -> str:
