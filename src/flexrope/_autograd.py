@@ -45,7 +45,7 @@ def rotate_in_layout(
             cos2 = over_pairs(angles_at(cos, where, seq_len, half), interleaved)
             sin2 = over_pairs(angles_at(sin, where, seq_len, half), interleaved)
         out = rotated(x_c, cos2, -sin2 if inverse else sin2, rotary_dim, interleaved)
-        return out.as_strided(x.shape, x.stride())
+        return out if x_c is x else out.as_strided(x.shape, x.stride())
     cos, sin = angles_at(cos, where, seq_len, half), angles_at(sin, where, seq_len, half)
     if inverse:
         sin = -sin

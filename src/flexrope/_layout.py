@@ -24,7 +24,7 @@ _AXES_HELP = "a layout names b (batch), h (heads), s (sequence), d (head dim), a
 ELLIPSIS = "..."
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # parse_layout makes one object per layout: identity is equality, and cheap
 class Layout:
     """A parsed layout: its top-level entries (each a tuple of axis names) and the known axis lengths."""
 
