@@ -84,3 +84,13 @@ def test_steps_aside_where_it_does_not_apply(fused_everywhere, monkeypatch, x):
     cos, sin = flexrope.precompute_rope_params(8, context_length=16)
     compute_rope(x, cos, sin)
     compute_rope(torch.randn(1, 2, 5, 8), cos, sin, inplace=True)
+
+
+def test_gradient_through_the_compiled_path_equals_eager(fused_everywhere, monkeypatch):
+    cos, sin = flexrope.precompute_rope_params(8, context_length=32, dtype=torch.float64)
+    x = torch.randn(2, 7, 3, 8, dtype=torch.float64, requires_grad=True)
+    grad = torch.randn(2, 7, 3, 8, dtype=torch.float64)
+    (fused,) = torch.autograd.grad(compute_rope(x, cos, sin, "b s h d", offset=4), x, grad)
+    (eager,) = _eager(monkeypatch, lambda: torch.autograd.grad(compute_rope(x, cos, sin, "b s h d", offset=4), x,
+                                                               grad))
+    assert torch.equal(fused, eager)
