@@ -53,8 +53,10 @@ def test_compiled_equals_eager_bitwise_and_compiles_once_for_all_lengths(
 
 def test_compiled_path_was_taken(fused_everywhere, monkeypatch):
     calls = []
-    monkeypatch.setattr(_fused, "_kernel", lambda key, r, i: lambda *args: calls.append(key) or _fused._expression(
-        *args, r, i))
+    def recording(key, rotary_dim, interleaved):
+        return lambda *args: calls.append(key) or _rotation.fused_expression(*args, rotary_dim, interleaved)
+
+    monkeypatch.setattr(_fused, "_kernel", recording)
     cos, sin = flexrope.precompute_rope_params(8, context_length=16)
     compute_rope(torch.randn(1, 2, 5, 8), cos, sin)
     assert len(calls) == 1

@@ -2,8 +2,8 @@
 
 The eager kernels run six elementwise operations per chunk. In cache that still costs about three times a
 copy of x, whereas one fused loop reads x once and writes the result once. Inductor writes that loop
-(vectorised C++ on the CPU, Triton on a GPU) from the same expression the other paths compute, with the same
-rounded operations, so the results are bitwise the same (tested).
+(vectorised C++ on the CPU, Triton on a GPU) from ``fused_expression``, whose rounded operations are those of
+the other paths, so the results are bitwise the same (tested on the CPU).
 
 Each variant (pairing, rank, which table dims broadcast, dtype) is compiled once per process, with dynamic
 shapes so that no new sequence length recompiles it; the first large call of a variant takes seconds. Where
@@ -19,7 +19,7 @@ import warnings
 
 import torch
 
-from ._rotation import _as, _broadcast_to, _memory_order
+from ._rotation import _as, _broadcast_to, _memory_order, fused_expression
 
 # From this many elements a call is worth a compiled kernel; below, the eager kernels' cost is small.
 FUSED_MIN_ELEMENTS = 1 << 20
@@ -28,22 +28,8 @@ _kernels: dict[tuple, object] = {}
 _unavailable = False
 
 
-def _expression(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rotary_dim: int, interleaved: bool):
-    """``x * cos + flip(x) * signed sin`` over each pair: the form inductor fuses into one vectorised loop in
-    every dtype (concatenating or stacking the two rotated halves ran 2-3x slower in bfloat16)."""
-    compute = cos.dtype
-    pair_dim = -1 if interleaved else -2
-    shape = (rotary_dim // 2, 2) if interleaved else (2, rotary_dim // 2)
-    pairs = x[..., :rotary_dim].unflatten(-1, shape).to(compute)
-    cos2, sin2 = torch.stack([cos, cos], dim=pair_dim), torch.stack([-sin, sin], dim=pair_dim)
-    rotated = (pairs * cos2 + pairs.flip(pair_dim) * sin2).flatten(-2)
-    if rotary_dim < x.shape[-1]:
-        rotated = torch.cat([rotated, x[..., rotary_dim:].to(compute)], dim=-1)
-    return rotated.to(x.dtype)
-
-
 def _kernel_template(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    return _expression(x, cos, sin, ROTARY_DIM, INTERLEAVED)  # noqa: F821 - globals of each variant
+    return fused_expression(x, cos, sin, ROTARY_DIM, INTERLEAVED)  # noqa: F821 - globals of each variant
 
 
 def _kernel(key: tuple, rotary_dim: int, interleaved: bool):

@@ -42,15 +42,20 @@ def _as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return t if t.dtype == dtype else t.to(dtype)
 
 
-def _rotated_pairs(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rotary_dim: int,
-                   interleaved: bool) -> torch.Tensor:
-    """The rotated first ``rotary_dim`` channels as one expression, for compilers to fuse into one pass."""
-    a, b = _pair_views(x, rotary_dim, interleaved)
-    a, b = _as(a, cos.dtype), _as(b, cos.dtype)
-    out_a, out_b = a * cos - b * sin, b * cos + a * sin
-    if interleaved:
-        return torch.stack([out_a, out_b], dim=-1).flatten(-2)
-    return torch.cat([out_a, out_b], dim=-1)
+def fused_expression(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rotary_dim: int, interleaved: bool):
+    """The rotation of ``x`` as one expression for compilers: ``x * cos + flip(x) * signed sin`` over each
+    pair, computed in cos's dtype, returned in x's. Inductor fuses this form into one vectorised loop in
+    every dtype (concatenating or stacking the two rotated halves ran 2-3x slower in bfloat16). The rounded
+    operations are those of the eager kernels: a cos + b (-sin) equals a cos - b sin exactly."""
+    compute = cos.dtype
+    pair_dim = -1 if interleaved else -2
+    shape = (rotary_dim // 2, 2) if interleaved else (2, rotary_dim // 2)
+    pairs = x[..., :rotary_dim].unflatten(-1, shape).to(compute)
+    cos2, sin2 = torch.stack([cos, cos], dim=pair_dim), torch.stack([-sin, sin], dim=pair_dim)
+    rotated = (pairs * cos2 + pairs.flip(pair_dim) * sin2).flatten(-2)
+    if rotary_dim < x.shape[-1]:
+        rotated = torch.cat([rotated, x[..., rotary_dim:].to(compute)], dim=-1)
+    return rotated.to(x.dtype)
 
 
 @functools.lru_cache(maxsize=64)
@@ -172,13 +177,13 @@ def rotate(
     ``cos`` and ``sin`` hold the r/2 angles per position, broadcastable to (*lead, b, h, s, r/2). Inputs in
     half precision are rotated in float32; the channels past ``rotary_dim`` are copied unchanged.
     """
-    if out is not x and rotary_dim < x.shape[-1]:
-        out[..., rotary_dim:].copy_(x[..., rotary_dim:])
     compute = torch.promote_types(x.dtype, torch.float32)
     cos, sin = _as(cos, compute), _as(sin, compute)
-    if torch.compiler.is_compiling():
-        out[..., :rotary_dim].copy_(_rotated_pairs(x, cos, sin, rotary_dim, interleaved))
+    if torch.compiler.is_compiling():  # inside the caller's graph: one expression, fused with the rest
+        out.copy_(fused_expression(x, cos, sin, rotary_dim, interleaved))
         return
+    if out is not x and rotary_dim < x.shape[-1]:
+        out[..., rotary_dim:].copy_(x[..., rotary_dim:])
     order = _memory_order(x)
     x, out = x.permute(order)[..., :rotary_dim], out.permute(order)[..., :rotary_dim]
     if interleaved:
