@@ -87,11 +87,13 @@ def rotated(x: torch.Tensor, cos2: torch.Tensor, sin2: torch.Tensor, rotary_dim:
     return _as(out, x.dtype)
 
 
-def over_pairs(angles: torch.Tensor, interleaved: bool) -> torch.Tensor:
-    """Half-width angles (..., r/2) laid out over all r channels like the pairs."""
+def over_pairs(angles: torch.Tensor, interleaved: bool, *, signed: bool = False) -> torch.Tensor:
+    """Half-width angles (..., r/2) laid out over all r channels like the pairs; ``signed`` negates them on
+    each pair's first channel."""
+    first = -angles if signed else angles
     if interleaved:
-        return torch.stack([angles, angles], dim=-1).flatten(-2)
-    return torch.cat([angles, angles], dim=-1)
+        return torch.stack([first, angles], dim=-1).flatten(-2)
+    return torch.cat([first, angles], dim=-1)
 
 
 def _broadcast_to(table: torch.Tensor, ndim: int) -> torch.Tensor:
@@ -188,7 +190,7 @@ def rotate(
     x, out = x.permute(order)[..., :rotary_dim], out.permute(order)[..., :rotary_dim]
     if interleaved:
         kernel, angles_shape = _rotate_interleaved, x.shape
-        cos, sin = torch.stack([cos, cos], dim=-1).flatten(-2), torch.stack([-sin, sin], dim=-1).flatten(-2)
+        cos, sin = over_pairs(cos, True), over_pairs(sin, True, signed=True)
     else:
         kernel, angles_shape = _rotate_half_split, (*x.shape[:-1], rotary_dim // 2)
     cos, sin = (_broadcast_to(t, x.ndim).permute(order).expand(angles_shape) for t in (cos, sin))
