@@ -1,4 +1,10 @@
-"""The exceptions flexrope raises for bad input."""
+"""The exceptions flexrope raises for bad input, and its warnings."""
+
+import os
+import sys
+import warnings
+
+_PACKAGE = os.path.dirname(os.path.abspath(__file__))
 
 
 class FlexRopeError(ValueError):
@@ -7,3 +13,13 @@ class FlexRopeError(ValueError):
 
 class LayoutError(FlexRopeError):
     """The layout string, or its binding to the shape of a tensor, is wrong."""
+
+
+def warn(message: str, category: type[Warning]) -> None:
+    """Warn at the caller's line: the first frame outside flexrope (and outside torch's module machinery)."""
+    level, frame = 1, sys._getframe(1)
+    while frame is not None and (
+        frame.f_code.co_filename.startswith(_PACKAGE) or f"{os.sep}torch{os.sep}" in frame.f_code.co_filename
+    ):
+        level, frame = level + 1, frame.f_back
+    warnings.warn(f"flexrope: {message}", category, stacklevel=level + 1)

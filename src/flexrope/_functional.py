@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import torch
 
-from ._autograd import rope
+import difflib
+
+from ._dispatch import Rotation, rope
 from ._errors import FlexRopeError, LayoutError
-from ._layout import Binding, Layout, bind, parse_layout
-from ._positions import resolve_positions
+from ._layout import AXES, Binding, Layout, bind, parse_layout
+from ._positions import Where, resolve_positions
 from ._tables import check_rotary_dim
+
+_KEYWORDS = ("positions", "offset", "interleaved", "rotary_dim", "inplace")
 
 
 def checked_tables(cos: object, sin: object, rotary_dim: int | None, head_dim: int) -> int:
@@ -48,6 +52,9 @@ def _check_x(x: object) -> None:
         raise FlexRopeError(f"x is a {type(x).__name__}: expected a torch.Tensor")
     if not x.dtype.is_floating_point:
         raise FlexRopeError(f"x has dtype {x.dtype}: expected a real floating dtype (float32, bfloat16, ...)")
+    if x.dtype.itemsize == 1:
+        raise FlexRopeError(f"x has dtype {x.dtype}: float8 is a storage format with scales; rotate in bfloat16 "
+                            f"or float32 and quantize after")
 
 
 def _describe(x: object, layout: object, axes_lengths: dict) -> str:
@@ -56,7 +63,11 @@ def _describe(x: object, layout: object, axes_lengths: dict) -> str:
     return f"compute_rope({shape}, layout={layout!r}{keywords})"
 
 
-def parse(layout: object, axes_lengths: dict) -> Layout:
+def parse(layout: object, axes_lengths: dict, keywords: tuple[str, ...] = _KEYWORDS) -> Layout:
+    for name in axes_lengths:
+        close = difflib.get_close_matches(name, keywords, n=1, cutoff=0.75) if name not in AXES else []
+        if close:
+            raise FlexRopeError(f"unknown keyword {name}=: did you mean {close[0]}=?")
     if not isinstance(layout, str):
         raise LayoutError(f"layout={layout!r}: expected a string such as 'b s h d'")
     return parse_layout(layout, tuple(sorted(axes_lengths.items())) if axes_lengths else ())
@@ -69,11 +80,12 @@ def bound(layout: Layout, x: torch.Tensor) -> Binding:
 
 def checked_positions(
     x: torch.Tensor, shape: Binding, cos: torch.Tensor, positions: torch.Tensor | None, offset: int | torch.Tensor
-) -> int | torch.Tensor:
-    """The positions of ``x``'s tokens (an int start or a tensor), checked against ``x`` and the table."""
+) -> Where:
+    """Where ``x``'s tokens are (an int start, positions or row starts), checked against ``x`` and the table."""
     if cos.device != x.device:
         raise FlexRopeError(f"x is on {x.device} but the tables are on {cos.device}: move them with .to(x.device)")
-    return resolve_positions(positions, offset, seq_len=shape.s, batch=shape.b, table_len=cos.shape[0])
+    return resolve_positions(positions, offset, seq_len=shape.s, batch=shape.b, table_len=cos.shape[0],
+                             device=x.device)
 
 
 def compute_rope(
@@ -127,6 +139,7 @@ def compute_rope(
         shape = bound(parsed, x)
         rotary_dim = checked_tables(cos, sin, rotary_dim, shape.d)
         where = checked_positions(x, shape, cos, positions, offset)
-        return rope(x, parsed, cos, sin, where, rotary_dim=rotary_dim, interleaved=interleaved, inplace=inplace)
+        return rope(Rotation(parsed, rotary_dim, bool(interleaved)), cos, sin, [(x, where)], inplace=bool(inplace),
+                    table_len=cos.shape[0])[0]
     except FlexRopeError as error:
         raise type(error)(f"{_describe(x, layout, axes_lengths)}: {error}") from None

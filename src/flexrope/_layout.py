@@ -35,10 +35,6 @@ class Layout:
     permutation: tuple[int, ...] | None  # when the layout is a plain permutation of b h s d: the one to apply
 
     @property
-    def names(self) -> tuple[str, ...]:
-        return tuple(name for entry in self.entries for name in entry if name != ELLIPSIS)
-
-    @property
     def has_ellipsis(self) -> bool:
         return (ELLIPSIS,) in self.entries
 
@@ -60,6 +56,14 @@ class Layout:
         return x.as_strided(shape, stride, x.storage_offset())
 
 
+    def from_canonical(self, t: torch.Tensor) -> torch.Tensor:
+        """``t``, of the canonical shape, laid out as this layout: a view where t's memory order allows it."""
+        if self.permutation is not None:
+            return t.permute([self.permutation.index(dim) for dim in range(4)])
+        source, target = self.to_canonical.split(" -> ")
+        return einops.rearrange(t, f"{target} -> {source}", **dict(self.lengths))
+
+
 @functools.lru_cache(maxsize=1024)
 def _canonical_geometry(layout: Layout, shape: tuple[int, ...], stride: tuple[int, ...]):
     stand_in = torch.empty_strided(shape, stride, device="meta")
@@ -69,11 +73,9 @@ def _canonical_geometry(layout: Layout, shape: tuple[int, ...], stride: tuple[in
 
 @dataclass(frozen=True)
 class Binding:
-    """The lengths of b, h, s, d (1 where absent) and of the axes that ``...`` stands for."""
+    """The lengths of b, s and d (1 where b is absent): what positions and tables are checked against."""
 
-    lead: tuple[int, ...]
     b: int
-    h: int
     s: int
     d: int
 
@@ -189,11 +191,9 @@ def bind(layout: Layout, shape: tuple[int, ...]) -> Binding:
     lead_len = len(shape) - len(named)
     lengths = dict(layout.lengths)
     sizes: dict[str, int] = {}
-    lead: tuple[int, ...] = ()
     dim = 0
     for entry in layout.entries:
         if entry == (ELLIPSIS,):
-            lead = shape[dim : dim + lead_len]
             dim += lead_len
             continue
         size = shape[dim]
@@ -213,4 +213,4 @@ def bind(layout: Layout, shape: tuple[int, ...]) -> Binding:
             raise LayoutError(f"{where} has length {size} but {given} was given")
         sizes.update({name: lengths[name] for name in entry})
         dim += 1
-    return Binding(lead=tuple(lead), **{axis: sizes.get(axis, 1) for axis in AXES})
+    return Binding(**{axis: sizes.get(axis, 1) for axis in "bsd"})

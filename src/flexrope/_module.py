@@ -5,19 +5,23 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ._autograd import rope
+from ._dispatch import Rotation, rope
 from ._errors import FlexRopeError
 from ._functional import bound, checked_positions, parse
+from ._positions import RowStarts, Where
 from ._hf_config import settings_from_hf_config
 from ._scaling import frequencies, parse_scaling
 from ._tables import check_rotary_dim, precompute_rope_params, tables_from_inverse_frequencies
 
 
-def _reach(where: int | torch.Tensor, seq_len: int) -> int:
-    """1 + the largest position: the length of the sequence, as length-dependent recipes count it."""
+def _reach(where: Where, seq_len: int) -> int:
+    """1 + the largest position: the length of the sequence, as length-dependent recipes count it (reads
+    tensor positions on the host: only these recipes need it)."""
     if isinstance(where, int):
         return where + seq_len
-    return int(where.max()) + 1 if where.numel() else 0
+    if isinstance(where, RowStarts):
+        return int(where.starts.long().max()) + seq_len if where.starts.numel() else 0
+    return int(where.long().max()) + 1 if where.numel() else 0
 
 
 class RotaryEmbedding(nn.Module):
@@ -73,12 +77,14 @@ class RotaryEmbedding(nn.Module):
             self.rotary_dim = check_rotary_dim(head_dim, rotary_dim)
             if "d" in axes_lengths:
                 raise FlexRopeError(f"d={axes_lengths['d']} was given as a keyword: head_dim gives d")
-            self.layout = parse(layout, {"d": head_dim, **axes_lengths})
+            self.layout = parse(layout, {"d": head_dim, **axes_lengths}, keywords=("theta_base", "context_length",
+                                "rotary_dim", "interleaved", "scaling"))
             self._recipe = parse_scaling(scaling, rotary_dim=self.rotary_dim, head_dim=head_dim, theta_base=theta_base)
         except FlexRopeError as error:
             raise type(error)(f"RotaryEmbedding(head_dim={head_dim!r}, layout={layout!r}): {error}") from None
         self.head_dim, self.theta_base, self.context_length = head_dim, theta_base, context_length
         self.interleaved, self.scaling = interleaved, scaling
+        self._rotation = Rotation(self.layout, self.rotary_dim, bool(interleaved))
         for name, table in self._tables(torch.float32, device=None).items():
             self.register_buffer(name, table, persistent=False)
 
@@ -125,7 +131,7 @@ class RotaryEmbedding(nn.Module):
                 setattr(self, name, table.to(device=getattr(self, name).device))
         return self
 
-    def _tables_for(self, *calls: tuple[int | torch.Tensor, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    def _tables_for(self, *calls: tuple[Where, int]) -> tuple[torch.Tensor, torch.Tensor]:
         """The tables for a call of tensors with these (positions, sequence length)."""
         short = self._short_length
         if short is None:
@@ -163,30 +169,17 @@ class RotaryEmbedding(nn.Module):
             settings["context_length"] = context_length
         return cls(layout=layout, **settings, **axes_lengths)
 
-    def _positions(self, x: torch.Tensor, name: str, positions, offset) -> tuple[int, int | torch.Tensor]:
-        """The sequence length of ``x`` and its checked positions."""
+    def _context(self, error: FlexRopeError, what: str) -> FlexRopeError:
+        return type(error)(f"RotaryEmbedding(layout={self.layout.text!r}, head_dim={self.head_dim}){what}: {error}")
+
+    def _positions(self, x: torch.Tensor, name: str, positions, offset) -> tuple[int, Where]:
+        """The sequence length of ``x`` and where its tokens are, checked."""
         try:
             shape = bound(self.layout, x)
             return shape.s, checked_positions(x, shape, self.cos, positions, offset)
         except FlexRopeError as error:
             shape_text = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
-            raise type(error)(
-                f"RotaryEmbedding(layout={self.layout.text!r}, head_dim={self.head_dim}) on {name} of shape "
-                f"{shape_text}: {error}"
-            ) from None
-
-    def _rotate(self, x: torch.Tensor, where: int | torch.Tensor, tables: tuple[torch.Tensor, torch.Tensor]):
-        cos, sin = tables
-        return rope(
-            x,
-            self.layout,
-            cos,
-            sin,
-            where,
-            rotary_dim=self.rotary_dim,
-            interleaved=self.interleaved,
-            inplace=False,
-        )
+            raise self._context(error, f" on {name} of shape {shape_text}") from None
 
     def forward(
         self,
@@ -212,21 +205,23 @@ class RotaryEmbedding(nn.Module):
             The rotated q, or ``(q, k)`` when k is given.
         """
         if k is None and (k_positions is not None or k_offset is not None):
-            raise FlexRopeError("k_positions or k_offset was given without k")
+            raise self._context(FlexRopeError("k_positions or k_offset was given without k"), "")
         q_len, q_where = self._positions(q, "q", positions, offset)
         if k is None:
-            return self._rotate(q, q_where, self._tables_for((q_where, q_len)))
+            cos, sin = self._tables_for((q_where, q_len))
+            return rope(self._rotation, cos, sin, [(q, q_where)], inplace=False, table_len=cos.shape[0])[0]
         inherited = k_positions is None and k_offset is None
         if inherited:
             k_positions, k_offset = positions, offset
         k_len, k_where = self._positions(k, "k", k_positions, 0 if k_offset is None else k_offset)
         if inherited and q_len != k_len:
-            raise FlexRopeError(
+            raise self._context(FlexRopeError(
                 f"q has {q_len} tokens and k has {k_len}: say where k's tokens are with k_offset= or "
                 f"k_positions= (e.g. k_offset=0 for keys of the whole cache)"
-            )
-        tables = self._tables_for((q_where, q_len), (k_where, k_len))
-        return self._rotate(q, q_where, tables), self._rotate(k, k_where, tables)
+            ), "")
+        cos, sin = self._tables_for((q_where, q_len), (k_where, k_len))
+        q, k = rope(self._rotation, cos, sin, [(q, q_where), (k, k_where)], inplace=False, table_len=cos.shape[0])
+        return q, k
 
     def extra_repr(self) -> str:
         parts = [

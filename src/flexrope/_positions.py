@@ -2,34 +2,50 @@
 
 from __future__ import annotations
 
+import operator
+from typing import NamedTuple, Union
+
 import torch
 
 from ._errors import FlexRopeError
+
+
+class RowStarts(NamedTuple):
+    """One first position per row of the b axis, shape (b,): row i holds ``starts[i] .. starts[i] + s - 1``."""
+
+    starts: torch.Tensor
+
+
+# Where a tensor's tokens are: an int start (the same for every row), a tensor of positions (s,) or (b, s),
+# or RowStarts.
+Where = Union[int, torch.Tensor, RowStarts]
 
 
 def _is_integer(t: torch.Tensor) -> bool:
     return not (t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool)
 
 
-def _check_range(positions: torch.Tensor, table_len: int, what: str) -> None:
-    # Negative indices would wrap and large ones fail deep inside indexing: both get a plain error here.
-    if positions.numel() == 0 or torch.compiler.is_compiling():
-        return
-    low, high = (int(v) for v in torch.aminmax(positions))
-    if low < 0:
-        raise FlexRopeError(f"{what} hold position {low}: positions must be >= 0")
-    if high >= table_len:
-        raise FlexRopeError(
-            f"{what} reach position {high}, past the table's {table_len} positions: "
-            f"precompute the tables with context_length > {high}"
-        )
+def as_int(value: object, name: str) -> int:
+    """``value`` as a Python int: ints and numpy integers, never bools, floats or tensors."""
+    if isinstance(value, (int, torch.SymInt)) and not isinstance(value, bool):  # SymInt: under torch.compile
+        return value
+    if isinstance(value, (bool, torch.Tensor)) or not hasattr(value, "__index__"):
+        raise FlexRopeError(f"{name}={value!r}: expected an int")
+    return operator.index(value)
+
+
+def _check_device(t: torch.Tensor, x_device: torch.device, name: str) -> None:
+    if t.device.type == "meta" and x_device.type != "meta":
+        raise FlexRopeError(f"{name} is on the meta device, which holds no values: pass it on {x_device}")
 
 
 def resolve_positions(
-    positions: torch.Tensor | None, offset: int | torch.Tensor, *, seq_len: int, batch: int, table_len: int
-) -> int | torch.Tensor:
-    """The positions of a (b, s) block: an int start (positions ``start .. start + s - 1`` for every row),
-    or an integer tensor of shape (s,) or (b, s). Checked against the table length."""
+    positions: torch.Tensor | None, offset: object, *, seq_len: int, batch: int, table_len: int,
+    device: torch.device,
+) -> Where:
+    """Where the tokens of a (b, s) block are, its shapes and dtypes checked, and an int start checked against
+    the table length. Position values held in tensors are checked by :func:`check_values` (on the host) or
+    on the device, as the backend does it."""
     if positions is None:
         if isinstance(offset, torch.Tensor):
             if not _is_integer(offset) or offset.ndim > 1 or offset.numel() not in (1, batch):
@@ -37,13 +53,12 @@ def resolve_positions(
                     f"offset of dtype {offset.dtype} and shape {tuple(offset.shape)}: expected an int or an "
                     f"integer tensor of shape ({batch},), one start per row of the b axis"
                 )
-            if offset.ndim == 0:
-                offset = offset.reshape(1)
-            positions = offset[:, None] + torch.arange(seq_len, device=offset.device, dtype=offset.dtype)
-            _check_range(positions, table_len, f"offset + arange({seq_len})")
-            return positions
-        if isinstance(offset, bool) or not isinstance(offset, int):
-            raise FlexRopeError(f"offset={offset!r}: expected an int or an integer tensor of shape ({batch},)")
+            _check_device(offset, device, "offset")
+            return RowStarts(offset.reshape(1) if offset.ndim == 0 else offset)
+        try:
+            offset = as_int(offset, "offset")
+        except FlexRopeError:
+            raise FlexRopeError(f"offset={offset!r}: expected an int or an integer tensor of shape ({batch},)") from None
         if offset < 0:
             raise FlexRopeError(f"offset={offset}: positions must be >= 0")
         if offset + seq_len > table_len:
@@ -55,7 +70,7 @@ def resolve_positions(
     if not isinstance(positions, torch.Tensor) or not _is_integer(positions):
         kind = positions.dtype if isinstance(positions, torch.Tensor) else type(positions).__name__
         raise FlexRopeError(f"positions of type {kind}: expected an integer tensor (torch.long)")
-    if isinstance(offset, torch.Tensor) or offset != 0:
+    if isinstance(offset, torch.Tensor) or as_int(offset, "offset") != 0:
         raise FlexRopeError("both positions and offset were given: pass positions=positions + offset instead")
     shape = tuple(positions.shape)
     if positions.ndim not in (1, 2) or shape[-1] != seq_len or (positions.ndim == 2 and shape[0] not in (1, batch)):
@@ -63,17 +78,58 @@ def resolve_positions(
             f"positions of shape {shape}: expected ({seq_len},) or ({batch}, {seq_len}), "
             f"one position per token of the s axis (and per row of the b axis)"
         )
-    _check_range(positions, table_len, "positions")
+    _check_device(positions, device, "positions")
     return positions
 
 
-def angles_at(table: torch.Tensor, positions: int | torch.Tensor, seq_len: int, width: int) -> torch.Tensor:
-    """The first ``width`` columns of ``table`` at ``positions``, shaped to broadcast over a canonical
-    (b h s width) view: (s, width) or (b, 1, s, width)."""
-    if isinstance(positions, int):
-        rows = table[positions : positions + seq_len]
+def position_tensor(where: Where, seq_len: int) -> int | torch.Tensor:
+    """An int start, or the int64 positions (s,) or (b, s): every integer dtype is read as integers
+    (uint8 is no mask, int8 does not overflow)."""
+    if isinstance(where, RowStarts):
+        starts = where.starts.long()
+        return starts[:, None] + torch.arange(seq_len, device=starts.device)
+    return where.long() if isinstance(where, torch.Tensor) else where
+
+
+def _described(where: Where, seq_len: int) -> str:
+    return f"offset + arange({seq_len})" if isinstance(where, RowStarts) else "positions"
+
+
+def check_values(where: Where, seq_len: int, table_len: int) -> None:
+    """Raise FlexRopeError for a position held in a tensor that is negative or past the table, reading the
+    values on the host (a sync on an accelerator): never clamped, never wrapped."""
+    positions = position_tensor(where, seq_len)
+    if isinstance(positions, int) or positions.numel() == 0 or positions.device.type == "meta":
+        return
+    low, high = (int(v) for v in torch.aminmax(positions))
+    what = _described(where, seq_len)
+    if low < 0:
+        raise FlexRopeError(f"{what} hold position {low}: positions must be >= 0")
+    if high >= table_len:
+        raise FlexRopeError(
+            f"{what} reach position {high}, past the table's {table_len} positions: "
+            f"precompute the tables with context_length > {high}"
+        )
+
+
+def assert_values_async(where: Where, seq_len: int, table_len: int) -> None:
+    """The check of :func:`check_values` queued on the device, with no sync: a bad position fails the
+    stream (a device-side assert on CUDA, a RuntimeError on the CPU under torch.compile)."""
+    positions = position_tensor(where, seq_len)
+    if isinstance(positions, int) or positions.device.type == "meta":
+        return
+    in_range = ((positions >= 0) & (positions < table_len)).all()
+    torch._assert_async(in_range, f"flexrope: {_described(where, seq_len)} hold a position < 0 or >= {table_len}")
+
+
+def angles_at(table: torch.Tensor, where: int | torch.Tensor, seq_len: int, width: int) -> torch.Tensor:
+    """The first ``width`` columns of ``table`` at the positions (an int start or an int64 tensor from
+    :func:`position_tensor`), shaped to broadcast over a canonical (b h s width) view: (s, width) or
+    (b, 1, s, width)."""
+    if isinstance(where, int):
+        rows = table[where : where + seq_len]
         return rows if width == table.shape[1] else rows.narrow(1, 0, width)
-    rows = table[positions.to(table.device), :width]
+    rows = table[where.to(table.device), :width]
     return rows if rows.ndim == 2 else rows.unsqueeze(-3)
 
 
@@ -82,6 +138,8 @@ def _check_cu_seqlens(cu_seqlens: object, where: str) -> torch.Tensor:
         kind = (f"a {cu_seqlens.dtype} tensor of shape {tuple(cu_seqlens.shape)}"
                 if isinstance(cu_seqlens, torch.Tensor) else type(cu_seqlens).__name__)
         raise FlexRopeError(f"{where}: cu_seqlens is {kind}: expected a 1-D integer tensor such as [0, 3, 8, 10]")
+    _check_device(cu_seqlens, torch.device("cpu"), "cu_seqlens")
+    cu_seqlens = cu_seqlens.long()  # before any arithmetic: a uint8 difference would wrap around
     if cu_seqlens.numel() == 0 or int(cu_seqlens[0]) != 0:
         raise FlexRopeError(f"{where}: cu_seqlens must start at 0 (the cumulative lengths [0, n0, n0 + n1, ...])")
     lengths = cu_seqlens.diff()
@@ -91,7 +149,7 @@ def _check_cu_seqlens(cu_seqlens: object, where: str) -> torch.Tensor:
             f"{where}: cu_seqlens decreases at index {at + 1} ({int(cu_seqlens[at])} -> {int(cu_seqlens[at + 1])}): "
             f"it holds cumulative lengths, which never decrease"
         )
-    return cu_seqlens.long()
+    return cu_seqlens
 
 
 def packed_positions(cu_seqlens: torch.Tensor) -> torch.Tensor:

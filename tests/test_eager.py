@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import flexrope
-from flexrope import _rotation, compute_rope
+from flexrope import _eager, compute_rope
 
 LAYOUTS = {"b h s d": (2, 3, 7, 8), "b s h d": (2, 7, 3, 8), "s b h d": (7, 2, 3, 8), "h d s b": (3, 8, 7, 2),
            "b s (h d)": (2, 7, 24)}
@@ -14,10 +14,12 @@ LAYOUTS = {"b h s d": (2, 3, 7, 8), "b s h d": (2, 7, 3, 8), "s b h d": (7, 2, 3
 @pytest.fixture
 def chunk_elements(monkeypatch):
     """Sets the chunk size, with the small-call path off so that the chunked one runs."""
+    monkeypatch.setenv("FLEXROPE_BACKEND", "eager")
+
     def set_to(n):
-        monkeypatch.setattr(_rotation, "CHUNK_ELEMENTS", n)
-        monkeypatch.setattr(_rotation, "MIN_CHUNK_ELEMENTS", 1)
-        monkeypatch.setattr(_rotation, "SMALL_ELEMENTS", 0)
+        monkeypatch.setattr(_eager, "CHUNK_ELEMENTS", n)
+        monkeypatch.setattr(_eager, "MIN_CHUNK_ELEMENTS", 1)
+        monkeypatch.setattr(_eager, "SMALL_ELEMENTS", 0)
     return set_to
 
 
@@ -45,16 +47,17 @@ def test_chunked_equals_unchunked_bitwise(chunk_elements, chunk, layout, interle
 @pytest.mark.parametrize("rotary_dim", [None, 4])
 @pytest.mark.parametrize("half_width", [False, True])
 def test_small_call_path_equals_chunked_path_bitwise(monkeypatch, layout, interleaved, dtype, rotary_dim, half_width):
+    monkeypatch.setenv("FLEXROPE_BACKEND", "eager")
     r = rotary_dim or 8
     cos, sin = flexrope.precompute_rope_params(8, context_length=32, rotary_dim=rotary_dim, dtype=dtype)
     if half_width:
         cos, sin = cos[:, : r // 2], sin[:, : r // 2]
     x = torch.randn(1, 4, 1, 8, generator=torch.Generator().manual_seed(3)).to(dtype)  # one decoding step
     if layout == "b s h d":
-        x = x.transpose(1, 2).contiguous()
+        x = torch.randn(1, 4, 2, 8, generator=torch.Generator().manual_seed(3)).to(dtype)  # two heads: not canonical
     kwargs = dict(offset=9, interleaved=interleaved, rotary_dim=r)
     small = compute_rope(x, cos, sin, layout, **kwargs)
-    monkeypatch.setattr(_rotation, "SMALL_ELEMENTS", 0)
+    monkeypatch.setattr(_eager, "SMALL_ELEMENTS", 0)
     chunked = compute_rope(x, cos, sin, layout, **kwargs)
     assert torch.equal(small, chunked) and small.stride() == x.stride()
 
@@ -62,14 +65,14 @@ def test_small_call_path_equals_chunked_path_bitwise(monkeypatch, layout, interl
 def test_chunks_cover_every_element_once():
     shape = torch.Size([3, 5, 4, 6])
     for chunk in (1, 6, 7, 24, 100, 10_000):
-        saved = _rotation.CHUNK_ELEMENTS, _rotation.MIN_CHUNK_ELEMENTS
-        _rotation.CHUNK_ELEMENTS, _rotation.MIN_CHUNK_ELEMENTS = chunk, 1
+        saved = _eager.CHUNK_ELEMENTS, _eager.MIN_CHUNK_ELEMENTS
+        _eager.CHUNK_ELEMENTS, _eager.MIN_CHUNK_ELEMENTS = chunk, 1
         try:
             seen = torch.zeros(shape, dtype=torch.int32)
-            for index in _rotation._chunks(shape):
+            for index in _eager._chunks(shape):
                 seen[index] += 1
         finally:
-            _rotation.CHUNK_ELEMENTS, _rotation.MIN_CHUNK_ELEMENTS = saved
+            _eager.CHUNK_ELEMENTS, _eager.MIN_CHUNK_ELEMENTS = saved
         assert torch.equal(seen, torch.ones_like(seen))
 
 

@@ -1,9 +1,7 @@
-"""The rotation itself, on canonical ``(*lead, b, h, s, d)`` views.
+"""The eager backends, on canonical ``(*lead, b, h, s, d)`` views: chunked kernels and a few-op path.
 
-Each pair (a, b) of channels becomes ``(a cos - b sin, b cos + a sin)``. Half-split pairing takes channel i
-with i + r/2; interleaved takes 2i with 2i + 1. Both are the same arithmetic on a different view of the
-channels. Every output element is computed by the same rounded float32 (or float64) operations in every
-layout and on every path, so results are bitwise independent of the layout and of the chunking.
+Every output element is computed by the same rounded float32 (or float64) operations in every layout and
+on every path (``_pairs``), so results are bitwise independent of the layout and of the chunking.
 
 RoPE is memory-bound: the least it can cost is one read of x and one write of the result. Six elementwise
 operations over the whole tensor would read and write it many times over, so the eager path walks the tensor
@@ -18,6 +16,8 @@ import itertools
 
 import torch
 
+from ._pairs import as_dtype, broadcast_to, compute_dtype, expression, memory_order, over_pairs, pair_views
+
 # Elements of x per chunk, at most. Each elementwise operation has a fixed cost, so chunks are large, but the
 # chunk's inputs, outputs and float32 scratch stay within the last-level cache: x is read from memory once
 # and the result written once. On a 2-core CPU 2^20 elements ran 2-3x faster than 2^16. A tensor of at most
@@ -27,35 +27,6 @@ CHUNK_ELEMENTS = 1 << 20
 MIN_CHUNK_ELEMENTS = 1 << 16
 # Up to this many elements a call is latency-bound (a decoding step): the fewest operations win.
 SMALL_ELEMENTS = 1 << 14
-
-
-def _pair_views(t: torch.Tensor, rotary_dim: int, interleaved: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    # narrow/unflatten/unbind rather than indexing: these run per call, and indexing costs microseconds
-    if rotary_dim != t.shape[-1]:
-        t = t.narrow(-1, 0, rotary_dim)
-    if interleaved:
-        return t.unflatten(-1, (rotary_dim // 2, 2)).unbind(-1)
-    return t.unflatten(-1, (2, rotary_dim // 2)).unbind(-2)
-
-
-def _as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    return t if t.dtype == dtype else t.to(dtype)
-
-
-def fused_expression(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rotary_dim: int, interleaved: bool):
-    """The rotation of ``x`` as one expression for compilers: ``x * cos + flip(x) * signed sin`` over each
-    pair, computed in cos's dtype, returned in x's. Inductor fuses this form into one vectorised loop in
-    every dtype (concatenating or stacking the two rotated halves ran 2-3x slower in bfloat16). The rounded
-    operations are those of the eager kernels: a cos + b (-sin) equals a cos - b sin exactly."""
-    compute = cos.dtype
-    pair_dim = -1 if interleaved else -2
-    shape = (rotary_dim // 2, 2) if interleaved else (2, rotary_dim // 2)
-    pairs = x[..., :rotary_dim].unflatten(-1, shape).to(compute)
-    cos2, sin2 = torch.stack([cos, cos], dim=pair_dim), torch.stack([-sin, sin], dim=pair_dim)
-    rotated = (pairs * cos2 + pairs.flip(pair_dim) * sin2).flatten(-2)
-    if rotary_dim < x.shape[-1]:
-        rotated = torch.cat([rotated, x[..., rotary_dim:].to(compute)], dim=-1)
-    return rotated.to(x.dtype)
 
 
 @functools.lru_cache(maxsize=64)
@@ -78,32 +49,13 @@ def rotated(x: torch.Tensor, cos2: torch.Tensor, sin2: torch.Tensor, rotary_dim:
     place of each pair (a, b), signed negates the sine on each pair's first channel, and cos2, sin2 hold the
     angles over all r channels like the pairs. The rounded operations are those of the other paths:
     a cos + b (-sin) equals a cos - b sin exactly."""
-    compute = torch.promote_types(x.dtype, torch.float32)
-    head = _as(x if rotary_dim == x.shape[-1] else x.narrow(-1, 0, rotary_dim), compute)
+    compute = compute_dtype(x.dtype)
+    head = as_dtype(x if rotary_dim == x.shape[-1] else x.narrow(-1, 0, rotary_dim), compute)
     signs = _pair_signs(rotary_dim, interleaved, compute, x.device)
-    out = head * _as(cos2, compute) + _swap_pairs(head, rotary_dim, interleaved) * (_as(sin2, compute) * signs)
+    out = head * as_dtype(cos2, compute) + _swap_pairs(head, rotary_dim, interleaved) * (as_dtype(sin2, compute) * signs)
     if rotary_dim < x.shape[-1]:
-        out = torch.cat([out, _as(x.narrow(-1, rotary_dim, x.shape[-1] - rotary_dim), compute)], dim=-1)
-    return _as(out, x.dtype)
-
-
-def over_pairs(angles: torch.Tensor, interleaved: bool, *, signed: bool = False) -> torch.Tensor:
-    """Half-width angles (..., r/2) laid out over all r channels like the pairs; ``signed`` negates them on
-    each pair's first channel."""
-    first = -angles if signed else angles
-    if interleaved:
-        return torch.stack([first, angles], dim=-1).flatten(-2)
-    return torch.cat([first, angles], dim=-1)
-
-
-def _broadcast_to(table: torch.Tensor, ndim: int) -> torch.Tensor:
-    """``table`` with leading unit dims up to ``ndim``, so the memory-order permutation applies to it."""
-    return table.reshape((1,) * (ndim - table.ndim) + tuple(table.shape))
-
-
-def _memory_order(x: torch.Tensor) -> list[int]:
-    """A permutation of x's dims, outermost in memory first, the channel dim last."""
-    return sorted(range(x.ndim - 1), key=lambda dim: -x.stride(dim)) + [x.ndim - 1]
+        out = torch.cat([out, as_dtype(x.narrow(-1, rotary_dim, x.shape[-1] - rotary_dim), compute)], dim=-1)
+    return as_dtype(out, x.dtype)
 
 
 def _chunks(shape: torch.Size) -> list[tuple]:
@@ -137,8 +89,8 @@ class _Scratch:
 
 def _rotate_half_split(x, out, cos, sin, scratch: _Scratch) -> None:
     """out = rotation of x (a block, channels last, r of them, pairs (i, i + r/2)); out may be x."""
-    a, b = _pair_views(x, x.shape[-1], False)
-    out_a, out_b = _pair_views(out, x.shape[-1], False)
+    a, b = pair_views(x, x.shape[-1], False)
+    out_a, out_b = pair_views(out, x.shape[-1], False)
     t1, t2, t3 = (scratch(name, a.shape) for name in ("t1", "t2", "t3"))
     torch.mul(a, sin, out=t1)
     torch.mul(b, sin, out=t2)
@@ -155,10 +107,10 @@ def _rotate_interleaved(x, out, cos2, signed_sin2, scratch: _Scratch) -> None:
     over contiguous channels (the pair views have stride 2 and run slower). The rounded operations are those
     of the half-split path: a cos + (-(b sin)) equals a cos - b sin exactly.
     """
-    a, b = _pair_views(x, x.shape[-1], True)
+    a, b = pair_views(x, x.shape[-1], True)
     swapped, product = scratch("swapped", x.shape), scratch("product", x.shape)
-    swapped_a, swapped_b = _pair_views(swapped, x.shape[-1], True)
-    sin_a, sin_b = _pair_views(signed_sin2, x.shape[-1], True)
+    swapped_a, swapped_b = pair_views(swapped, x.shape[-1], True)
+    sin_a, sin_b = pair_views(signed_sin2, x.shape[-1], True)
     torch.mul(b, sin_a, out=swapped_a)
     torch.mul(a, sin_b, out=swapped_b)
     torch.mul(x, cos2, out=product)
@@ -179,21 +131,21 @@ def rotate(
     ``cos`` and ``sin`` hold the r/2 angles per position, broadcastable to (*lead, b, h, s, r/2). Inputs in
     half precision are rotated in float32; the channels past ``rotary_dim`` are copied unchanged.
     """
-    compute = torch.promote_types(x.dtype, torch.float32)
-    cos, sin = _as(cos, compute), _as(sin, compute)
+    compute = compute_dtype(x.dtype)
+    cos, sin = as_dtype(cos, compute), as_dtype(sin, compute)
     if torch.compiler.is_compiling():  # inside the caller's graph: one expression, fused with the rest
-        out.copy_(fused_expression(x, cos, sin, rotary_dim, interleaved))
+        out.copy_(expression(x, cos, sin, rotary_dim, interleaved))
         return
     if out is not x and rotary_dim < x.shape[-1]:
         out[..., rotary_dim:].copy_(x[..., rotary_dim:])
-    order = _memory_order(x)
+    order = memory_order(x)
     x, out = x.permute(order)[..., :rotary_dim], out.permute(order)[..., :rotary_dim]
     if interleaved:
         kernel, angles_shape = _rotate_interleaved, x.shape
         cos, sin = over_pairs(cos, True), over_pairs(sin, True, signed=True)
     else:
         kernel, angles_shape = _rotate_half_split, (*x.shape[:-1], rotary_dim // 2)
-    cos, sin = (_broadcast_to(t, x.ndim).permute(order).expand(angles_shape) for t in (cos, sin))
+    cos, sin = (broadcast_to(t, x.ndim).permute(order).expand(angles_shape) for t in (cos, sin))
     scratch = _Scratch(compute, x.device)
     for index in _chunks(x.shape):
         if x.dtype == compute:

@@ -1,0 +1,245 @@
+"""Which backend rotates a call, and why: the one place that decides.
+
+A call reads: check the inputs, choose a backend, check the positions where that backend does not, then
+run it (through autograd when a gradient is needed). The backends, each with the same signature:
+
+- ``triton``: one Triton kernel for every layout, q and k in one launch, positions read and checked on the
+  device (no host sync). The default for CUDA tensors when Triton is installed; under ``TRITON_INTERPRET=1``
+  it also runs on CPU tensors when forced.
+- ``traced``: inside a caller's ``torch.compile`` graph (off CUDA): the rotation as one expression that
+  inductor fuses with the caller's code.
+- ``compiled``: a loop written by ``torch.compile`` (``_compiled``), for large CPU calls.
+- ``eager``: chunked eager kernels in memory order (``_eager``), or for small calls the fewest operations.
+
+``FLEXROPE_BACKEND`` (read at every call) forces one: ``auto`` (the default), ``triton``, ``compiled`` or
+``eager``.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import os
+from typing import NamedTuple
+
+import torch
+
+from . import _compiled, _eager
+from ._autograd import RUNNERS, Call, Rope
+from ._dtensor import check_shards, dtensor_class, from_local
+from ._errors import FlexRopeError
+from ._layout import Layout
+from ._pairs import over_pairs
+from ._positions import RowStarts, Where, angles_at, assert_values_async, check_values, position_tensor
+
+BACKENDS = ("auto", "triton", "compiled", "eager")
+# From this many elements a CPU call is worth the compiled loop; below, the eager kernels' cost is small.
+COMPILED_MIN_ELEMENTS = 1 << 20
+
+
+class Rotation(NamedTuple):
+    """What every tensor of one call shares: its layout, rotary dim and pairing."""
+
+    layout: Layout
+    rotary_dim: int
+    interleaved: bool
+
+
+@functools.lru_cache(maxsize=None)
+def _triton_installed() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def _interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def requested_backend() -> str:
+    name = os.environ.get("FLEXROPE_BACKEND", "auto") or "auto"
+    if name not in BACKENDS:
+        raise FlexRopeError(f"FLEXROPE_BACKEND={name!r}: expected one of {', '.join(BACKENDS)}")
+    return name
+
+
+def choose(x: torch.Tensor, *, inplace: bool) -> str:
+    """The backend for a call on ``x``: triton, traced, compiled or eager."""
+    requested = requested_backend()
+    if requested == "triton":
+        if not _triton_installed():
+            raise FlexRopeError("FLEXROPE_BACKEND=triton but triton is not installed: pip install triton")
+        if x.device.type != "cuda" and not (x.device.type == "cpu" and _interpreted()):
+            raise FlexRopeError(
+                f"FLEXROPE_BACKEND=triton with x on {x.device}: the Triton backend runs CUDA tensors, and CPU "
+                f"tensors under TRITON_INTERPRET=1"
+            )
+        if x.device.type == "cuda" or not torch.compiler.is_compiling():
+            return "triton"
+    elif requested == "auto" and x.device.type == "cuda" and _triton_installed():
+        return "triton"
+    if torch.compiler.is_compiling():
+        return "traced"
+    # In place the compiled loop runs slower than the chunked kernels (inductor copies x before writing it)
+    if requested == "compiled" or (requested == "auto" and not inplace and x.numel() >= COMPILED_MIN_ELEMENTS):
+        return "compiled"
+    return "eager"
+
+
+def _canonical_out(layout: Layout, x: torch.Tensor, inplace: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    out = x if inplace else torch.empty_like(x)  # x's strides where x is dense
+    return out, layout.canonical(out)
+
+
+def _run_triton(layout, rotary_dim, interleaved, cos, sin, xs, wheres, row_starts, *, inplace, inverse):
+    from . import _triton
+
+    modes = [_triton.START if not isinstance(w, torch.Tensor) else _triton.ROW_STARTS if rs else _triton.POSITIONS
+             for w, rs in zip(wheres, row_starts)]
+    if torch.compiler.is_compiling():
+        outs = []
+        for x, where, mode in zip(xs, wheres, modes):
+            positions = where if isinstance(where, torch.Tensor) else None
+            out_c, ok = _triton.rotate_op(layout.canonical(x), cos, sin, positions, 0 if positions is not None else where,
+                                          mode, rotary_dim, interleaved, inverse)
+            if positions is not None:
+                torch._assert_async(ok, f"flexrope: positions hold a position < 0 or >= {cos.shape[0]}")
+            out = layout.from_canonical(out_c)
+            outs.append(x.copy_(out) if inplace else out)
+        return tuple(outs)
+    outs, operands = [], []
+    for x, where, mode in zip(xs, wheres, modes):
+        out, out_c = _canonical_out(layout, x, inplace)
+        outs.append(out)
+        positions = where if isinstance(where, torch.Tensor) else None
+        if positions is not None and positions.device != x.device:
+            positions = positions.to(x.device)
+        operands.append(_triton.Operand(layout.canonical(x), out_c, 0 if positions is not None else where, positions,
+                                        mode))
+    ok = _triton.flag(xs[0].device)
+    together = len(xs) == 2 and xs[0].dtype == xs[1].dtype and (
+        operands[0].x.shape[:-3] == operands[1].x.shape[:-3])  # the same lead and batch lengths
+    for group in [operands] if together or len(xs) == 1 else [[op] for op in operands]:
+        _triton.launch(group, cos, sin, rotary_dim=rotary_dim, interleaved=interleaved, inverse=inverse,
+                       inplace=inplace, ok=ok)
+    if any(mode != _triton.START for mode in modes):
+        _check_flag(ok, cos.shape[0])
+    return tuple(outs)
+
+
+def _check_flag(ok: torch.Tensor, table_len: int) -> None:
+    message = f"flexrope: positions hold a position < 0 or >= the table's {table_len} positions"
+    if ok.device.type != "cpu":  # queued on the device: no sync
+        torch._assert_async(ok, message)
+        return
+    try:  # Triton's interpreter: the flag is host memory, and the check is immediate
+        torch._assert_async(ok, message)
+    except RuntimeError:
+        ok.fill_(1)
+        raise FlexRopeError(message.removeprefix("flexrope: ")) from None
+
+
+def _angles(cos, sin, where, seq_len, width, interleaved, inverse, *, over_all: bool):
+    """The angles of ``where`` from the tables: half width, or over all r channels like the pairs."""
+    if over_all and not interleaved and cos.shape[-1] == width:  # seed-format tables hold them already
+        c, s = angles_at(cos, where, seq_len, width), angles_at(sin, where, seq_len, width)
+    else:
+        half = width // 2 if over_all else width
+        c, s = angles_at(cos, where, seq_len, half), angles_at(sin, where, seq_len, half)
+        if over_all:
+            c, s = over_pairs(c, interleaved), over_pairs(s, interleaved)
+    return c, (-s if inverse else s)
+
+
+def _run_each(layout, rotary_dim, interleaved, cos, sin, xs, wheres, row_starts, *, inplace, inverse, backend):
+    outs = []
+    for x, where, rows in zip(xs, wheres, row_starts):
+        x_c = layout.canonical(x)
+        seq_len = x_c.shape[-2]
+        where = position_tensor(RowStarts(where) if rows else where, seq_len)
+        if backend == "eager" and not inplace and x.numel() <= _eager.SMALL_ELEMENTS:
+            cos2, sin2 = _angles(cos, sin, where, seq_len, rotary_dim, interleaved, inverse, over_all=True)
+            rotated = _eager.rotated(x_c, cos2, sin2, rotary_dim, interleaved)
+            if x.is_contiguous() and rotated.stride() == x_c.stride():  # elementwise results keep x's order
+                outs.append(rotated if x_c is x else rotated.as_strided(x.shape, x.stride()))
+            else:
+                out, out_c = _canonical_out(layout, x, inplace)
+                out_c.copy_(rotated)
+                outs.append(out)
+            continue
+        c, s = _angles(cos, sin, where, seq_len, rotary_dim // 2, interleaved, inverse, over_all=False)
+        if backend == "compiled" and _compiled.applies(x, x_c):
+            out = _compiled.rotate(x, x_c, c, s, rotary_dim=rotary_dim, interleaved=interleaved, inplace=inplace)
+            if out is not None:
+                outs.append(out)
+                continue
+        out, out_c = _canonical_out(layout, x, inplace)
+        _eager.rotate(x_c, out_c, c, s, rotary_dim=rotary_dim, interleaved=interleaved)
+        outs.append(out)
+    return tuple(outs)
+
+
+RUNNERS.update(
+    triton=_run_triton,
+    traced=functools.partial(_run_each, backend="traced"),
+    compiled=functools.partial(_run_each, backend="compiled"),
+    eager=functools.partial(_run_each, backend="eager"),
+)
+
+
+def _check_inplace(x: torch.Tensor) -> None:
+    """Refuse an in-place call that would fail half-way, or write garbage, before anything is written."""
+    if x.is_inference() and not torch.is_inference_mode_enabled():
+        raise FlexRopeError("inplace=True on an inference tensor outside inference_mode: pass inplace=False, or "
+                            "rotate inside torch.inference_mode()")
+    if torch.is_grad_enabled() and x.requires_grad:
+        base = x._base if x._is_view() else x
+        if base.is_leaf:
+            what = "a view of a leaf tensor" if base is not x else "a leaf tensor"
+            raise FlexRopeError(f"inplace=True on {what} that requires grad: autograd cannot overwrite it; pass "
+                                f"inplace=False, or rotate a tensor computed from it")
+    if torch._debug_has_internal_overlap(x) == 1:
+        raise FlexRopeError(f"inplace=True on a tensor whose elements overlap in memory (strides {x.stride()}, "
+                            f"e.g. expanded): each element would be written more than once; pass inplace=False")
+
+
+def rope(rotation: Rotation, cos: torch.Tensor, sin: torch.Tensor, operands: list[tuple[torch.Tensor, Where]], *,
+         inplace: bool, table_len: int) -> tuple[torch.Tensor, ...]:
+    """Rotate each (x, where) of ``operands``: through autograd when a gradient is needed, a DTensor shard
+    by shard. ``where`` is an int start, a tensor of positions or RowStarts, its shapes already checked."""
+    if any(dtensor_class(x) is not None for x, _ in operands):
+        return tuple(_rope_dtensor(rotation, cos, sin, x, where, inplace=inplace, table_len=table_len)
+                     for x, where in operands)
+    x = operands[0][0]
+    if inplace:
+        for x_, _ in operands:
+            _check_inplace(x_)
+    backend = choose(x, inplace=inplace)
+    for x_, where in operands:
+        if isinstance(where, int):
+            continue
+        if backend == "triton":
+            continue  # checked by the kernel on the device
+        seq_len = rotation.layout.canonical(x_).shape[-2]
+        if x_.device.type == "cuda" or torch.compiler.is_compiling():
+            assert_values_async(where, seq_len, table_len)
+        else:
+            check_values(where, seq_len, table_len)
+    row_starts = tuple(isinstance(where, RowStarts) for _, where in operands)
+    wheres = tuple(where.starts if isinstance(where, RowStarts) else where for _, where in operands)
+    xs = tuple(x for x, _ in operands)
+    grad = torch.is_grad_enabled() and (any(x_.requires_grad for x_ in xs) or cos.requires_grad or sin.requires_grad)
+    if not grad:
+        return RUNNERS[backend](*rotation, cos, sin, xs, wheres, row_starts, inplace=inplace, inverse=False)
+    if cos.requires_grad or sin.requires_grad:
+        raise FlexRopeError("the cos/sin tables require grad: gradients flow to x only; detach the tables")
+    flat = [item for pair in zip(xs, wheres) for item in pair]
+    out = Rope.apply(Call(backend, *rotation, inplace, False, row_starts), cos, sin, *flat)
+    return out if isinstance(out, tuple) else (out,)
+
+
+def _rope_dtensor(rotation, cos, sin, x, where, *, inplace, table_len):
+    dtensor = dtensor_class(x)
+    if dtensor is None:
+        return rope(rotation, cos, sin, [(x, where)], inplace=inplace, table_len=table_len)[0]
+    check_shards(x, rotation.layout, where)
+    (local,) = rope(rotation, cos, sin, [(x.to_local(), where)], inplace=inplace, table_len=table_len)
+    return x if inplace else from_local(dtensor, x, local)

@@ -1,0 +1,245 @@
+"""The rotation as one Triton kernel: every layout through its strides, q and k in one launch, no host sync.
+
+The kernel reads the canonical ``(lead, b, h, s, d)`` view of each tensor through its strides, so every
+declared layout costs the same and nothing is copied or made contiguous. A program takes a block of tokens
+of one (lead, b) row and a block of heads: it looks up the angles of its tokens once and rotates every head
+of the block with them. Up to two tensors (q and k, with their own head counts, lengths and positions) share
+one launch: programs past the first tensor's heads take the second's.
+
+Positions held in tensors are read on the device. One out of the table's range is never clamped or
+wrapped: the kernel writes 0 into a flag, leaves that token's output unwritten, and ``torch._assert_async``
+on the flag fails the stream. On CUDA that surfaces as a device-side assert at the next synchronization
+(the context is unusable afterwards, as after an out-of-range index in torch's own indexing); on CPU tensors
+(Triton's interpreter) it is an immediate FlexRopeError.
+
+The arithmetic is that of the eager kernels, operation for operation and with floating-point contraction
+off, so the results are bitwise those of the eager path: ``a cos - b sin`` and ``b cos + a sin`` each
+rounded after every multiply and add, in float32 for half precision and float32, in float64 for float64.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import itertools
+from typing import NamedTuple, Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from ._pairs import memory_order
+
+# Elements of x per program (its rotary channels): large enough to keep many loads in flight, small enough
+# that every program's block stays in registers.
+ELEMENTS_PER_PROGRAM = 4096
+# The positions modes of an operand: an int start, a (s,) or (b, s) tensor, a (b,) tensor of row starts.
+START, POSITIONS, ROW_STARTS = 0, 1, 2
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"  # read by triton.jit at import, as here
+
+
+@triton.jit
+def _stored(v, dtype: tl.constexpr, ROUND_BF16: tl.constexpr):
+    """``v`` rounded to ``dtype`` to nearest even. The interpreter's own float32 -> bfloat16 cast truncates:
+    there the rounding is done on the bits (NaN excepted), as the GPU's conversion does it."""
+    if ROUND_BF16 and dtype == tl.bfloat16:
+        bits = v.to(tl.uint32, bitcast=True)
+        bits = bits + 0x7FFF + ((bits >> 16) & 1)
+        rounded = (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+        return tl.where(v != v, v.to(dtype), rounded)
+    return v.to(dtype)
+
+
+@triton.jit
+def _rotate_operand(
+    pid_s, pid_lb, pid_h, x_ptr, out_ptr, cos_ptr, sin_ptr, pos_ptr, ok_ptr,
+    B, H, S, start, table_len,
+    x_sl, x_sb, x_sh, x_ss, x_sd, o_sl, o_sb, o_sh, o_ss, o_sd, p_sb, p_ss, t_row, t_col,
+    HALF: tl.constexpr, TAIL: tl.constexpr, INTERLEAVED: tl.constexpr, MODE: tl.constexpr,
+    INVERSE: tl.constexpr, COPY_TAIL: tl.constexpr, COMPUTE: tl.constexpr, ROUND_BF16: tl.constexpr,
+    BLOCK_S: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_T: tl.constexpr,
+):
+    lead, b = pid_lb // B, pid_lb % B
+    s = pid_s * BLOCK_S + tl.arange(0, BLOCK_S)
+    token = s < S
+    if MODE == 1:
+        p = tl.load(pos_ptr + b * p_sb + s * p_ss, mask=token, other=0).to(tl.int64)
+    elif MODE == 2:
+        p = tl.load(pos_ptr + b * p_sb).to(tl.int64) + s
+    else:
+        p = start + s.to(tl.int64)
+    if MODE != 0:
+        bad = token & ((p < 0) | (p >= table_len))
+        tl.store(ok_ptr + s * 0, tl.zeros_like(s), mask=bad)
+        token = token & ~bad
+    j = tl.arange(0, BLOCK_P)
+    angles = token[:, None] & (j < HALF)[None, :]
+    cos = tl.load(cos_ptr + p[:, None] * t_row + j[None, :] * t_col, mask=angles, other=0.0).to(COMPUTE)
+    sin = tl.load(sin_ptr + p[:, None] * t_row + j[None, :] * t_col, mask=angles, other=0.0).to(COMPUTE)
+    if INVERSE:
+        sin = -sin
+    cos, sin = cos[:, None, :], sin[:, None, :]
+    h = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
+    rows = token[:, None] & (h < H)[None, :]
+    x_row = x_ptr + lead * x_sl + b * x_sb + s[:, None] * x_ss + h[None, :] * x_sh
+    o_row = out_ptr + lead * o_sl + b * o_sb + s[:, None] * o_ss + h[None, :] * o_sh
+    if INTERLEAVED:
+        # one contiguous load of the 2 * HALF channels, split into the pairs' first and second channels
+        c = tl.arange(0, 2 * BLOCK_P)
+        mask = rows[:, :, None] & (c < 2 * HALF)[None, None, :]
+        pairs = tl.load(x_row[:, :, None] + c[None, None, :] * x_sd, mask=mask, other=0.0)
+        a, b2 = tl.split(tl.reshape(pairs.to(COMPUTE), (BLOCK_S, BLOCK_H, BLOCK_P, 2)))
+        out = tl.reshape(tl.join(a * cos - b2 * sin, b2 * cos + a * sin), (BLOCK_S, BLOCK_H, 2 * BLOCK_P))
+        tl.store(o_row[:, :, None] + c[None, None, :] * o_sd, _stored(out, out_ptr.dtype.element_ty, ROUND_BF16), mask=mask)
+    else:
+        mask = rows[:, :, None] & (j < HALF)[None, None, :]
+        first_x, first_o = x_row[:, :, None] + j[None, None, :] * x_sd, o_row[:, :, None] + j[None, None, :] * o_sd
+        a = tl.load(first_x, mask=mask, other=0.0).to(COMPUTE)
+        b2 = tl.load(first_x + HALF * x_sd, mask=mask, other=0.0).to(COMPUTE)
+        tl.store(first_o, _stored(a * cos - b2 * sin, out_ptr.dtype.element_ty, ROUND_BF16), mask=mask)
+        tl.store(first_o + HALF * o_sd, _stored(b2 * cos + a * sin, out_ptr.dtype.element_ty, ROUND_BF16), mask=mask)
+    if COPY_TAIL:
+        t = tl.arange(0, BLOCK_T)
+        mask = rows[:, :, None] & (t < TAIL)[None, None, :]
+        tail = tl.load(x_row[:, :, None] + (2 * HALF + t)[None, None, :] * x_sd, mask=mask)
+        tl.store(o_row[:, :, None] + (2 * HALF + t)[None, None, :] * o_sd, tail, mask=mask)
+
+
+@triton.jit
+def _rope_kernel(
+    cos_ptr, sin_ptr, ok_ptr, B, table_len, t_row, t_col, q_blocks,
+    x_ptr, out_ptr, pos_ptr, H, S, start,
+    x_sl, x_sb, x_sh, x_ss, x_sd, o_sl, o_sb, o_sh, o_ss, o_sd, p_sb, p_ss,
+    y_ptr, yout_ptr, ypos_ptr, YH, YS, ystart,
+    y_sl, y_sb, y_sh, y_ss, y_sd, yo_sl, yo_sb, yo_sh, yo_ss, yo_sd, yp_sb, yp_ss,
+    HALF: tl.constexpr, TAIL: tl.constexpr, INTERLEAVED: tl.constexpr, INVERSE: tl.constexpr,
+    COPY_TAIL: tl.constexpr, COMPUTE: tl.constexpr, ROUND_BF16: tl.constexpr, MODE: tl.constexpr,
+    YMODE: tl.constexpr,
+    BLOCK_S: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_T: tl.constexpr,
+):
+    pid_s, pid_lb, pid_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    if pid_h < q_blocks:
+        _rotate_operand(
+            pid_s, pid_lb, pid_h, x_ptr, out_ptr, cos_ptr, sin_ptr, pos_ptr, ok_ptr, B, H, S, start, table_len,
+            x_sl, x_sb, x_sh, x_ss, x_sd, o_sl, o_sb, o_sh, o_ss, o_sd, p_sb, p_ss, t_row, t_col,
+            HALF, TAIL, INTERLEAVED, MODE, INVERSE, COPY_TAIL, COMPUTE, ROUND_BF16, BLOCK_S, BLOCK_H, BLOCK_P, BLOCK_T,
+        )
+    else:
+        _rotate_operand(
+            pid_s, pid_lb, pid_h - q_blocks, y_ptr, yout_ptr, cos_ptr, sin_ptr, ypos_ptr, ok_ptr, B, YH, YS,
+            ystart, table_len,
+            y_sl, y_sb, y_sh, y_ss, y_sd, yo_sl, yo_sb, yo_sh, yo_ss, yo_sd, yp_sb, yp_ss, t_row, t_col,
+            HALF, TAIL, INTERLEAVED, YMODE, INVERSE, COPY_TAIL, COMPUTE, ROUND_BF16, BLOCK_S, BLOCK_H, BLOCK_P, BLOCK_T,
+        )
+
+
+class Operand(NamedTuple):
+    """One tensor to rotate: its canonical (*lead, b, h, s, d) view, the canonical view to write (x's own
+    in place), and its positions: an int ``start``, or ``positions`` holding positions or row starts as
+    ``mode`` says."""
+
+    x: torch.Tensor
+    out: torch.Tensor
+    start: int
+    positions: torch.Tensor | None
+    mode: int
+
+
+def _lead_merged(t: torch.Tensor) -> torch.Tensor | None:
+    """``t`` (*lead, b, h, s, d) as (lead, b, h, s, d), or None where the lead axes share no one stride."""
+    if t.ndim == 4:
+        return t.unsqueeze(0)
+    count = t.ndim - 4
+    if all(t.stride(i) == t.stride(i + 1) * t.shape[i + 1] or t.shape[i + 1] == 1 for i in range(count - 1)):
+        return t.flatten(0, count - 1)
+    return None
+
+
+def _operand_args(op: Operand, x: torch.Tensor, out: torch.Tensor) -> list:
+    """The kernel's arguments for one operand, of (lead, b, h, s, d) views x and out."""
+    pos, p_sb, p_ss = op.positions, 0, 0
+    if pos is None:
+        pos = x  # a pointer the kernel never reads
+    elif op.mode == ROW_STARTS:
+        p_sb = pos.stride(0)
+    elif pos.ndim == 1:
+        p_ss = pos.stride(0)
+    else:
+        p_sb, p_ss = (pos.stride(0) if pos.shape[0] > 1 else 0), pos.stride(1)
+    return [x, out, pos, x.shape[2], x.shape[3], op.start, *x.stride(), *out.stride(), p_sb, p_ss]
+
+
+@functools.lru_cache(maxsize=None)
+def flag(device: torch.device) -> torch.Tensor:
+    """A one-element int32 flag per device: 1 while every position read on the device was in range."""
+    return torch.ones(1, dtype=torch.int32, device=device)
+
+
+@functools.lru_cache(maxsize=1024)
+def _blocks(half: int, heads: int, seq_len: int | None) -> tuple[int, int, int]:
+    """(BLOCK_S, BLOCK_H, BLOCK_P): up to 16 heads share each token's angles, tokens fill the rest (up to the
+    sequence length when it is known; under torch.compile it stays symbolic and is not looked at)."""
+    block_p = triton.next_power_of_2(half)
+    per_token = 2 * block_p
+    block_h = min(triton.next_power_of_2(heads), 16, max(1, ELEMENTS_PER_PROGRAM // per_token))
+    block_s = max(1, ELEMENTS_PER_PROGRAM // (per_token * block_h))
+    if seq_len is not None:
+        block_s = min(block_s, triton.next_power_of_2(seq_len))
+        block_h = min(triton.next_power_of_2(heads), max(block_h, ELEMENTS_PER_PROGRAM // (per_token * block_s)))
+    return block_s, block_h, block_p
+
+
+def empty_in_memory_order(x: torch.Tensor) -> torch.Tensor:
+    """A new dense tensor of x's shape whose dims lie in memory in x's order (channels innermost)."""
+    order = memory_order(x)
+    out = torch.empty([x.shape[d] for d in order], dtype=x.dtype, device=x.device)
+    return out.permute([order.index(d) for d in range(x.ndim)])
+
+
+def launch(
+    operands: list[Operand], cos: torch.Tensor, sin: torch.Tensor, *, rotary_dim: int, interleaved: bool,
+    inverse: bool, inplace: bool, ok: torch.Tensor, kernel=_rope_kernel,
+) -> None:
+    """Rotate one or two operands (the same lead and batch lengths, dtype and device) in one launch."""
+    views = [(_lead_merged(op.x), _lead_merged(op.out)) for op in operands]
+    if any(x is None or out is None for x, out in views):  # rare: one launch per lead index
+        for op in operands:
+            for index in itertools.product(*(range(n) for n in op.x.shape[:-4])):
+                launch([op._replace(x=op.x[index], out=op.out[index])], cos, sin, rotary_dim=rotary_dim,
+                       interleaved=interleaved, inverse=inverse, inplace=inplace, ok=ok, kernel=kernel)
+        return
+    if cos.stride() != sin.stride():
+        cos, sin = cos.contiguous(), sin.contiguous()
+    x, out = views[0]
+    half, tail = rotary_dim // 2, x.shape[-1] - rotary_dim
+    seq_len = x.shape[3] if len(views) == 1 else max(views[0][0].shape[3], views[1][0].shape[3])
+    heads = x.shape[2] if len(views) == 1 else max(views[0][0].shape[2], views[1][0].shape[2])
+    block_s, block_h, block_p = _blocks(half, heads, None if torch.compiler.is_compiling() else seq_len)
+    args = [_operand_args(op, *view) for op, view in zip(operands, views)]
+    blocks = [triton.cdiv(view[0].shape[2], block_h) for view in views]
+    if len(operands) == 1:  # the second operand's programs: none
+        args.append(args[0])
+        blocks.append(0)
+    grid = (triton.cdiv(seq_len, block_s), x.shape[0] * x.shape[1], blocks[0] + blocks[1])
+    kernel[grid](
+        cos, sin, ok, x.shape[1], cos.shape[0], cos.stride(0), cos.stride(1), blocks[0], *args[0], *args[1],
+        HALF=half, TAIL=tail, INTERLEAVED=interleaved, INVERSE=inverse, COPY_TAIL=tail > 0 and not inplace,
+        COMPUTE=tl.float64 if x.dtype == torch.float64 else tl.float32, ROUND_BF16=INTERPRETED,
+        MODE=operands[0].mode, YMODE=operands[-1].mode if len(operands) > 1 else START,
+        BLOCK_S=block_s, BLOCK_H=block_h, BLOCK_P=block_p, BLOCK_T=triton.next_power_of_2(max(tail, 1)),
+        enable_fp_fusion=False,
+    )
+
+
+@torch.library.triton_op("flexrope::rotate", mutates_args=())
+def rotate_op(
+    x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: Optional[torch.Tensor], start: int,
+    mode: int, rotary_dim: int, interleaved: bool, inverse: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The rotation of canonical view ``x`` as an operator that a caller's torch.compile graph calls without
+    a break: (the rotated tensor, dense in x's memory order; the positions flag)."""
+    out = empty_in_memory_order(x)
+    ok = torch.ones(1, dtype=torch.int32, device=x.device)
+    launch([Operand(x, out, start, positions, mode)], cos, sin, rotary_dim=rotary_dim, interleaved=interleaved,
+           inverse=inverse, inplace=False, ok=ok, kernel=torch.library.wrap_triton(_rope_kernel))
+    return out, ok
