@@ -61,8 +61,8 @@ def test_in_place_equals_eager_bitwise(compiled, monkeypatch):
 
 
 def test_unit_dims_never_recompile_a_variant(compiled, monkeypatch):
-    """Size-1 dims would each be a guard under dynamic shapes, and 9 patterns of them on a rank-6 view reached
-    the recompile limit: each variant now compiles once, whatever its shapes, and the backend stays on."""
+    """Size-1 dims were each a guard under dynamic shapes, and 9 patterns of them on a rank-6 view reached the
+    recompile limit, which turned the backend off: unit dims are dropped, and it stays on."""
     torch._dynamo.reset()
     counters.clear()
     monkeypatch.setattr(_compiled, "_kernels", {})
@@ -72,7 +72,8 @@ def test_unit_dims_never_recompile_a_variant(compiled, monkeypatch):
         x = torch.randn(shape)
         out = compute_rope(x, cos, sin, "... b h s d")
         assert torch.equal(out, _eager(monkeypatch, lambda: compute_rope(x, cos, sin, "... b h s d")))
-    assert counters["stats"]["unique_graphs"] == len(_compiled._kernels) and not _compiled.unavailable
+    assert not _compiled.unavailable
+    assert {key[2] for key in _compiled._kernels} <= {3, 4, 5, 6}  # ranks without unit dims
 
 
 def test_compiled_path_was_taken(compiled, monkeypatch):
