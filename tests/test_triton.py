@@ -1,0 +1,173 @@
+"""The Triton backend against the eager one: every layout, both pairings, positions, in place, backward, q and k
+in one launch, positions checked without reading a value on the host.
+
+Without a GPU these run the kernels in Triton's interpreter on CPU tensors (small shapes: it is slow). The
+interpreter's own float32 -> bfloat16 cast truncates, so under it the kernel rounds to nearest even itself;
+with that, every comparison here is bitwise.
+"""
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import flexrope
+from flexrope import FlexRopeError, RotaryEmbedding, compute_rope
+
+from .strategies import layouts
+
+pytest.importorskip("triton")
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _backend(monkeypatch, name):
+    monkeypatch.setenv("FLEXROPE_BACKEND", name)
+
+
+def _both(monkeypatch, fn):
+    """fn() through the Triton backend and through the eager one."""
+    _backend(monkeypatch, "triton")
+    fast = fn()
+    _backend(monkeypatch, "eager")
+    slow = fn()
+    _backend(monkeypatch, "triton")
+    return fast, slow
+
+
+def _tables(head_dim=8, rotary_dim=None, dtype=torch.float32):
+    cos, sin = flexrope.precompute_rope_params(head_dim, context_length=32, rotary_dim=rotary_dim, dtype=dtype)
+    return cos.to(DEVICE), sin.to(DEVICE)
+
+
+@settings(max_examples=25)
+@given(case=layouts(), interleaved=st.booleans(), partial=st.booleans(), per_row=st.booleans(), data=st.data())
+def test_every_layout_equals_eager_bitwise(monkeypatch_session, case, interleaved, partial, per_row, data):
+    text, lengths, canonical, x, _ = case
+    d = canonical.shape[-1]
+    rotary_dim = d - 2 if partial and d > 2 else None
+    cos, sin = _tables(d, rotary_dim)
+    x = x.to(DEVICE)
+    b, s = canonical.shape[-4], canonical.shape[-2]
+    seed = data.draw(st.integers(0, 1000))
+    positions = torch.randint(0, 32 - 6, (b, s) if per_row else (s,), generator=torch.Generator().manual_seed(seed))
+    kwargs = dict(interleaved=interleaved, rotary_dim=rotary_dim, positions=positions.to(DEVICE), **lengths)
+    fast, slow = _both(monkeypatch_session, lambda: compute_rope(x, cos, sin, text, **kwargs))
+    assert torch.equal(fast, slow) and fast.stride() == slow.stride()
+    inplace = x.clone()
+    _backend(monkeypatch_session, "triton")
+    assert compute_rope(inplace, cos, sin, text, inplace=True, **kwargs) is inplace
+    assert torch.equal(inplace, slow)
+
+
+@pytest.fixture(scope="module")
+def monkeypatch_session():
+    with pytest.MonkeyPatch.context() as patch:
+        yield patch
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+@pytest.mark.parametrize("interleaved", [False, True])
+@pytest.mark.parametrize("layout", ["b h s d", "b s h d", "s b h d"])
+def test_dtypes_and_offsets_equal_eager_bitwise(monkeypatch, dtype, interleaved, layout):
+    cos, sin = _tables(16, rotary_dim=12)
+    shape = {"b h s d": (2, 3, 5, 16), "b s h d": (2, 5, 3, 16), "s b h d": (5, 2, 3, 16)}[layout]
+    x = torch.randn(shape).to(dtype).to(DEVICE)
+    for offset in (7, torch.tensor([3, 11], device=DEVICE), torch.tensor([3, 11], dtype=torch.uint8, device=DEVICE)):
+        kwargs = dict(interleaved=interleaved, rotary_dim=12, offset=offset)
+        fast, slow = _both(monkeypatch, lambda: compute_rope(x, cos, sin, layout, **kwargs))
+        assert torch.equal(fast, slow)
+
+
+def test_strided_and_ellipsis_inputs(monkeypatch):
+    cos, sin = _tables(8)
+    sliced = torch.randn(2, 3, 5, 16, device=DEVICE)[..., ::2]  # channels of stride 2
+    lead = torch.randn(3, 2, 4, 2, 5, 8, device=DEVICE).permute(1, 0, 2, 3, 4, 5)  # lead axes with no one stride
+    for x, layout in ((sliced, "b h s d"), (lead, "... b h s d"), (torch.randn(5, 24, device=DEVICE), "s (h d)")):
+        fast, slow = _both(monkeypatch, lambda: compute_rope(x, cos, sin, layout, offset=2, d=8) if "(h d)" in layout
+                           else compute_rope(x, cos, sin, layout, offset=2))
+        assert torch.equal(fast, slow)
+
+
+@pytest.mark.parametrize("interleaved", [False, True])
+def test_gradcheck(monkeypatch, interleaved):
+    _backend(monkeypatch, "triton")
+    cos, sin = _tables(8, rotary_dim=6, dtype=torch.float64)
+    x = torch.randn(2, 5, 3, 8, dtype=torch.float64, device=DEVICE, requires_grad=True)
+    positions = torch.tensor([4, 0, 9, 2, 2], device=DEVICE)
+
+    def fn(x):
+        return compute_rope(x, cos, sin, "b s h d", positions=positions, interleaved=interleaved, rotary_dim=6)
+
+    assert torch.autograd.gradcheck(fn, (x,))
+
+
+def test_module_rotates_q_and_k_of_other_head_counts_in_one_launch(monkeypatch):
+    rope = RotaryEmbedding(8, layout="b s h d", context_length=32).to(DEVICE)
+    q = torch.randn(2, 5, 4, 8, device=DEVICE, requires_grad=True)
+    k = torch.randn(2, 9, 1, 8, device=DEVICE, requires_grad=True)
+    launches = []
+    from flexrope import _triton
+
+    real = _triton.launch
+    monkeypatch.setattr(_triton, "launch", lambda operands, *a, **kw: launches.append(len(operands)) or real(
+        operands, *a, **kw))
+
+    def fn():
+        (q2, k2) = rope(q, k, offset=torch.tensor([1, 6], device=DEVICE), k_offset=0)
+        grads = torch.autograd.grad((q2 * 2).sum() + (k2 * 3).sum(), (q, k))
+        return q2, k2, *grads
+
+    fast, slow = _both(monkeypatch, fn)
+    assert all(torch.equal(a, b) for a, b in zip(fast, slow))
+    assert launches == [2, 2]  # forward and backward: q and k together
+
+
+@pytest.mark.parametrize("kwargs", [
+    dict(positions=torch.tensor([0, 1, 32, 3, 4])),
+    dict(positions=torch.tensor([0, 1, -1, 3, 4])),
+    dict(offset=torch.tensor([0, 28])),
+])
+@pytest.mark.skipif(DEVICE == "cuda", reason="on CUDA a bad position is a device-side assert (benchmarks/gpu_check.py)")
+def test_bad_positions_are_errors_and_the_next_call_works(monkeypatch, kwargs):
+    _backend(monkeypatch, "triton")
+    cos, sin = _tables(8)
+    x = torch.randn(2, 3, 5, 8)
+    with pytest.raises(FlexRopeError, match="positions hold a position < 0 or >= the table's 32 positions"):
+        compute_rope(x, cos, sin, **kwargs)
+    assert torch.equal(compute_rope(x, cos, sin, offset=1), compute_rope(x, cos, sin, positions=torch.arange(1, 6)))
+
+
+class _HostReads(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+def test_reads_no_tensor_value_on_the_host(monkeypatch):
+    _backend(monkeypatch, "triton")
+    cos, sin = _tables(8)
+    rope = RotaryEmbedding(8, layout="b s h d", context_length=32).to(DEVICE)
+    x = torch.randn(2, 5, 3, 8, device=DEVICE)
+    positions = torch.randint(0, 32, (2, 5), device=DEVICE)
+    with _HostReads() as mode:
+        compute_rope(x, cos, sin, "b s h d", positions=positions)
+        compute_rope(x, cos, sin, "b s h d", offset=torch.tensor([2, 9], device=DEVICE))
+        rope(x, x[:, :, :1], positions=positions)
+    assert mode.ops and not [op for op in mode.ops if "_local_scalar_dense" in op or "item" in op]
+
+
+def test_forced_triton_backend_on_a_device_it_cannot_run(monkeypatch):
+    _backend(monkeypatch, "triton")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    cos, sin = flexrope.precompute_rope_params(8, context_length=32)
+    if DEVICE == "cpu":
+        with pytest.raises(FlexRopeError, match="FLEXROPE_BACKEND=triton with x on cpu"):
+            compute_rope(torch.randn(1, 2, 3, 8), cos, sin)
+    _backend(monkeypatch, "fast")
+    with pytest.raises(FlexRopeError, match="FLEXROPE_BACKEND='fast': expected one of auto, triton, compiled, eager"):
+        compute_rope(torch.randn(1, 2, 3, 8), cos, sin)
