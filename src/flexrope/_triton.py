@@ -214,7 +214,9 @@ def launch(
     half, tail = rotary_dim // 2, x.shape[-1] - rotary_dim
     seq_len = x.shape[3] if len(views) == 1 else max(views[0][0].shape[3], views[1][0].shape[3])
     heads = x.shape[2] if len(views) == 1 else max(views[0][0].shape[2], views[1][0].shape[2])
-    block_s, block_h, block_p = _blocks(half, heads, None if torch.compiler.is_compiling() else seq_len)
+    # under torch.compile the lengths may be symbolic: the sequence length stays so, head counts are read
+    symbolic = torch.compiler.is_compiling() or isinstance(seq_len, torch.SymInt)
+    block_s, block_h, block_p = _blocks(int(half), int(heads), None if symbolic else seq_len)
     args = [_operand_args(op, *view) for op, view in zip(operands, views)]
     blocks = [triton.cdiv(view[0].shape[2], block_h) for view in views]
     if len(operands) == 1:  # the second operand's programs: none
