@@ -264,6 +264,34 @@ def speed(shapes, rows: list[str]) -> None:
                 print(rows[-1], flush=True)
 
 
+def sweep(rows: list[str]) -> None:
+    """Elements per program and warps per program, on the out-of-place b s h d case: keep the fastest."""
+    from flexrope import _triton
+
+    cos, sin = flexrope.precompute_rope_params(128, context_length=8192)
+    cos, sin = cos.cuda(), sin.cuda()
+    cases = [((8, 4096, 32, 128), torch.float32), ((8, 4096, 32, 128), torch.bfloat16), ((4, 1024, 32, 128), torch.bfloat16)]
+    tensors = [laid_out(*shape, "b s h d", dtype) for shape, dtype in cases]
+    floors = [gpu_ms(x.clone, calls=10) for x in tensors]
+    rows.append("| elements per program | warps | " + " | ".join(f"{s} {str(d)[6:]} ratio" for s, d in cases) + " |")
+    rows.append("|---|---|" + "---|" * len(cases))
+    best = None
+    for elements in (2048, 4096, 8192, 16384):
+        for warps in (4, 8):
+            _triton.ELEMENTS_PER_PROGRAM, _triton.NUM_WARPS = elements, warps
+            _triton._blocks.cache_clear()
+            ratios = [gpu_ms(lambda x=x: compute_rope(x, cos, sin, "b s h d"), calls=10) / f
+                      for x, f in zip(tensors, floors)]
+            rows.append(f"| {elements} | {warps} | " + " | ".join(f"{r:.3f}" for r in ratios) + " |")
+            print(rows[-1], flush=True)
+            if best is None or sum(ratios) < best[0]:
+                best = (sum(ratios), elements, warps)
+    _triton.ELEMENTS_PER_PROGRAM, _triton.NUM_WARPS = best[1], best[2]
+    _triton._blocks.cache_clear()
+    rows.append(f"\nfastest: {best[1]} elements, {best[2]} warps (used below)\n")
+    print(rows[-1], flush=True)
+
+
 def decode(rows: list[str]) -> None:
     rope = RotaryEmbedding(128, layout="b h s d", context_length=8192).cuda()
     cos, sin = rope.cos, rope.sin
@@ -322,6 +350,7 @@ def main() -> int:
             except Exception as error:  # noqa: BLE001 - report and go on to the next check
                 check(step.__name__, False, f"{type(error).__name__}: {str(error)[:300]}")
     rows: list[str] = []
+    sweep(rows)
     shapes = [(4, 1024, 32, 128)] if args.quick else [(8, 4096, 32, 128), (4, 1024, 32, 128)]
     speed(shapes, rows)
     decode(rows)

@@ -45,9 +45,7 @@ class Rotation(NamedTuple):
     interleaved: bool
 
 
-@functools.lru_cache(maxsize=None)
-def _triton_installed() -> bool:
-    return importlib.util.find_spec("triton") is not None
+TRITON_INSTALLED = importlib.util.find_spec("triton") is not None  # looked up once: torch.compile cannot trace it
 
 
 def _interpreted() -> bool:
@@ -65,7 +63,7 @@ def choose(x: torch.Tensor, *, inplace: bool) -> str:
     """The backend for a call on ``x``: triton, traced, compiled or eager."""
     requested = requested_backend()
     if requested == "triton":
-        if not _triton_installed():
+        if not TRITON_INSTALLED:
             raise FlexRopeError("FLEXROPE_BACKEND=triton but triton is not installed: pip install triton")
         if x.device.type != "cuda" and not (x.device.type == "cpu" and _interpreted()):
             raise FlexRopeError(
@@ -74,7 +72,7 @@ def choose(x: torch.Tensor, *, inplace: bool) -> str:
             )
         if x.device.type == "cuda" or not torch.compiler.is_compiling():
             return "triton"
-    elif requested == "auto" and x.device.type == "cuda" and _triton_installed():
+    elif requested == "auto" and x.device.type == "cuda" and TRITON_INSTALLED:
         return "triton"
     if torch.compiler.is_compiling():
         return "traced"

@@ -33,6 +33,7 @@ from ._pairs import memory_order
 # Elements of x per program (its rotary channels): large enough to keep many loads in flight, small enough
 # that every program's block stays in registers.
 ELEMENTS_PER_PROGRAM = 4096
+NUM_WARPS = 4
 # The positions modes of an operand: an int start, a (s,) or (b, s) tensor, a (b,) tensor of row starts.
 START, POSITIONS, ROW_STARTS = 0, 1, 2
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"  # read by triton.jit at import, as here
@@ -229,7 +230,7 @@ def launch(
         COMPUTE=tl.float64 if x.dtype == torch.float64 else tl.float32, ROUND_BF16=INTERPRETED,
         MODE=operands[0].mode, YMODE=operands[-1].mode if len(operands) > 1 else START,
         BLOCK_S=block_s, BLOCK_H=block_h, BLOCK_P=block_p, BLOCK_T=triton.next_power_of_2(max(tail, 1)),
-        enable_fp_fusion=False,
+        num_warps=NUM_WARPS, enable_fp_fusion=False,
     )
 
 
