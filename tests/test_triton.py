@@ -171,3 +171,18 @@ def test_forced_triton_backend_on_a_device_it_cannot_run(monkeypatch):
     _backend(monkeypatch, "fast")
     with pytest.raises(FlexRopeError, match="FLEXROPE_BACKEND='fast': expected one of auto, triton, compiled, eager"):
         compute_rope(torch.randn(1, 2, 3, 8), cos, sin)
+
+
+def test_operator_for_compiled_graphs_passes_opcheck():
+    """The operator a caller's torch.compile graph calls: schema, fake (meta) implementation, autograd
+    registration, all as torch.library.opcheck checks them."""
+    from flexrope import _triton
+
+    cos, sin = _tables(8, rotary_dim=6)
+    x = torch.randn(2, 5, 3, 8, device=DEVICE).permute(0, 2, 1, 3)  # canonical view of (b s h d)
+    positions = torch.randint(0, 32, (2, 5), device=DEVICE)
+    for args in ((x, cos, sin, None, 4, _triton.START, 6, True, False),
+                 (x, cos, sin, positions, 0, _triton.POSITIONS, 6, False, True)):
+        torch.library.opcheck(_triton.rotate_op, args)
+        out, ok = _triton.rotate_op(*args)
+        assert out.stride() == x.stride() and ok.item() == 1

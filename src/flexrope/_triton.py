@@ -22,6 +22,7 @@ from __future__ import annotations
 import functools
 import os
 import itertools
+import math
 from typing import NamedTuple, Optional
 
 import torch
@@ -30,9 +31,9 @@ import triton.language as tl
 
 from ._pairs import memory_order
 
-# Elements of x per program (its rotary channels): large enough to keep many loads in flight, small enough
-# that every program's block stays in registers.
-ELEMENTS_PER_PROGRAM = 4096
+# Elements of x per program (its rotary channels) and warps per program: of 2048..16384 elements and 4 or 8
+# warps, 2048 and 4 ran closest to x.clone() on an H200 in float32 and bfloat16 (benchmarks/results_gpu.md).
+ELEMENTS_PER_PROGRAM = 2048
 NUM_WARPS = 4
 # The positions modes of an operand: an int start, a (s,) or (b, s) tensor, a (b,) tensor of row starts.
 START, POSITIONS, ROW_STARTS = 0, 1, 2
@@ -107,7 +108,25 @@ def _rotate_operand(
 
 
 @triton.jit
-def _rope_kernel(
+def _rope_one(
+    cos_ptr, sin_ptr, ok_ptr, B, table_len, t_row, t_col,
+    x_ptr, out_ptr, pos_ptr, H, S, start,
+    x_sl, x_sb, x_sh, x_ss, x_sd, o_sl, o_sb, o_sh, o_ss, o_sd, p_sb, p_ss,
+    HALF: tl.constexpr, TAIL: tl.constexpr, INTERLEAVED: tl.constexpr, INVERSE: tl.constexpr,
+    COPY_TAIL: tl.constexpr, COMPUTE: tl.constexpr, ROUND_BF16: tl.constexpr, MODE: tl.constexpr,
+    BLOCK_S: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_T: tl.constexpr,
+):
+    """One tensor: fewer arguments than the pair kernel, which makes each launch cheaper on the host."""
+    _rotate_operand(
+        tl.program_id(0), tl.program_id(1), tl.program_id(2), x_ptr, out_ptr, cos_ptr, sin_ptr, pos_ptr, ok_ptr,
+        B, H, S, start, table_len, x_sl, x_sb, x_sh, x_ss, x_sd, o_sl, o_sb, o_sh, o_ss, o_sd, p_sb, p_ss,
+        t_row, t_col, HALF, TAIL, INTERLEAVED, MODE, INVERSE, COPY_TAIL, COMPUTE, ROUND_BF16, BLOCK_S, BLOCK_H,
+        BLOCK_P, BLOCK_T,
+    )
+
+
+@triton.jit
+def _rope_two(
     cos_ptr, sin_ptr, ok_ptr, B, table_len, t_row, t_col, q_blocks,
     x_ptr, out_ptr, pos_ptr, H, S, start,
     x_sl, x_sb, x_sh, x_ss, x_sd, o_sl, o_sb, o_sh, o_ss, o_sd, p_sb, p_ss,
@@ -118,6 +137,7 @@ def _rope_kernel(
     YMODE: tl.constexpr,
     BLOCK_S: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_T: tl.constexpr,
 ):
+    """Two tensors (q and k): the programs past the first one's heads take the second one's."""
     pid_s, pid_lb, pid_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     if pid_h < q_blocks:
         _rotate_operand(
@@ -146,28 +166,30 @@ class Operand(NamedTuple):
     mode: int
 
 
-def _lead_merged(t: torch.Tensor) -> torch.Tensor | None:
-    """``t`` (*lead, b, h, s, d) as (lead, b, h, s, d), or None where the lead axes share no one stride."""
-    if t.ndim == 4:
-        return t.unsqueeze(0)
-    count = t.ndim - 4
-    if all(t.stride(i) == t.stride(i + 1) * t.shape[i + 1] or t.shape[i + 1] == 1 for i in range(count - 1)):
-        return t.flatten(0, count - 1)
+def _merged(t: torch.Tensor) -> tuple[tuple[int, ...], tuple[int, ...]] | None:
+    """The (lead, b, h, s, d) lengths and strides of ``t`` (*lead, b, h, s, d), its lead axes merged into one;
+    None where they share no one stride."""
+    shape, stride = t.shape, t.stride()
+    if len(shape) == 4:
+        return (1, *shape), (0, *stride)
+    count = len(shape) - 4
+    if all(stride[i] == stride[i + 1] * shape[i + 1] or shape[i + 1] == 1 for i in range(count - 1)):
+        return (math.prod(shape[:count]), *shape[count:]), (stride[count - 1], *stride[count:])
     return None
 
 
-def _operand_args(op: Operand, x: torch.Tensor, out: torch.Tensor) -> list:
-    """The kernel's arguments for one operand, of (lead, b, h, s, d) views x and out."""
+def _operand_args(op: Operand, x: tuple, out: tuple) -> list:
+    """The kernel's arguments for one operand, of (lead, b, h, s, d) geometries x and out."""
     pos, p_sb, p_ss = op.positions, 0, 0
     if pos is None:
-        pos = x  # a pointer the kernel never reads
+        pos = op.x  # a pointer the kernel never reads
     elif op.mode == ROW_STARTS:
         p_sb = pos.stride(0)
     elif pos.ndim == 1:
         p_ss = pos.stride(0)
     else:
         p_sb, p_ss = (pos.stride(0) if pos.shape[0] > 1 else 0), pos.stride(1)
-    return [x, out, pos, x.shape[2], x.shape[3], op.start, *x.stride(), *out.stride(), p_sb, p_ss]
+    return [op.x, op.out, pos, x[0][2], x[0][3], op.start, *x[1], *out[1], p_sb, p_ss]
 
 
 @functools.lru_cache(maxsize=None)
@@ -177,17 +199,17 @@ def flag(device: torch.device) -> torch.Tensor:
 
 
 @functools.lru_cache(maxsize=1024)
-def _blocks(half: int, heads: int, seq_len: int | None) -> tuple[int, int, int]:
-    """(BLOCK_S, BLOCK_H, BLOCK_P): up to 16 heads share each token's angles, tokens fill the rest (up to the
-    sequence length when it is known; under torch.compile it stays symbolic and is not looked at)."""
+def _blocks(half: int, heads: int, seq_len: int, tokens_inner: bool) -> tuple[int, int, int]:
+    """(BLOCK_S, BLOCK_H, BLOCK_P): a program's tokens and heads, along the one that is closer in memory
+    first (tokens in (b h s d), heads in (b s h d)), so that its loads are long contiguous runs."""
     block_p = triton.next_power_of_2(half)
     per_token = 2 * block_p
-    block_h = min(triton.next_power_of_2(heads), 16, max(1, ELEMENTS_PER_PROGRAM // per_token))
-    block_s = max(1, ELEMENTS_PER_PROGRAM // (per_token * block_h))
-    if seq_len is not None:
-        block_s = min(block_s, triton.next_power_of_2(seq_len))
-        block_h = min(triton.next_power_of_2(heads), max(block_h, ELEMENTS_PER_PROGRAM // (per_token * block_s)))
-    return block_s, block_h, block_p
+    room = max(1, ELEMENTS_PER_PROGRAM // per_token)
+    if tokens_inner:
+        block_s = min(triton.next_power_of_2(seq_len), room)
+        return block_s, min(triton.next_power_of_2(heads), max(1, room // block_s)), block_p
+    block_h = min(triton.next_power_of_2(heads), room)
+    return min(triton.next_power_of_2(seq_len), max(1, room // block_h)), block_h, block_p
 
 
 def empty_in_memory_order(x: torch.Tensor) -> torch.Tensor:
@@ -199,50 +221,53 @@ def empty_in_memory_order(x: torch.Tensor) -> torch.Tensor:
 
 def launch(
     operands: list[Operand], cos: torch.Tensor, sin: torch.Tensor, *, rotary_dim: int, interleaved: bool,
-    inverse: bool, inplace: bool, ok: torch.Tensor, kernel=_rope_kernel,
+    inverse: bool, inplace: bool, ok: torch.Tensor,
 ) -> None:
     """Rotate one or two operands (the same lead and batch lengths, dtype and device) in one launch."""
-    views = [(_lead_merged(op.x), _lead_merged(op.out)) for op in operands]
+    views = [(_merged(op.x), _merged(op.out)) for op in operands]
     if any(x is None or out is None for x, out in views):  # rare: one launch per lead index
         for op in operands:
             for index in itertools.product(*(range(n) for n in op.x.shape[:-4])):
                 launch([op._replace(x=op.x[index], out=op.out[index])], cos, sin, rotary_dim=rotary_dim,
-                       interleaved=interleaved, inverse=inverse, inplace=inplace, ok=ok, kernel=kernel)
+                       interleaved=interleaved, inverse=inverse, inplace=inplace, ok=ok)
         return
     if cos.stride() != sin.stride():
         cos, sin = cos.contiguous(), sin.contiguous()
-    x, out = views[0]
-    half, tail = rotary_dim // 2, x.shape[-1] - rotary_dim
-    seq_len = x.shape[3] if len(views) == 1 else max(views[0][0].shape[3], views[1][0].shape[3])
-    heads = x.shape[2] if len(views) == 1 else max(views[0][0].shape[2], views[1][0].shape[2])
-    # under torch.compile the lengths may be symbolic: the sequence length stays so, head counts are read
-    symbolic = torch.compiler.is_compiling() or isinstance(seq_len, torch.SymInt)
-    block_s, block_h, block_p = _blocks(int(half), int(heads), None if symbolic else seq_len)
+    (shape, stride), _ = views[0]
+    half, tail = rotary_dim // 2, shape[4] - rotary_dim
+    seq_len = shape[3] if len(views) == 1 else max(views[0][0][0][3], views[1][0][0][3])
+    heads = shape[2] if len(views) == 1 else max(views[0][0][0][2], views[1][0][0][2])
+    block_s, block_h, block_p = _blocks(half, heads, seq_len, stride[3] < stride[2])
     args = [_operand_args(op, *view) for op, view in zip(operands, views)]
-    blocks = [triton.cdiv(view[0].shape[2], block_h) for view in views]
-    if len(operands) == 1:  # the second operand's programs: none
-        args.append(args[0])
-        blocks.append(0)
-    grid = (triton.cdiv(seq_len, block_s), x.shape[0] * x.shape[1], blocks[0] + blocks[1])
-    kernel[grid](
-        cos, sin, ok, x.shape[1], cos.shape[0], cos.stride(0), cos.stride(1), blocks[0], *args[0], *args[1],
+    blocks = [-(-view[0][0][2] // block_h) for view in views]
+    grid = (-(-seq_len // block_s), shape[0] * shape[1], sum(blocks))
+    shared = [cos, sin, ok, shape[1], cos.shape[0], cos.stride(0), cos.stride(1)]
+    constants = dict(
         HALF=half, TAIL=tail, INTERLEAVED=interleaved, INVERSE=inverse, COPY_TAIL=tail > 0 and not inplace,
-        COMPUTE=tl.float64 if x.dtype == torch.float64 else tl.float32, ROUND_BF16=INTERPRETED,
-        MODE=operands[0].mode, YMODE=operands[-1].mode if len(operands) > 1 else START,
-        BLOCK_S=block_s, BLOCK_H=block_h, BLOCK_P=block_p, BLOCK_T=triton.next_power_of_2(max(tail, 1)),
-        num_warps=NUM_WARPS, enable_fp_fusion=False,
+        COMPUTE=tl.float64 if operands[0].x.dtype == torch.float64 else tl.float32, ROUND_BF16=INTERPRETED,
+        MODE=operands[0].mode, BLOCK_S=block_s, BLOCK_H=block_h, BLOCK_P=block_p,
+        BLOCK_T=triton.next_power_of_2(max(tail, 1)), num_warps=NUM_WARPS, enable_fp_fusion=False,
     )
+    if len(operands) == 1:
+        _rope_one[grid](*shared, *args[0], **constants)
+    else:
+        _rope_two[grid](*shared, blocks[0], *args[0], *args[1], YMODE=operands[1].mode, **constants)
 
 
-@torch.library.triton_op("flexrope::rotate", mutates_args=())
+@torch.library.custom_op("flexrope::rotate", mutates_args=())
 def rotate_op(
     x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: Optional[torch.Tensor], start: int,
     mode: int, rotary_dim: int, interleaved: bool, inverse: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The rotation of canonical view ``x`` as an operator that a caller's torch.compile graph calls without
     a break: (the rotated tensor, dense in x's memory order; the positions flag)."""
-    out = empty_in_memory_order(x)
-    ok = torch.ones(1, dtype=torch.int32, device=x.device)
+    out, ok = _rotate_op_fake(x, cos, sin, positions, start, mode, rotary_dim, interleaved, inverse)
+    ok.fill_(1)
     launch([Operand(x, out, start, positions, mode)], cos, sin, rotary_dim=rotary_dim, interleaved=interleaved,
-           inverse=inverse, inplace=False, ok=ok, kernel=torch.library.wrap_triton(_rope_kernel))
+           inverse=inverse, inplace=False, ok=ok)
     return out, ok
+
+
+@rotate_op.register_fake
+def _rotate_op_fake(x, cos, sin, positions, start, mode, rotary_dim, interleaved, inverse):
+    return empty_in_memory_order(x), torch.empty(1, dtype=torch.int32, device=x.device)
