@@ -3,7 +3,7 @@
     pip install -e ".[bench]"
     python benchmarks/bench_rope.py [--quick] [--out benchmarks/results]
 
-Prints a table (case, time, x.clone() time in the same run, ratio, peak allocation) and writes
+Prints a table (case, time, the floor and its time in the same run, ratio) and writes
 ``<out>.md`` (the table) and ``<out>.png`` (time per case relative to the floor).
 """
 
@@ -12,7 +12,7 @@ import pathlib
 
 import torch
 
-from flexrope import _bench
+import harness
 
 
 def plot(results, path, title):
@@ -51,12 +51,13 @@ def main():
     args = parser.parse_args()
     shape = (2, 16, 512, 128) if args.quick else (4, 32, 1024, 128)
     rounds = 5 if args.quick else 9
-    header = _bench.header()
+    header = harness.header()
     print(header)
-    print(f"x of (b h s d) = {shape}; ratios to x.clone() in the same run; peak alloc in multiples of x's size\n")
-    results, notes = _bench.run(shape, rounds=rounds, number=3)
-    results += _bench.decode_latency(rounds=rounds, number=200)
-    text = _bench.table(results)
+    print(f"x of (b h s d) = {shape}; ratios to x.clone() (out of place) or out.copy_(x) (in place), timed in the "
+          f"same run\n")
+    results, notes = harness.run(shape, rounds=rounds, number=3)
+    results += harness.decode_latency(rounds=rounds, number=200)
+    text = harness.table(results)
     print(text)
     for note in notes:
         print(f"note: {note}")

@@ -26,7 +26,16 @@ def test_self_check_passes_and_prints_every_layout():
         assert f"\n{layout} " in result.stdout
 
 
-def test_self_check_fails_when_a_case_is_off():
+def test_self_check_fails_when_one_case_in_the_middle_is_off(monkeypatch, capsys):
     from flexrope import _selfcheck
 
-    assert _selfcheck.run(tolerance=0.0) is False
+    def off_in_one_layout(x, cos, sin, layout, **kwargs):
+        y = flexrope.compute_rope(x, cos, sin, layout, **kwargs)
+        return y * 1.001 if layout == "h s b d" and not kwargs["interleaved"] else y
+
+    monkeypatch.setattr(_selfcheck, "compute_rope", off_in_one_layout)
+    assert _selfcheck.run() is False
+    lines = capsys.readouterr().out.splitlines()
+    failed = [line for line in lines if line.endswith("FAIL")]
+    assert len(failed) == 1 and failed[0].startswith("h s b d      half-split")
+    assert "SOME CASES FAILED" in lines[-3]

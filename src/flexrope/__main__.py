@@ -1,4 +1,4 @@
-"""Command line: ``python -m flexrope`` runs the self-check; ``bench`` times it; ``plot`` draws the scaling recipes."""
+"""Command line: ``python -m flexrope`` runs the self-check; ``plot`` draws the scaling recipes."""
 
 from __future__ import annotations
 
@@ -10,7 +10,6 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m flexrope", description=__doc__)
     commands = parser.add_subparsers(dest="command")
     commands.add_parser("check", help="every layout and pairing against a float64 reference (the default)")
-    commands.add_parser("bench", help="a short benchmark against x.clone() and the installed peers")
     plot = commands.add_parser("plot", help="PNG of the wavelength per channel pair for each scaling recipe")
     plot.add_argument("--config", help="a Hugging Face config.json: its own recipe is drawn too")
     plot.add_argument("--head-dim", type=int, default=128)
@@ -31,10 +30,6 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         print(f"wrote {path}")
         return 0
-    if args.command == "bench":
-        from ._bench import main as bench
-
-        return bench()
     from ._selfcheck import run
 
     return 0 if run() else 1

@@ -168,16 +168,16 @@ def _llama3(inv: torch.Tensor, s: Scaling) -> torch.Tensor:
 
 
 def frequencies(
-    scaling: Scaling | None, rotary_dim: int, theta: float, seq_len: int, device: torch.device | None = None
+    scaling: Scaling | None, rotary_dim: int, theta: float, seq_len: int
 ) -> tuple[torch.Tensor, float]:
     """Float64 inverse frequencies (rotary_dim/2,) and the factor on cos and sin, for a sequence of
     ``seq_len`` tokens (which matters for ``dynamic`` and ``longrope`` alone)."""
-    exponents = torch.arange(0, rotary_dim, 2, dtype=torch.float64, device=device) / rotary_dim
+    exponents = torch.arange(0, rotary_dim, 2, dtype=torch.float64) / rotary_dim
     kind = scaling.rope_type if scaling else "default"
     if kind == "dynamic" and seq_len > scaling.original_length:
         factor = scaling["factor"]
         theta = theta * (factor * seq_len / scaling.original_length - (factor - 1)) ** (rotary_dim / (rotary_dim - 2))
-    inv = torch.pow(torch.tensor(float(theta), dtype=torch.float64, device=device), -exponents)
+    inv = torch.pow(torch.tensor(float(theta), dtype=torch.float64), -exponents)
     if kind == "linear":
         return inv / scaling["factor"], 1.0
     if kind == "llama3":
@@ -193,7 +193,7 @@ def frequencies(
         return _yarn(inv, scaling, rotary_dim, theta), attention
     if kind == "longrope":
         long = seq_len > scaling.original_length
-        ext = torch.tensor(scaling["long_factor" if long else "short_factor"], dtype=torch.float64, device=device)
+        ext = torch.tensor(scaling["long_factor" if long else "short_factor"], dtype=torch.float64)
         attention = scaling["attention_factor"]
         if attention is None:
             factor = scaling["factor"]

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import itertools
 import platform
-import statistics
-import time
 
 import einops
 import torch
@@ -36,17 +34,6 @@ def complex_reference(x: torch.Tensor, theta: float, interleaved: bool) -> torch
     return torch.view_as_real(z).flatten(-2) if interleaved else torch.cat([z.real, z.imag], dim=-1)
 
 
-def _median_seconds(fn, repeats: int = 7, number: int = 5) -> float:
-    fn()
-    runs = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        for _ in range(number):
-            fn()
-        runs.append((time.perf_counter() - start) / number)
-    return statistics.median(runs)
-
-
 def run(tolerance: float = 1e-5) -> bool:
     """Print the table and return whether every case is within ``tolerance`` of the reference."""
     theta = 10_000.0
@@ -55,22 +42,20 @@ def run(tolerance: float = 1e-5) -> bool:
     expected = {pairing: complex_reference(canonical, theta, pairing) for pairing in (False, True)}
     print(f"flexrope self-check: torch {torch.__version__}, {platform.machine()}, {torch.get_num_threads()} threads,")
     print(f"float32 x of (b h s d) = {tuple(SHAPE.values())}, every layout, against a float64 complex reference\n")
-    print(f"{'layout':<12} {'pairing':<12} {'max error':>10} {'time vs x.clone()':>18}")
+    print(f"{'layout':<12} {'pairing':<12} {'max error':>10}")
     ok = True
     for layout, lengths in layouts():
         source = f"b h s d -> {layout.replace('...', 'b')}" if "..." in layout else f"b h s d -> {layout}"
         x = einops.rearrange(canonical, source, **lengths).contiguous()
-        floor = _median_seconds(x.clone)
         for interleaved in (False, True):
             y = compute_rope(x, cos, sin, layout, interleaved=interleaved, **lengths)
             back = einops.rearrange(y, f"{source.split(' -> ')[1]} -> b h s d", **lengths)
             error = (back.double() - expected[interleaved]).abs().max().item()
-            seconds = _median_seconds(lambda: compute_rope(x, cos, sin, layout, interleaved=interleaved, **lengths))
             mark = "" if error <= tolerance else "  FAIL"
             ok = ok and error <= tolerance
             pairing = "interleaved" if interleaved else "half-split"
-            print(f"{layout:<12} {pairing:<12} {error:>10.2e} {seconds / floor:>17.2f}x{mark}")
+            print(f"{layout:<12} {pairing:<12} {error:>10.2e}{mark}")
     print(f"\n{'all layouts agree with the reference' if ok else 'SOME CASES FAILED'} (tolerance {tolerance:g})")
-    print("x here is 1 MiB and sits in cache, where x.clone() costs no memory traffic: the times show per-call")
-    print("overhead. For the memory-bound case (large tensors, peers) run: python -m flexrope bench")
+    print("Speed is measured against the memory floor by benchmarks/bench_rope.py (CPU) and")
+    print("benchmarks/bench_gpu.py (CUDA); their results are in benchmarks/results*.md.")
     return ok

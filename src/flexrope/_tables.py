@@ -47,10 +47,9 @@ def tables_from_inverse_frequencies(
     dtype: torch.dtype,
     device: torch.device,
     attention_factor: float = 1.0,
-    start: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Seed-format cos and sin tables for positions ``start .. start + context_length - 1`` from float64
-    ``inv_freq``, times ``attention_factor``."""
+    """Seed-format cos and sin tables for positions ``0 .. context_length - 1`` from float64 ``inv_freq``,
+    times ``attention_factor``."""
     half = inv_freq.shape[0]
     work = _float64_device(device)
     inv_freq = inv_freq.to(device=work, dtype=torch.float64)
@@ -58,7 +57,7 @@ def tables_from_inverse_frequencies(
     sin = torch.empty_like(cos)
     for row in range(0, context_length, _CHUNK_ROWS):
         stop = min(row + _CHUNK_ROWS, context_length)
-        angles = torch.arange(start + row, start + stop, dtype=torch.float64, device=work)[:, None] * inv_freq
+        angles = torch.arange(row, stop, dtype=torch.float64, device=work)[:, None] * inv_freq
         for table, values in ((cos, angles.cos()), (sin, angles.sin())):
             table[row:stop, :half] = values if attention_factor == 1.0 else values * attention_factor
             table[row:stop, half:] = table[row:stop, :half]

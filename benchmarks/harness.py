@@ -1,8 +1,8 @@
-"""Timing and memory of flexrope against the floor (``x.clone()``) and the peers that are installed.
+"""Timing of flexrope on the CPU against the floors and the peers that are installed (``bench_rope.py``).
 
-Every ratio is to ``x.clone()`` timed in the same process, in alternating rounds with the case itself, so
-that a machine slowing down or speeding up moves both. ``python -m flexrope bench`` runs a short version;
-``benchmarks/bench_rope.py`` the full one, with the plot.
+Every ratio is to a floor timed in the same process, in alternating rounds with the case itself, so that a
+machine slowing down or speeding up moves both: ``x.clone()`` for out-of-place calls (a read, an allocation
+and a write of x), ``out.copy_(x)`` for in-place ones (a read and a write, nothing allocated).
 """
 
 from __future__ import annotations
@@ -10,16 +10,12 @@ from __future__ import annotations
 import platform
 import statistics
 import time
-import weakref
 from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves
 
-from ._functional import compute_rope
-from ._tables import precompute_rope_params
+from flexrope import compute_rope, precompute_rope_params
 
 LAYOUT_SHAPES = {"b h s d": "bhsd", "b s h d": "bshd", "s b h d": "sbhd"}
 
@@ -30,8 +26,7 @@ class Result:
     who: str
     seconds: float
     floor: float
-    peak_bytes: int | None = None
-    x_bytes: int = 0
+    floor_name: str = "x.clone()"
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -55,37 +50,6 @@ def compare(fn: Callable[[], object], floor: Callable[[], object], *, rounds: in
         floors.append(_time_once(floor, number))
         times.append(_time_once(fn, number))
     return statistics.median(times), statistics.median(floors)
-
-
-class _Allocations(TorchDispatchMode):
-    """Peak bytes of tensor storage created by the operations run under it and still referenced."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.storages: dict[int, tuple[int, list]] = {}
-        self.peak = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        inputs = {t.untyped_storage().data_ptr() for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
-        for t in tree_leaves(out):
-            if isinstance(t, torch.Tensor) and t.device.type != "meta":
-                pointer = t.untyped_storage().data_ptr()
-                if pointer in self.storages:
-                    self.storages[pointer][1].append(weakref.ref(t))
-                elif pointer not in inputs and t.untyped_storage().nbytes():
-                    self.storages[pointer] = (t.untyped_storage().nbytes(), [weakref.ref(t)])
-        live = sum(size for size, refs in self.storages.values() if any(ref() is not None for ref in refs))
-        self.peak = max(self.peak, live)
-        return out
-
-
-def peak_allocation(fn: Callable[[], object]) -> int:
-    """Peak bytes of new tensor storage alive while ``fn`` runs (the result counts)."""
-    with torch.no_grad(), _Allocations() as tracker:
-        result = fn()
-        del result
-    return tracker.peak
 
 
 def seed_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, offset: int = 0) -> torch.Tensor:
@@ -140,7 +104,6 @@ def run(
     rounds: int = 7,
     number: int = 3,
     peers: bool = True,
-    memory: bool = True,
 ) -> tuple[list[Result], list[str]]:
     """Time every case; returns the results and notes (skipped peers)."""
     b, h, s, d = shape
@@ -164,15 +127,15 @@ def run(
                     w, cos, sin, l, interleaved=i, inplace=True)
                 candidates.update({name: (lambda f=f, x=x: f(x)) for name, f in
                                    peer_table.get((layout, interleaved), {}).items()})
+                out = torch.empty_like(x)
                 for who, fn in candidates.items():
+                    inplace = who == "flexrope inplace"
+                    floor_fn = (lambda out=out, x=x: out.copy_(x)) if inplace else x.clone
                     with torch.no_grad():
-                        seconds, floor = compare(fn, x.clone, rounds=rounds, number=number)
+                        seconds, floor = compare(fn, floor_fn, rounds=rounds, number=number)
                     if who.startswith("transformers"):
                         seconds /= 2
-                    peak = peak_allocation(fn) if memory else None
-                    if peak is not None and who.startswith("transformers"):
-                        peak //= 2
-                    results.append(Result(case, who, seconds, floor, peak, x.numel() * x.element_size()))
+                    results.append(Result(case, who, seconds, floor, "out.copy_(x)" if inplace else "x.clone()"))
     return results, notes
 
 
@@ -197,8 +160,7 @@ def decode_latency(*, rounds: int = 7, number: int = 200) -> list[Result]:
             for name, fn in candidates.items():
                 times[name].append(_time_once(fn, number))
     floor = statistics.median(times.pop("x.clone()"))
-    return [Result("decode (1 32 1 128) float32", name, statistics.median(t), floor, None, x.numel() * 4)
-            for name, t in times.items()]
+    return [Result("decode (1 32 1 128) float32", name, statistics.median(t), floor) for name, t in times.items()]
 
 
 def header() -> str:
@@ -207,23 +169,9 @@ def header() -> str:
 
 
 def table(results: list[Result]) -> str:
-    lines = [f"{'case':<34} {'who':<26} {'time':>10} {'x.clone()':>10} {'ratio':>7} {'peak alloc':>11}"]
+    lines = [f"{'case':<34} {'who':<26} {'time':>10} {'floor':>12} {'floor time':>10} {'ratio':>7}"]
     for r in results:
-        peak = "" if r.peak_bytes is None else f"{r.peak_bytes / r.x_bytes:.2f} x"
         unit, scale = ("us", 1e6) if r.seconds < 1e-3 else ("ms", 1e3)
-        lines.append(f"{r.case:<34} {r.who:<26} {r.seconds * scale:>7.2f} {unit} {r.floor * scale:>7.2f} {unit} "
-                     f"{r.ratio:>6.2f}x {peak:>11}")
+        lines.append(f"{r.case:<34} {r.who:<26} {r.seconds * scale:>7.2f} {unit} {r.floor_name:>12} "
+                     f"{r.floor * scale:>7.2f} {unit} {r.ratio:>6.2f}x")
     return "\n".join(lines)
-
-
-def main() -> int:
-    """The short version: the full benchmark's shape, two layouts, both pairings and dtypes, fewer rounds."""
-    shape = (4, 32, 1024, 128)
-    print(header())
-    print(f"x of (b h s d) = {shape}; ratios to x.clone() timed in the same run; peak alloc in multiples of x's")
-    print("size. The first large call of each variant compiles (seconds); benchmarks/bench_rope.py runs them all.\n")
-    results, notes = run(shape, layouts=("b h s d", "b s h d"), rounds=3, number=2)
-    print(table(results + decode_latency(rounds=5, number=100)))
-    for note in notes:
-        print(f"note: {note}")
-    return 0

@@ -1,0 +1,58 @@
+"""The memory claims hold: out of place allocates the output and little else, in place nothing of x's size."""
+
+import weakref
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+
+import flexrope
+
+
+class _Allocations(TorchDispatchMode):
+    """Peak bytes of tensor storage created by the operations run under it and still referenced."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.storages: dict[int, tuple[int, list]] = {}
+        self.peak = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = {t.untyped_storage().data_ptr() for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor) and t.device.type != "meta":
+                pointer = t.untyped_storage().data_ptr()
+                if pointer in self.storages:
+                    self.storages[pointer][1].append(weakref.ref(t))
+                elif pointer not in inputs and t.untyped_storage().nbytes():
+                    self.storages[pointer] = (t.untyped_storage().nbytes(), [weakref.ref(t)])
+        live = sum(size for size, refs in self.storages.values() if any(ref() is not None for ref in refs))
+        self.peak = max(self.peak, live)
+        return out
+
+
+def peak_allocation(fn) -> int:
+    """Peak bytes of new tensor storage alive while ``fn`` runs (the result counts)."""
+    with torch.no_grad(), _Allocations() as tracker:
+        result = fn()
+        del result
+    return tracker.peak
+
+
+def test_out_of_place_allocates_the_output_and_little_else_in_place_nothing_of_x_size():
+    cos, sin = flexrope.precompute_rope_params(128, context_length=512)
+    for dtype, scratch_limit in ((torch.float32, 0.2), (torch.bfloat16, 0.45)):
+        x = torch.randn(8, 16, 128, 128).to(dtype)  # 2M elements: the chunked path
+        x_bytes = x.numel() * x.element_size()
+        for interleaved in (False, True):
+            out_of_place = peak_allocation(lambda: flexrope.compute_rope(x, cos, sin, interleaved=interleaved))
+            in_place = peak_allocation(lambda: flexrope.compute_rope(x, cos, sin, interleaved=interleaved,
+                                                                     inplace=True))
+            assert x_bytes <= out_of_place <= (1 + scratch_limit) * x_bytes
+            assert in_place <= scratch_limit * x_bytes
+
+
+def test_peak_allocation_sees_temporaries():
+    x = torch.randn(1000)
+    assert peak_allocation(lambda: x * 2 + x * 3) >= 3 * 4000  # two products and the sum
