@@ -53,3 +53,24 @@ def test_inductor_fullgraph_matches_eager_forward_and_backward(interleaved):
         (want_grad,) = torch.autograd.grad(want, x, grad)
         torch.testing.assert_close(got, want, atol=tolerance(torch.float32, 8.0), rtol=0)
         torch.testing.assert_close(got_grad, want_grad, atol=tolerance(torch.float32, 8.0), rtol=0)
+
+
+def test_a_callers_dynamic_compile_is_one_graph_across_the_size_thresholds():
+    """Lengths 10..5000 cross the small-call and compiled-loop sizes: none of them is a guard when traced."""
+    cos, sin = flexrope.precompute_rope_params(64, context_length=8192)
+    counter = torch._dynamo.testing.CompileCounter()
+    fn = torch.compile(lambda x, p: compute_rope(x, cos, sin, "b s h d", positions=p) * 2, backend=counter,
+                       fullgraph=True, dynamic=True)
+    for s in (10, 100, 1000, 5000):
+        x, positions = torch.randn(1, s, 4, 64), torch.randint(0, 8192, (s,))
+        assert torch.equal(fn(x, positions), compute_rope(x, cos, sin, "b s h d", positions=positions) * 2)
+    assert counter.frame_count == 1
+
+
+def test_a_negative_position_is_an_error_under_compile_too():
+    cos, sin = flexrope.precompute_rope_params(16, context_length=32)
+    fn = torch.compile(lambda x, p: compute_rope(x, cos, sin, positions=p), fullgraph=True)
+    x = torch.randn(1, 2, 4, 16)
+    fn(x, torch.tensor([0, 1, 2, 3]))
+    with pytest.raises(RuntimeError, match="positions hold a position < 0 or >= 32"):
+        fn(x, torch.tensor([0, -1, 2, 3]))

@@ -1,7 +1,7 @@
-"""Context parallelism and packing on a real torch.distributed group (gloo, 127.0.0.1, spawned here)."""
+"""Context parallelism and packing on a real torch.distributed group (gloo, spawned here, meeting through a
+file store: no port to pick, so no race for one)."""
 
 import os
-import socket
 import time
 
 import pytest
@@ -19,12 +19,6 @@ try:
     HAS_DTENSOR = True
 except ImportError:
     HAS_DTENSOR = False
-
-
-def _free_port():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _gather_sequence(shard, indices, seq_len, world, seq_dim):
@@ -86,17 +80,25 @@ def _check_dtensor(rank, world):
         assert out.placements == (Shard(dim),)
         assert torch.equal(out.to_local(), expected.chunk(world, dim)[rank])
         assert torch.equal(out.full_tensor(), expected)
-    try:
-        compute_rope(distribute_tensor(x, mesh, [Shard(2)]), cos, sin)
-    except FlexRopeError as error:
-        assert "sharded along dim 2, which holds s (sequence)" in str(error)
-    else:
-        raise AssertionError("a DTensor sharded along the sequence was rotated without an error")
+    from torch.distributed.tensor import DTensor, Partial
+
+    refused = [
+        (distribute_tensor(x, mesh, [Shard(2)]), "sharded along dim 2, which holds s (sequence)"),
+        (distribute_tensor(x, mesh, [Shard(3)]), "sharded along dim 3, which holds d (head dim)"),
+        (DTensor.from_local(x, mesh, [Partial()]), "with a partial placement"),
+    ]
+    for dtensor, message in refused:
+        try:
+            compute_rope(dtensor, cos, sin)
+        except FlexRopeError as error:
+            assert message in str(error), str(error)
+        else:
+            raise AssertionError(f"a DTensor was rotated without an error: expected {message!r}")
 
 
-def _worker(rank, world, port):
+def _worker(rank, world, store):
     os.environ["GLOO_SOCKET_IFNAME"] = "lo"
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     _check_context_parallel(rank, world)
     _check_packed_context_parallel(rank, world)
     if HAS_DTENSOR:
@@ -110,8 +112,8 @@ def _worker(rank, world, port):
 
 
 @pytest.mark.parametrize("world", [2, 4])
-def test_sharded_rotation_gathers_to_the_single_process_result(world):
-    context = mp.spawn(_worker, args=(world, _free_port()), nprocs=world, join=False)
+def test_sharded_rotation_gathers_to_the_single_process_result(world, tmp_path):
+    context = mp.spawn(_worker, args=(world, str(tmp_path / "store")), nprocs=world, join=False)
     deadline = time.monotonic() + TIMEOUT_S
     try:
         while not context.join(timeout=max(0.1, deadline - time.monotonic())):

@@ -106,3 +106,58 @@ def test_failed_call_leaves_x_untouched():
     with pytest.raises(FlexRopeError):
         compute_rope(x, COS, SIN, offset=40, inplace=True)
     assert torch.equal(x, X)
+
+
+MORE_CASES = [
+    ("float8 x", dict(x=torch.zeros(2, 3, 5, 16, dtype=torch.float8_e4m3fn)), "float8 is a storage format"),
+    ("meta positions", dict(positions=torch.arange(5, device="meta")), "positions is on the meta device"),
+    ("meta offset", dict(offset=torch.tensor([1, 2], device="meta")), "offset is on the meta device"),
+    ("misspelled inplace", dict(in_place=True), r"unknown keyword in_place=: did you mean inplace=\?"),
+    ("misspelled positions", dict(position=torch.arange(5)), r"unknown keyword position=: did you mean positions=\?"),
+    ("bool offset", dict(offset=True), r"offset=True: expected an int"),
+]
+
+
+@pytest.mark.parametrize("kwargs, match", [case[1:] for case in MORE_CASES], ids=[c[0] for c in MORE_CASES])
+def test_more_input_errors(kwargs, match):
+    with pytest.raises(FlexRopeError, match=match):
+        rope(**kwargs)
+
+
+def test_meta_x_with_meta_positions_gives_the_shape():
+    x = torch.empty(2, 3, 5, 16, device="meta")
+    out = compute_rope(x, COS.to("meta"), SIN.to("meta"), positions=torch.empty(5, dtype=torch.long, device="meta"))
+    assert out.shape == x.shape and out.device.type == "meta"
+
+
+IN_PLACE_CASES = [
+    ("view of a leaf that requires grad",
+     lambda: torch.randn(2, 3, 5, 32, requires_grad=True)[..., :16], "a view of a leaf tensor that requires grad"),
+    ("overlapping elements", lambda: torch.randn(200).as_strided((2, 3, 5, 16), (0, 16, 8, 1)), "overlap in memory"),
+    ("expanded", lambda: torch.randn(1, 3, 5, 16).expand(2, 3, 5, 16), "overlap in memory"),
+]
+
+
+@pytest.mark.parametrize("make, match", [case[1:] for case in IN_PLACE_CASES], ids=[c[0] for c in IN_PLACE_CASES])
+def test_in_place_refused_before_anything_is_written(make, match):
+    x = make()
+    before = x.detach().clone()
+    with pytest.raises(FlexRopeError, match=match):
+        compute_rope(x, COS, SIN, inplace=True)
+    assert torch.equal(x.detach(), before)
+
+
+def test_inference_tensor_in_place_outside_inference_mode_is_refused_untouched():
+    with torch.inference_mode():
+        x = torch.randn(2, 3, 5, 16)
+    before = x.clone()
+    with pytest.raises(FlexRopeError, match="inference tensor outside inference_mode"):
+        compute_rope(x, COS, SIN, inplace=True)
+    assert torch.equal(x, before)
+    with torch.inference_mode():
+        assert compute_rope(x, COS, SIN, inplace=True) is x
+
+
+def test_overlap_refused_only_in_place():
+    x = torch.randn(1, 3, 5, 16).expand(2, 3, 5, 16)
+    assert torch.equal(compute_rope(x, COS, SIN), compute_rope(x.contiguous(), COS, SIN))

@@ -151,3 +151,43 @@ def test_explicit_equal_offsets_for_q_and_k_of_different_lengths_are_fine():
     q, k = _randn(1, 2, 3, 8), _randn(1, 2, 9, 8)
     rq, rk = rope(q, k, offset=0, k_offset=0)
     assert torch.equal(rq, rope(q)) and torch.equal(rk, rope(k))
+
+
+def test_k_inherits_q_positions_or_takes_its_own():
+    rope = RotaryEmbedding(16, layout="b s h d", context_length=64)
+    cos, sin = rope.cos, rope.sin
+    q, k = _randn(2, 5, 4, 16, seed=1), _randn(2, 5, 2, 16, seed=2)
+    positions = torch.tensor([[3, 9, 1, 40, 7], [0, 0, 5, 6, 63]])
+    k_positions = torch.tensor([2, 4, 6, 8, 10])
+    q2, k2 = rope(q, k, positions=positions)
+    assert torch.equal(k2, compute_rope(k, cos, sin, "b s h d", positions=positions))
+    q3, k3 = rope(q, k, positions=positions, k_positions=k_positions)
+    assert torch.equal(q3, q2) and torch.equal(k3, compute_rope(k, cos, sin, "b s h d", positions=k_positions))
+
+
+def test_length_dependent_recipe_counts_k_past_the_original_length():
+    """q within L0 but k (the whole cache) past it: the call's length is k's, as the reference counts it."""
+    scaling = {"rope_type": "dynamic", "factor": 2.0, "original_max_position_embeddings": 32}
+    rope = RotaryEmbedding(16, layout="b s h d", context_length=256, scaling=scaling)
+    q, k = _randn(1, 1, 2, 16, seed=3), _randn(1, 50, 2, 16, seed=4)
+    q2, k2 = rope(q, k, offset=10, k_offset=0)
+    cos, sin = flexrope.precompute_rope_params(16, context_length=50, scaling=scaling)
+    assert torch.equal(q2, compute_rope(q, cos, sin, "b s h d", offset=10))
+    assert torch.equal(k2, compute_rope(k, cos, sin, "b s h d"))
+
+
+def test_d_as_a_keyword_is_refused():
+    with pytest.raises(FlexRopeError, match="d=16 was given as a keyword: head_dim gives d"):
+        RotaryEmbedding(16, layout="b s (h d)", d=16)
+
+
+def test_q_and_k_of_different_lengths_error_names_the_module():
+    rope = RotaryEmbedding(16, layout="b s h d", context_length=64)
+    with pytest.raises(FlexRopeError, match=r"^RotaryEmbedding\(layout='b s h d', head_dim=16\): q has 5 tokens and k "
+                                            r"has 7"):
+        rope(_randn(1, 5, 2, 16), _randn(1, 7, 2, 16))
+
+
+def test_misspelled_module_keyword_is_named():
+    with pytest.raises(FlexRopeError, match=r"unknown keyword interleave=: did you mean interleaved=\?"):
+        RotaryEmbedding(16, layout="b s h d", interleave=True)

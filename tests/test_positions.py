@@ -73,3 +73,46 @@ def test_packed_documents_are_each_split():
 def test_context_parallel_errors(args, kwargs, match):
     with pytest.raises(FlexRopeError, match=match):
         context_parallel_positions(*args, **kwargs)
+
+
+INTEGER_DTYPES = [torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64]
+
+
+@pytest.mark.parametrize("dtype", INTEGER_DTYPES)
+def test_positions_of_every_integer_dtype_are_read_as_integers(dtype):
+    """uint8 positions used to index as a boolean mask (tokens rotated by 0..7, silently); int8/int16 crashed."""
+    cos, sin = flexrope.precompute_rope_params(16, context_length=8)
+    x = torch.randn(1, 2, 8, 16)
+    positions = [1, 2, 3, 4, 5, 6, 7, 1]
+    expected = flexrope.compute_rope(x, cos, sin, positions=torch.tensor(positions))
+    assert torch.equal(flexrope.compute_rope(x, cos, sin, positions=torch.tensor(positions, dtype=dtype)), expected)
+
+
+@pytest.mark.parametrize("dtype", INTEGER_DTYPES)
+def test_offsets_of_every_integer_dtype_do_not_overflow(dtype):
+    """An int8 offset of 100 plus arange(40) wrapped to -128; a uint8 offset crashed."""
+    cos, sin = flexrope.precompute_rope_params(16, context_length=256)
+    x = torch.randn(1, 2, 40, 16)
+    expected = flexrope.compute_rope(x, cos, sin, offset=100)
+    assert torch.equal(flexrope.compute_rope(x, cos, sin, offset=torch.tensor([100], dtype=dtype)), expected)
+
+
+def test_numpy_integers_are_ints():
+    np = pytest.importorskip("numpy")
+    cos, sin = flexrope.precompute_rope_params(16, context_length=32)
+    x = torch.randn(1, 2, 5, 16)
+    rope = flexrope.RotaryEmbedding(16, context_length=32)
+    assert torch.equal(flexrope.compute_rope(x, cos, sin, offset=np.int64(3)), flexrope.compute_rope(x, cos, sin, offset=3))
+    assert torch.equal(rope(x, offset=np.int32(3)), rope(x, offset=3))
+
+
+@pytest.mark.parametrize("dtype", INTEGER_DTYPES)
+def test_cu_seqlens_of_every_integer_dtype(dtype):
+    assert flexrope.packed_positions(torch.tensor([0, 3, 5], dtype=dtype)).tolist() == [0, 1, 2, 0, 1]
+
+
+def test_decreasing_uint8_cu_seqlens_is_an_error_not_a_heap_corruption():
+    """The uint8 difference wrapped around, the decrease check missed it, and repeat_interleave was handed an
+    output_size that did not match ('free(): invalid pointer')."""
+    with pytest.raises(FlexRopeError, match=r"decreases at index 2 \(5 -> 3\)"):
+        flexrope.packed_positions(torch.tensor([0, 5, 3], dtype=torch.uint8))

@@ -240,3 +240,39 @@ def test_from_hf_config_errors_name_what_is_missing():
         RotaryEmbedding.from_hf_config({"head_dim": 64})
     with pytest.raises(FlexRopeError, match="neither 'head_dim' nor"):
         RotaryEmbedding.from_hf_config({"max_position_embeddings": 64})
+
+
+def _llama3_reference(inv, factor, low, high, length):
+    """Transformers' llama3 rule, written from its definition, one frequency at a time."""
+    out = []
+    for f in inv.tolist():
+        wavelen = 2 * math.pi / f
+        if wavelen < length / high:
+            out.append(f)
+        elif wavelen > length / low:
+            out.append(f / factor)
+        else:
+            smooth = (length / wavelen - low) / (high - low)
+            out.append((1 - smooth) * f / factor + smooth * f)
+    return torch.tensor(out, dtype=torch.float64)
+
+
+def test_llama3_band_edges_hand_built():
+    """Wavelengths exactly at L0 / high_freq_factor and L0 / low_freq_factor, and just inside and outside."""
+    from flexrope._scaling import _llama3
+
+    length, low, high, factor = 8192, 1.0, 4.0, 8.0
+    edges = [length / high, length / low]
+    wavelens = [w * k for w in edges for k in (1 - 1e-9, 1.0, 1 + 1e-9)]
+    inv = torch.tensor([2 * math.pi / w for w in wavelens], dtype=torch.float64)
+    assert [2 * math.pi / f for f in inv.tolist()][1::3] == edges  # the edges are hit exactly
+    recipe = parse_scaling({"rope_type": "llama3", "factor": factor, "low_freq_factor": low, "high_freq_factor": high,
+                            "original_max_position_embeddings": length}, rotary_dim=12, head_dim=12, theta_base=1e4)
+    assert torch.equal(_llama3(inv, recipe), _llama3_reference(inv, factor, low, high, length))
+
+
+def test_gptj_interleaving_and_rotary_dim_through_from_hf_config():
+    transformers = pytest.importorskip("transformers")
+    config = transformers.GPTJConfig(n_embd=256, n_head=4, rotary_dim=16, n_positions=128)
+    rope = RotaryEmbedding.from_hf_config(config)
+    assert rope.interleaved and rope.rotary_dim == 16 and rope.head_dim == 64
