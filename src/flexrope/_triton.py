@@ -32,8 +32,8 @@ import triton.language as tl
 from ._pairs import memory_order
 
 # Elements of x per program (its rotary channels) and warps per program: of 2048..16384 elements and 4 or 8
-# warps, 2048 and 4 ran closest to x.clone() on an H200 in float32 and bfloat16 (benchmarks/results_gpu.md).
-ELEMENTS_PER_PROGRAM = 2048
+# warps, 4096 and 4 ran closest to x.clone() on an H200 in float32 and bfloat16 (benchmarks/results_gpu.md).
+ELEMENTS_PER_PROGRAM = 4096
 NUM_WARPS = 4
 # The positions modes of an operand: an int start, a (s,) or (b, s) tensor, a (b,) tensor of row starts.
 START, POSITIONS, ROW_STARTS = 0, 1, 2
