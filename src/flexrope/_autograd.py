@@ -14,8 +14,8 @@ from typing import Callable
 
 import torch
 
-# The backends by name, as ``_dispatch`` registers them: the Function is called with a name, never a callable
-# (torch.compile traces the backward with the names alone).
+# The backends by name, as ``_dispatch`` registers them, each called with its name too: the Function is given a
+# name, never a callable (torch.compile traces the backward with the names alone).
 RUNNERS: dict[str, Callable] = {}
 
 
@@ -40,7 +40,8 @@ class Rope(torch.autograd.Function):
         ``call.row_starts`` says so). Explicit parameters, not ``*args``: torch.compile binds these."""
         xs, wheres = ((x,), (x_where,)) if y is None else ((x, y), (x_where, y_where))
         outs = RUNNERS[call.backend](call.layout, call.rotary_dim, call.interleaved, cos, sin, xs, wheres,
-                                     call.row_starts, inplace=call.inplace, inverse=call.inverse)
+                                     call.row_starts, inplace=call.inplace, inverse=call.inverse,
+                                     backend=call.backend)
         if call.inplace:
             ctx.mark_dirty(*xs)
         tensors = [w for w in wheres if isinstance(w, torch.Tensor)]

@@ -17,16 +17,16 @@ run it (through autograd when a gradient is needed). The backends, each with the
 
 from __future__ import annotations
 
-import functools
 import importlib.util
 import os
+import sys
 from typing import NamedTuple
 
 import torch
 
 from . import _compiled, _eager
 from ._autograd import RUNNERS, Call, Rope
-from ._dtensor import check_shards, dtensor_class, from_local
+from ._dtensor import DTENSOR_MODULE, check_shards, dtensor_class, from_local
 from ._errors import FlexRopeError
 from ._layout import Layout
 from ._pairs import over_pairs
@@ -53,7 +53,7 @@ def _interpreted() -> bool:
 
 
 def requested_backend() -> str:
-    name = os.environ.get("FLEXROPE_BACKEND", "auto") or "auto"
+    name = os.environ.get("FLEXROPE_BACKEND") or "auto"
     if name not in BACKENDS:
         raise FlexRopeError(f"FLEXROPE_BACKEND={name!r}: expected one of {', '.join(BACKENDS)}")
     return name
@@ -62,19 +62,22 @@ def requested_backend() -> str:
 def choose(x: torch.Tensor, *, inplace: bool) -> str:
     """The backend for a call on ``x``: triton, traced, compiled or eager."""
     requested = requested_backend()
+    cuda, compiling = x.is_cuda, torch.compiler.is_compiling()
+    if requested == "auto" and not (cuda or compiling):  # the CPU, eagerly: by size and whether in place
+        return "compiled" if not inplace and x.numel() >= COMPILED_MIN_ELEMENTS else "eager"
     if requested == "triton":
         if not TRITON_INSTALLED:
             raise FlexRopeError("FLEXROPE_BACKEND=triton but triton is not installed: pip install triton")
-        if x.device.type != "cuda" and not (x.device.type == "cpu" and _interpreted()):
+        if not cuda and not (x.device.type == "cpu" and _interpreted()):
             raise FlexRopeError(
                 f"FLEXROPE_BACKEND=triton with x on {x.device}: the Triton backend runs CUDA tensors, and CPU "
                 f"tensors under TRITON_INTERPRET=1"
             )
-        if x.device.type == "cuda" or not torch.compiler.is_compiling():
+        if cuda or not compiling:
             return "triton"
-    elif requested == "auto" and x.device.type == "cuda" and TRITON_INSTALLED:
+    elif cuda and requested == "auto" and TRITON_INSTALLED:
         return "triton"
-    if torch.compiler.is_compiling():
+    if compiling:
         return "traced"
     # In place the compiled loop runs slower than the chunked kernels (inductor copies x before writing it)
     if requested == "compiled" or (requested == "auto" and not inplace and x.numel() >= COMPILED_MIN_ELEMENTS):
@@ -87,7 +90,7 @@ def _canonical_out(layout: Layout, x: torch.Tensor, inplace: bool) -> tuple[torc
     return out, layout.canonical(out)
 
 
-def _run_triton(layout, rotary_dim, interleaved, cos, sin, xs, wheres, row_starts, *, inplace, inverse):
+def _run_triton(layout, rotary_dim, interleaved, cos, sin, xs, wheres, row_starts, *, inplace, inverse, backend):
     from . import _triton
 
     modes = [_triton.START if not isinstance(w, torch.Tensor) else _triton.ROW_STARTS if rs else _triton.POSITIONS
@@ -135,16 +138,13 @@ def _check_flag(ok: torch.Tensor, table_len: int) -> None:
         raise FlexRopeError(message.removeprefix("flexrope: ")) from None
 
 
-def _angles(cos, sin, where, seq_len, width, interleaved, inverse, *, over_all: bool):
-    """The angles of ``where`` from the tables: half width, or over all r channels like the pairs."""
-    if over_all and not interleaved and cos.shape[-1] == width:  # seed-format tables hold them already
-        c, s = angles_at(cos, where, seq_len, width), angles_at(sin, where, seq_len, width)
-    else:
-        half = width // 2 if over_all else width
-        c, s = angles_at(cos, where, seq_len, half), angles_at(sin, where, seq_len, half)
-        if over_all:
-            c, s = over_pairs(c, interleaved), over_pairs(s, interleaved)
-    return c, (-s if inverse else s)
+def _angles_over_all(cos, sin, where, seq_len, rotary_dim, interleaved):
+    """The angles at ``where`` over all r channels like the pairs: seed-format tables hold them already."""
+    if not interleaved and cos.shape[-1] == rotary_dim:
+        return angles_at(cos, where, seq_len, rotary_dim), angles_at(sin, where, seq_len, rotary_dim)
+    half = rotary_dim // 2
+    return (over_pairs(angles_at(cos, where, seq_len, half), interleaved),
+            over_pairs(angles_at(sin, where, seq_len, half), interleaved))
 
 
 def _run_each(layout, rotary_dim, interleaved, cos, sin, xs, wheres, row_starts, *, inplace, inverse, backend):
@@ -152,18 +152,15 @@ def _run_each(layout, rotary_dim, interleaved, cos, sin, xs, wheres, row_starts,
     for x, where, rows in zip(xs, wheres, row_starts):
         x_c = layout.canonical(x)
         seq_len = x_c.shape[-2]
-        where = position_tensor(RowStarts(where) if rows else where, seq_len)
+        if not isinstance(where, int):
+            where = position_tensor(RowStarts(where) if rows else where, seq_len)
         if backend == "eager" and not inplace and x.numel() <= _eager.SMALL_ELEMENTS:
-            cos2, sin2 = _angles(cos, sin, where, seq_len, rotary_dim, interleaved, inverse, over_all=True)
-            rotated = _eager.rotated(x_c, cos2, sin2, rotary_dim, interleaved)
-            if x.is_contiguous() and rotated.stride() == x_c.stride():  # elementwise results keep x's order
-                outs.append(rotated if x_c is x else rotated.as_strided(x.shape, x.stride()))
-            else:
-                out, out_c = _canonical_out(layout, x, inplace)
-                out_c.copy_(rotated)
-                outs.append(out)
+            outs.append(_small(layout, x, x_c, cos, sin, where, rotary_dim, interleaved, inverse))
             continue
-        c, s = _angles(cos, sin, where, seq_len, rotary_dim // 2, interleaved, inverse, over_all=False)
+        half = rotary_dim // 2
+        c, s = angles_at(cos, where, seq_len, half), angles_at(sin, where, seq_len, half)
+        if inverse:
+            s = -s
         if backend == "compiled" and _compiled.applies(x, x_c):
             out = _compiled.rotate(x, x_c, c, s, rotary_dim=rotary_dim, interleaved=interleaved, inplace=inplace)
             if out is not None:
@@ -175,12 +172,26 @@ def _run_each(layout, rotary_dim, interleaved, cos, sin, xs, wheres, row_starts,
     return tuple(outs)
 
 
-RUNNERS.update(
-    triton=_run_triton,
-    traced=functools.partial(_run_each, backend="traced"),
-    compiled=functools.partial(_run_each, backend="compiled"),
-    eager=functools.partial(_run_each, backend="eager"),
-)
+def _small(layout, x, x_c, cos, sin, where, rotary_dim, interleaved, inverse) -> torch.Tensor:
+    """A small call (a decoding step): the fewest operations, into a new tensor laid out like x."""
+    seq_len = x_c.shape[-2]
+    if not interleaved and cos.shape[-1] == rotary_dim:  # seed-format tables hold the angles over all r channels
+        cos2, sin2 = angles_at(cos, where, seq_len, rotary_dim), angles_at(sin, where, seq_len, rotary_dim)
+    else:
+        half = rotary_dim // 2
+        cos2 = over_pairs(angles_at(cos, where, seq_len, half), interleaved)
+        sin2 = over_pairs(angles_at(sin, where, seq_len, half), interleaved)
+    rotated = _eager.rotated(x_c, cos2, -sin2 if inverse else sin2, rotary_dim, interleaved)
+    if x_c is x:
+        return rotated
+    if x.is_contiguous() and rotated.stride() == x_c.stride():  # elementwise results keep x's memory order
+        return rotated.as_strided(x.shape, x.stride())
+    out, out_c = _canonical_out(layout, x, False)
+    out_c.copy_(rotated)
+    return out
+
+
+RUNNERS.update(triton=_run_triton, traced=_run_each, compiled=_run_each, eager=_run_each)
 
 
 def _check_inplace(x: torch.Tensor) -> None:
@@ -203,7 +214,7 @@ def rope(rotation: Rotation, cos: torch.Tensor, sin: torch.Tensor, operands: lis
          inplace: bool, table_len: int) -> tuple[torch.Tensor, ...]:
     """Rotate each (x, where) of ``operands``: through autograd when a gradient is needed, a DTensor shard
     by shard. ``where`` is an int start, a tensor of positions or RowStarts, its shapes already checked."""
-    if any(dtensor_class(x) is not None for x, _ in operands):
+    if DTENSOR_MODULE in sys.modules and any(dtensor_class(x) is not None for x, _ in operands):
         return tuple(_rope_dtensor(rotation, cos, sin, x, where, inplace=inplace, table_len=table_len)
                      for x, where in operands)
     x = operands[0][0]
@@ -211,27 +222,41 @@ def rope(rotation: Rotation, cos: torch.Tensor, sin: torch.Tensor, operands: lis
         for x_, _ in operands:
             _check_inplace(x_)
     backend = choose(x, inplace=inplace)
-    for x_, where in operands:
-        if isinstance(where, int):
-            continue
-        if backend == "triton":
-            continue  # checked by the kernel on the device
-        seq_len = rotation.layout.canonical(x_).shape[-2]
-        if x_.device.type == "cuda" or torch.compiler.is_compiling():
-            assert_values_async(where, seq_len, table_len)
-        else:
-            check_values(where, seq_len, table_len)
-    row_starts = tuple(isinstance(where, RowStarts) for _, where in operands)
-    wheres = tuple(where.starts if isinstance(where, RowStarts) else where for _, where in operands)
-    xs = tuple(x for x, _ in operands)
-    grad = torch.is_grad_enabled() and (any(x_.requires_grad for x_ in xs) or cos.requires_grad or sin.requires_grad)
-    if not grad:
-        return RUNNERS[backend](*rotation, cos, sin, xs, wheres, row_starts, inplace=inplace, inverse=False)
+    if len(operands) == 1 and isinstance(operands[0][1], int):  # the common call, without the lists below
+        xs, wheres, row_starts, grad = (x,), (operands[0][1],), (False,), x.requires_grad
+        if backend == "eager" and not (inplace or grad or cos.requires_grad or sin.requires_grad) and (
+                x.numel() <= _eager.SMALL_ELEMENTS):
+            # a decoding step on the CPU: per-call overhead is all it costs, so straight to the few operations
+            layout = rotation.layout
+            return (_small(layout, x, layout.canonical(x), cos, sin, wheres[0], rotation.rotary_dim,
+                           rotation.interleaved, False),)
+    else:
+        xs, wheres, row_starts, grad = [], [], [], False
+        for x_, where in operands:
+            if not isinstance(where, int) and backend != "triton":  # the kernel checks positions on the device
+                _check_values(rotation.layout, x_, where, table_len)
+            rows = isinstance(where, RowStarts)
+            xs.append(x_)
+            wheres.append(where.starts if rows else where)
+            row_starts.append(rows)
+            grad = grad or x_.requires_grad
+    if not (grad or cos.requires_grad or sin.requires_grad) or not torch.is_grad_enabled():
+        return RUNNERS[backend](*rotation, cos, sin, xs, wheres, row_starts, inplace=inplace, inverse=False,
+                                backend=backend)
     if cos.requires_grad or sin.requires_grad:
         raise FlexRopeError("the cos/sin tables require grad: gradients flow to x only; detach the tables")
     flat = [item for pair in zip(xs, wheres) for item in pair]
-    out = Rope.apply(Call(backend, *rotation, inplace, False, row_starts), cos, sin, *flat)
+    out = Rope.apply(Call(backend, *rotation, inplace, False, tuple(row_starts)), cos, sin, *flat)
     return out if isinstance(out, tuple) else (out,)
+
+
+def _check_values(layout: Layout, x: torch.Tensor, where: Where, table_len: int) -> None:
+    """Position values: on the host where they live there, queued on the device where a read would sync."""
+    seq_len = layout.canonical(x).shape[-2]
+    if x.is_cuda or torch.compiler.is_compiling():
+        assert_values_async(where, seq_len, table_len)
+    else:
+        check_values(where, seq_len, table_len)
 
 
 def _rope_dtensor(rotation, cos, sin, x, where, *, inplace, table_len):

@@ -11,9 +11,12 @@ from ._layout import Layout
 from ._positions import RowStarts
 
 
+DTENSOR_MODULE = "torch.distributed.tensor"
+
+
 def dtensor_class(x: torch.Tensor):
     # Only code that made a DTensor has imported torch.distributed.tensor: no import here for anyone else.
-    module = sys.modules.get("torch.distributed.tensor")
+    module = sys.modules.get(DTENSOR_MODULE)
     return module.DTensor if module is not None and isinstance(x, module.DTensor) else None
 
 
