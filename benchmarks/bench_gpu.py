@@ -265,31 +265,56 @@ def speed(shapes, rows: list[str]) -> None:
 
 
 def sweep(rows: list[str]) -> None:
-    """Elements per program and warps per program, on the out-of-place b s h d case: keep the fastest."""
+    """Elements, warps and least heads per program, out of place: keep the fastest overall."""
     from flexrope import _triton
 
     cos, sin = flexrope.precompute_rope_params(128, context_length=8192)
     cos, sin = cos.cuda(), sin.cuda()
-    cases = [((8, 4096, 32, 128), torch.float32), ((8, 4096, 32, 128), torch.bfloat16), ((4, 1024, 32, 128), torch.bfloat16)]
-    tensors = [laid_out(*shape, "b s h d", dtype) for shape, dtype in cases]
+    cases = [((8, 4096, 32, 128), torch.float32, "b s h d"), ((8, 4096, 32, 128), torch.bfloat16, "b s h d"),
+             ((8, 4096, 32, 128), torch.bfloat16, "b h s d"), ((8, 4096, 32, 128), torch.bfloat16, "s b h d")]
+    tensors = [laid_out(*shape, layout, dtype) for shape, dtype, layout in cases]
     floors = [gpu_ms(x.clone, calls=10) for x in tensors]
-    rows.append("| elements per program | warps | " + " | ".join(f"{s} {str(d)[6:]} ratio" for s, d in cases) + " |")
-    rows.append("|---|---|" + "---|" * len(cases))
+    rows.append("| elements | warps | least heads | " + " | ".join(f"{l} {str(d)[6:]}" for _, d, l in cases) + " |")
+    rows.append("|---|---|---|" + "---|" * len(cases))
     best = None
-    for elements in (2048, 4096, 8192, 16384):
-        for warps in (4, 8):
-            _triton.ELEMENTS_PER_PROGRAM, _triton.NUM_WARPS = elements, warps
-            _triton._blocks.cache_clear()
-            ratios = [gpu_ms(lambda x=x: compute_rope(x, cos, sin, "b s h d"), calls=10) / f
-                      for x, f in zip(tensors, floors)]
-            rows.append(f"| {elements} | {warps} | " + " | ".join(f"{r:.3f}" for r in ratios) + " |")
-            print(rows[-1], flush=True)
-            if best is None or sum(ratios) < best[0]:
-                best = (sum(ratios), elements, warps)
-    _triton.ELEMENTS_PER_PROGRAM, _triton.NUM_WARPS = best[1], best[2]
+    for elements, warps, heads in [(2048, 4, 4), (4096, 4, 1), (4096, 4, 4), (4096, 8, 4), (8192, 4, 8),
+                                   (8192, 8, 8), (16384, 8, 8)]:
+        _triton.ELEMENTS_PER_PROGRAM, _triton.NUM_WARPS, _triton.HEADS_PER_PROGRAM = elements, warps, heads
+        _triton._blocks.cache_clear()
+        ratios = [gpu_ms(lambda x=x, l=l: compute_rope(x, cos, sin, l), calls=10) / f
+                  for x, f, (_, _, l) in zip(tensors, floors, cases)]
+        rows.append(f"| {elements} | {warps} | {heads} | " + " | ".join(f"{r:.3f}" for r in ratios) + " |")
+        print(rows[-1], flush=True)
+        if best is None or sum(ratios) < best[0]:
+            best = (sum(ratios), elements, warps, heads)
+    _triton.ELEMENTS_PER_PROGRAM, _triton.NUM_WARPS, _triton.HEADS_PER_PROGRAM = best[1:]
     _triton._blocks.cache_clear()
-    rows.append(f"\nfastest: {best[1]} elements, {best[2]} warps (used below)\n")
+    rows.append(f"\nfastest: {best[1]} elements, {best[2]} warps, at least {best[3]} heads (used below)\n")
     print(rows[-1], flush=True)
+
+
+def launch_cost(rows: list[str]) -> None:
+    """Host time of one call, split: the kernel launch alone (Triton's launcher) and the whole call."""
+    from flexrope import _triton
+
+    cos, sin = flexrope.precompute_rope_params(128, context_length=8192)
+    cos, sin = cos.cuda(), sin.cuda()
+    x = torch.randn(1, 32, 1, 128, device="cuda")
+    out = torch.empty_like(x)
+    operand = _triton.Operand(x, out, 100, None, _triton.START)
+    ok = _triton.flag(x.device)
+
+    def launch_only():
+        _triton.launch([operand], cos, sin, rotary_dim=128, interleaved=False, inverse=False, inplace=False, ok=ok)
+
+    rows.append("")
+    rows.append("| host time per call, (1, 32, 1, 128) fp32 | us |")
+    rows.append("|---|---|")
+    for name, fn in (("torch.empty_like(x) alone", lambda: torch.empty_like(x)),
+                     ("_triton.launch alone (Triton's launcher and argument setup)", launch_only),
+                     ("compute_rope, int offset", lambda: compute_rope(x, cos, sin, offset=100))):
+        rows.append(f"| {name} | {cpu_us(fn, calls=200):.1f} |")
+        print(rows[-1], flush=True)
 
 
 def decode(rows: list[str]) -> None:
@@ -354,6 +379,7 @@ def main() -> int:
     shapes = [(4, 1024, 32, 128)] if args.quick else [(8, 4096, 32, 128), (4, 1024, 32, 128)]
     speed(shapes, rows)
     decode(rows)
+    launch_cost(rows)
     report = [header, "", *(f"- {'PASS' if ok else 'FAIL'} {name} {detail}" for name, ok, detail in CHECKS), "",
               *rows]
     if args.out:

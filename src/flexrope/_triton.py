@@ -31,10 +31,12 @@ import triton.language as tl
 
 from ._pairs import memory_order
 
-# Elements of x per program (its rotary channels) and warps per program: of 2048..16384 elements and 4 or 8
-# warps, 4096 and 4 ran closest to x.clone() on an H200 in float32 and bfloat16 (benchmarks/results_gpu.md).
+# Elements of x per program (its rotary channels), warps per program, and heads per program at least: of the
+# settings swept on an H200 (benchmarks/results_gpu.md), 4096, 8 and 4 ran closest to x.clone() over fp32 and
+# bf16 and three layouts.
 ELEMENTS_PER_PROGRAM = 4096
-NUM_WARPS = 4
+NUM_WARPS = 8
+HEADS_PER_PROGRAM = 4
 # The positions modes of an operand: an int start, a (s,) or (b, s) tensor, a (b,) tensor of row starts.
 START, POSITIONS, ROW_STARTS = 0, 1, 2
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"  # read by triton.jit at import, as here
@@ -201,15 +203,14 @@ def flag(device: torch.device) -> torch.Tensor:
 @functools.lru_cache(maxsize=1024)
 def _blocks(half: int, heads: int, seq_len: int, tokens_inner: bool) -> tuple[int, int, int]:
     """(BLOCK_S, BLOCK_H, BLOCK_P): a program's tokens and heads, along the one that is closer in memory
-    first (tokens in (b h s d), heads in (b s h d)), so that its loads are long contiguous runs."""
+    first (tokens in (b h s d), heads in (b s h d)), so that its loads are long contiguous runs; at least
+    HEADS_PER_PROGRAM heads either way, so that the angles it reads are a small part of what it moves."""
     block_p = triton.next_power_of_2(half)
-    per_token = 2 * block_p
-    room = max(1, ELEMENTS_PER_PROGRAM // per_token)
-    if tokens_inner:
-        block_s = min(triton.next_power_of_2(seq_len), room)
-        return block_s, min(triton.next_power_of_2(heads), max(1, room // block_s)), block_p
-    block_h = min(triton.next_power_of_2(heads), room)
-    return min(triton.next_power_of_2(seq_len), max(1, room // block_h)), block_h, block_p
+    room = max(1, ELEMENTS_PER_PROGRAM // (2 * block_p))
+    block_h = min(triton.next_power_of_2(heads), room if not tokens_inner else min(room, HEADS_PER_PROGRAM))
+    block_s = min(triton.next_power_of_2(seq_len), max(1, room // block_h))
+    block_h = min(triton.next_power_of_2(heads), max(block_h, room // block_s))
+    return block_s, block_h, block_p
 
 
 def empty_in_memory_order(x: torch.Tensor) -> torch.Tensor:
