@@ -251,7 +251,8 @@ def speed(shapes, rows: list[str]) -> None:
                     print(rows[-1], flush=True)
             # q and k in one launch, against Liger's (both in place in its own layout, b h s d)
             rope = RotaryEmbedding(d, layout="b h s d", context_length=8192).cuda()
-            q, k = torch.randn(b, h, s, d, device="cuda").to(dtype), torch.randn(b, h // 4, s, d, device="cuda").to(dtype)
+            q = torch.randn(b, h, s, d, device="cuda").to(dtype)
+            k = torch.randn(b, h // 4, s, d, device="cuda").to(dtype)
             floor = gpu_ms(lambda: (q.clone(), k.clone()), calls=calls)
             cases = {"flexrope module q+k (GQA 4:1)": lambda: rope(q, k)}
             if liger_rotary_pos_emb is not None:

@@ -102,7 +102,8 @@ def test_numpy_integers_are_ints():
     cos, sin = flexrope.precompute_rope_params(16, context_length=32)
     x = torch.randn(1, 2, 5, 16)
     rope = flexrope.RotaryEmbedding(16, context_length=32)
-    assert torch.equal(flexrope.compute_rope(x, cos, sin, offset=np.int64(3)), flexrope.compute_rope(x, cos, sin, offset=3))
+    want = flexrope.compute_rope(x, cos, sin, offset=3)
+    assert torch.equal(flexrope.compute_rope(x, cos, sin, offset=np.int64(3)), want)
     assert torch.equal(rope(x, offset=np.int32(3)), rope(x, offset=3))
 
 

@@ -99,7 +99,8 @@ def _run_triton(layout, rotary_dim, interleaved, cos, sin, xs, wheres, row_start
         outs = []
         for x, where, mode in zip(xs, wheres, modes):
             positions = where if isinstance(where, torch.Tensor) else None
-            out_c, ok = _triton.rotate_op(layout.canonical(x), cos, sin, positions, 0 if positions is not None else where,
+            start = 0 if positions is not None else where
+            out_c, ok = _triton.rotate_op(layout.canonical(x), cos, sin, positions, start,
                                           mode, rotary_dim, interleaved, inverse)
             if positions is not None:
                 torch._assert_async(ok, f"flexrope: positions hold a position < 0 or >= {cos.shape[0]}")

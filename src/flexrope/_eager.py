@@ -52,7 +52,8 @@ def rotated(x: torch.Tensor, cos2: torch.Tensor, sin2: torch.Tensor, rotary_dim:
     compute = compute_dtype(x.dtype)
     head = as_dtype(x if rotary_dim == x.shape[-1] else x.narrow(-1, 0, rotary_dim), compute)
     signs = _pair_signs(rotary_dim, interleaved, compute, x.device)
-    out = head * as_dtype(cos2, compute) + _swap_pairs(head, rotary_dim, interleaved) * (as_dtype(sin2, compute) * signs)
+    signed_sin2 = as_dtype(sin2, compute) * signs
+    out = head * as_dtype(cos2, compute) + _swap_pairs(head, rotary_dim, interleaved) * signed_sin2
     if rotary_dim < x.shape[-1]:
         out = torch.cat([out, as_dtype(x.narrow(-1, rotary_dim, x.shape[-1] - rotary_dim), compute)], dim=-1)
     return as_dtype(out, x.dtype)

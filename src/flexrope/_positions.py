@@ -58,7 +58,9 @@ def resolve_positions(
         try:
             offset = as_int(offset, "offset")
         except FlexRopeError:
-            raise FlexRopeError(f"offset={offset!r}: expected an int or an integer tensor of shape ({batch},)") from None
+            raise FlexRopeError(
+                f"offset={offset!r}: expected an int or an integer tensor of shape ({batch},)"
+            ) from None
         if offset < 0:
             raise FlexRopeError(f"offset={offset}: positions must be >= 0")
         if offset + seq_len > table_len:

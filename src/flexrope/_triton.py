@@ -94,7 +94,8 @@ def _rotate_operand(
         pairs = tl.load(x_row[:, :, None] + c[None, None, :] * x_sd, mask=mask, other=0.0)
         a, b2 = tl.split(tl.reshape(pairs.to(COMPUTE), (BLOCK_S, BLOCK_H, BLOCK_P, 2)))
         out = tl.reshape(tl.join(a * cos - b2 * sin, b2 * cos + a * sin), (BLOCK_S, BLOCK_H, 2 * BLOCK_P))
-        tl.store(o_row[:, :, None] + c[None, None, :] * o_sd, _stored(out, out_ptr.dtype.element_ty, ROUND_BF16), mask=mask)
+        stored = _stored(out, out_ptr.dtype.element_ty, ROUND_BF16)
+        tl.store(o_row[:, :, None] + c[None, None, :] * o_sd, stored, mask=mask)
     else:
         mask = rows[:, :, None] & (j < HALF)[None, None, :]
         first_x, first_o = x_row[:, :, None] + j[None, None, :] * x_sd, o_row[:, :, None] + j[None, None, :] * o_sd
