@@ -33,10 +33,10 @@ def plot(results, path, title):
                     xs.append(j + i * width)
                     ys.append(r.ratio)
         axis.bar(xs, ys, width=width, label=name)
-    axis.axhline(1.0, color="black", linewidth=1, linestyle="--", label="x.clone() (the floor)")
+    axis.axhline(1.0, color="black", linewidth=1, linestyle="--", label="the floor")
     axis.set_xticks([j + 0.4 - width / 2 for j in range(len(cases))])
     axis.set_xticklabels(cases, rotation=40, ha="right", fontsize=7)
-    axis.set_ylabel("time / x.clone() time (same run)")
+    axis.set_ylabel("time / floor time (same run)")
     axis.set_yscale("log")
     axis.set_title(title, fontsize=9)
     axis.legend(fontsize=7, ncol=2)
@@ -66,7 +66,7 @@ def main():
                                       + "".join(f"\nnote: {n}" for n in notes))
     try:
         plot([r for r in results if not r.case.startswith("decode")], out.with_suffix(".png"),
-             f"RoPE time relative to x.clone(), {shape}, {header}")
+             f"RoPE time relative to the floor (x.clone(); out.copy_(x) in place), {shape}, {header}")
         print(f"\nwrote {out.with_suffix('.md')} and {out.with_suffix('.png')}")
     except ImportError:
         print(f"\nwrote {out.with_suffix('.md')} (no plot: matplotlib is not installed)")
