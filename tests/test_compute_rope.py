@@ -232,3 +232,33 @@ def test_tables_in_float64_rotate_float32_in_float32():
     cos32, sin32 = _tables(8)
     assert compute_rope(x, cos64, sin64).dtype == torch.float32
     torch.testing.assert_close(compute_rope(x, cos64, sin64), compute_rope(x, cos32, sin32))
+
+
+@pytest.mark.parametrize("interleaved", [False, True])
+@pytest.mark.parametrize("layout", ["b h s d", "b s h d"])
+def test_inverse_undoes_the_rotation_and_is_the_negated_angle(interleaved, layout):
+    cos, sin = flexrope.precompute_rope_params(16, context_length=64, dtype=torch.float64)
+    x = torch.randn(2, 5, 3, 16, dtype=torch.float64)
+    if layout == "b h s d":
+        x = x.transpose(1, 2)
+    positions = torch.tensor([[3, 9, 1, 40, 7], [0, 0, 5, 6, 63]])
+    kwargs = dict(positions=positions, interleaved=interleaved)
+    rotated = flexrope.compute_rope(x, cos, sin, layout, **kwargs)
+    torch.testing.assert_close(flexrope.compute_rope(rotated, cos, sin, layout, inverse=True, **kwargs), x,
+                               atol=1e-13, rtol=0)
+    assert torch.equal(flexrope.compute_rope(x, cos, sin, layout, inverse=True, **kwargs),
+                       flexrope.compute_rope(x, cos, -sin, layout, **kwargs))
+
+
+def test_re_positioning_cached_keys_equals_rotating_them_there():
+    """StreamingLLM-style eviction: keys rotated at p move to p' by the rotation of p' - p (either sign)."""
+    cos, sin = flexrope.precompute_rope_params(16, context_length=64, dtype=torch.float64)
+    keys = torch.randn(1, 2, 6, 16, dtype=torch.float64)  # (b h s d)
+    p = torch.tensor([4, 10, 11, 12, 30, 31])
+    p_new = torch.tensor([4, 5, 6, 7, 8, 40])  # evicted tokens close the gaps; one key moves forward
+    cached = flexrope.compute_rope(keys, cos, sin, positions=p)
+    delta = p_new - p
+    forward, backward = delta.clamp(min=0), (-delta).clamp(min=0)
+    moved = flexrope.compute_rope(flexrope.compute_rope(cached, cos, sin, positions=forward), cos, sin,
+                                  positions=backward, inverse=True)
+    torch.testing.assert_close(moved, flexrope.compute_rope(keys, cos, sin, positions=p_new), atol=1e-12, rtol=0)

@@ -186,3 +186,16 @@ def test_operator_for_compiled_graphs_passes_opcheck():
         torch.library.opcheck(_triton.rotate_op, args)
         out, ok = _triton.rotate_op(*args)
         assert out.stride() == x.stride() and ok.item() == 1
+
+
+def test_inverse_equals_eager_bitwise_and_its_gradient(monkeypatch):
+    cos, sin = _tables(8)
+    x = torch.randn(2, 5, 3, 8, device=DEVICE, requires_grad=True)
+    positions = torch.tensor([1, 4, 9, 0, 31], device=DEVICE)
+
+    def fn():
+        y = compute_rope(x, cos, sin, "b s h d", positions=positions, inverse=True)
+        return y, *torch.autograd.grad((y * y.detach()).sum(), x)
+
+    fast, slow = _both(monkeypatch, fn)
+    assert all(torch.equal(a, b) for a, b in zip(fast, slow))

@@ -212,12 +212,13 @@ def _check_inplace(x: torch.Tensor) -> None:
 
 
 def rope(rotation: Rotation, cos: torch.Tensor, sin: torch.Tensor, operands: list[tuple[torch.Tensor, Where]], *,
-         inplace: bool, table_len: int) -> tuple[torch.Tensor, ...]:
-    """Rotate each (x, where) of ``operands``: through autograd when a gradient is needed, a DTensor shard
-    by shard. ``where`` is an int start, a tensor of positions or RowStarts, its shapes already checked."""
+         inplace: bool, table_len: int, inverse: bool = False) -> tuple[torch.Tensor, ...]:
+    """Rotate each (x, where) of ``operands`` (by the negated angles when ``inverse``): through autograd when
+    a gradient is needed, a DTensor shard by shard. ``where`` is an int start, a tensor of positions or
+    RowStarts, its shapes already checked."""
     if DTENSOR_MODULE in sys.modules and any(dtensor_class(x) is not None for x, _ in operands):
-        return tuple(_rope_dtensor(rotation, cos, sin, x, where, inplace=inplace, table_len=table_len)
-                     for x, where in operands)
+        return tuple(_rope_dtensor(rotation, cos, sin, x, where, inplace=inplace, table_len=table_len,
+                                   inverse=inverse) for x, where in operands)
     x = operands[0][0]
     if inplace:
         for x_, _ in operands:
@@ -230,7 +231,7 @@ def rope(rotation: Rotation, cos: torch.Tensor, sin: torch.Tensor, operands: lis
             # a decoding step on the CPU: per-call overhead is all it costs, so straight to the few operations
             layout = rotation.layout
             return (_small(layout, x, layout.canonical(x), cos, sin, wheres[0], rotation.rotary_dim,
-                           rotation.interleaved, False),)
+                           rotation.interleaved, inverse),)
     else:
         xs, wheres, row_starts, grad = [], [], [], False
         for x_, where in operands:
@@ -242,12 +243,12 @@ def rope(rotation: Rotation, cos: torch.Tensor, sin: torch.Tensor, operands: lis
             row_starts.append(rows)
             grad = grad or x_.requires_grad
     if not (grad or cos.requires_grad or sin.requires_grad) or not torch.is_grad_enabled():
-        return RUNNERS[backend](*rotation, cos, sin, xs, wheres, row_starts, inplace=inplace, inverse=False,
+        return RUNNERS[backend](*rotation, cos, sin, xs, wheres, row_starts, inplace=inplace, inverse=inverse,
                                 backend=backend)
     if cos.requires_grad or sin.requires_grad:
         raise FlexRopeError("the cos/sin tables require grad: gradients flow to x only; detach the tables")
     flat = [item for pair in zip(xs, wheres) for item in pair]
-    out = Rope.apply(Call(backend, *rotation, inplace, False, tuple(row_starts)), cos, sin, *flat)
+    out = Rope.apply(Call(backend, *rotation, inplace, inverse, tuple(row_starts)), cos, sin, *flat)
     return out if isinstance(out, tuple) else (out,)
 
 
@@ -260,10 +261,11 @@ def _check_values(layout: Layout, x: torch.Tensor, where: Where, table_len: int)
         check_values(where, seq_len, table_len)
 
 
-def _rope_dtensor(rotation, cos, sin, x, where, *, inplace, table_len):
+def _rope_dtensor(rotation, cos, sin, x, where, *, inplace, table_len, inverse):
     dtensor = dtensor_class(x)
     if dtensor is None:
-        return rope(rotation, cos, sin, [(x, where)], inplace=inplace, table_len=table_len)[0]
+        return rope(rotation, cos, sin, [(x, where)], inplace=inplace, table_len=table_len, inverse=inverse)[0]
     check_shards(x, rotation.layout, where)
-    (local,) = rope(rotation, cos, sin, [(x.to_local(), where)], inplace=inplace, table_len=table_len)
+    (local,) = rope(rotation, cos, sin, [(x.to_local(), where)], inplace=inplace, table_len=table_len,
+                    inverse=inverse)
     return x if inplace else from_local(dtensor, x, local)

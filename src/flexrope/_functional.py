@@ -12,7 +12,7 @@ from ._layout import AXES, Binding, Layout, bind, parse_layout
 from ._positions import Where, resolve_positions
 from ._tables import check_rotary_dim
 
-_KEYWORDS = ("positions", "offset", "interleaved", "rotary_dim", "inplace")
+_KEYWORDS = ("positions", "offset", "interleaved", "rotary_dim", "inplace", "inverse")
 
 
 def checked_tables(cos: object, sin: object, rotary_dim: int | None, head_dim: int) -> int:
@@ -99,6 +99,7 @@ def compute_rope(
     interleaved: bool = False,
     rotary_dim: int | None = None,
     inplace: bool = False,
+    inverse: bool = False,
     **axes_lengths: int,
 ) -> torch.Tensor:
     """Rotate the channel pairs of ``x`` by the angles of each token's position.
@@ -118,6 +119,9 @@ def compute_rope(
         interleaved: pair channels (2i, 2i+1) (Meta, GPT-J) instead of (i, i + r/2) (NeoX, Hugging Face).
         rotary_dim: channels that rotate; the rest pass through. Default: the head dim.
         inplace: write the result into ``x`` and return it. Otherwise ``x`` is not modified.
+        inverse: rotate by the negated angles: undoes the rotation at the same positions. Re-positioning keys
+            already rotated at p to p' is a rotation by p' - p, also when it is negative: rotate at positions
+            ``p' - p`` if every difference is >= 0, or at ``p - p'`` with ``inverse=True`` where they are <= 0.
         **axes_lengths: lengths of axes, needed inside groups and checked everywhere, e.g. ``h=8``.
 
     Returns:
@@ -140,6 +144,6 @@ def compute_rope(
         rotary_dim = checked_tables(cos, sin, rotary_dim, shape.d)
         where = checked_positions(x, shape, cos, positions, offset)
         return rope(Rotation(parsed, rotary_dim, bool(interleaved)), cos, sin, [(x, where)], inplace=bool(inplace),
-                    table_len=cos.shape[0])[0]
+                    table_len=cos.shape[0], inverse=bool(inverse))[0]
     except FlexRopeError as error:
         raise type(error)(f"{_describe(x, layout, axes_lengths)}: {error}") from None

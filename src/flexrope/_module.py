@@ -190,6 +190,7 @@ class RotaryEmbedding(nn.Module):
         offset: int | torch.Tensor = 0,
         k_positions: torch.Tensor | None = None,
         k_offset: int | torch.Tensor | None = None,
+        inverse: bool = False,
     ):
         """Rotate q (and k), each laid out as the module's layout.
 
@@ -200,6 +201,7 @@ class RotaryEmbedding(nn.Module):
             offset: int or integer tensor (b,): q's first position (and k's, unless k_offset is given).
             k_positions, k_offset: k's own positions, when k is not aligned with q (e.g. queries for the new
                 tokens, keys for the whole cache).
+            inverse: rotate by the negated angles, undoing a rotation at the same positions.
 
         Returns:
             The rotated q, or ``(q, k)`` when k is given.
@@ -209,7 +211,8 @@ class RotaryEmbedding(nn.Module):
         q_len, q_where = self._positions(q, "q", positions, offset)
         if k is None:
             cos, sin = self._tables_for((q_where, q_len))
-            return rope(self._rotation, cos, sin, [(q, q_where)], inplace=False, table_len=cos.shape[0])[0]
+            return rope(self._rotation, cos, sin, [(q, q_where)], inplace=False, table_len=cos.shape[0],
+                        inverse=inverse)[0]
         inherited = k_positions is None and k_offset is None
         if inherited:
             k_positions, k_offset = positions, offset
@@ -220,7 +223,8 @@ class RotaryEmbedding(nn.Module):
                 f"k_positions= (e.g. k_offset=0 for keys of the whole cache)"
             ), "")
         cos, sin = self._tables_for((q_where, q_len), (k_where, k_len))
-        q, k = rope(self._rotation, cos, sin, [(q, q_where), (k, k_where)], inplace=False, table_len=cos.shape[0])
+        q, k = rope(self._rotation, cos, sin, [(q, q_where), (k, k_where)], inplace=False, table_len=cos.shape[0],
+                    inverse=inverse)
         return q, k
 
     def extra_repr(self) -> str:
