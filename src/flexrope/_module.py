@@ -10,7 +10,7 @@ from ._errors import FlexRopeError
 from ._functional import bound, checked_positions, parse
 from ._positions import RowStarts, Where
 from ._hf_config import settings_from_hf_config
-from ._scaling import frequencies, parse_scaling
+from ._scaling import frequencies, parse_scaling, softmax_scale_factor
 from ._tables import check_rotary_dim, precompute_rope_params, tables_from_inverse_frequencies
 
 
@@ -85,6 +85,9 @@ class RotaryEmbedding(nn.Module):
         self.head_dim, self.theta_base, self.context_length = head_dim, theta_base, context_length
         self.interleaved, self.scaling = interleaved, scaling
         self._rotation = Rotation(self.layout, self.rotary_dim, bool(interleaved))
+        # the attention's softmax scale: 1/sqrt(d) (of the whole q.k head, from_hf_config says which), times
+        # mscale^2 where YaRN sets mscale_all_dim (DeepSeek)
+        self.softmax_scale = head_dim ** -0.5 * softmax_scale_factor(self._recipe)
         for name, table in self._tables(torch.float32, device=None).items():
             self.register_buffer(name, table, persistent=False)
 
@@ -150,24 +153,35 @@ class RotaryEmbedding(nn.Module):
         )
 
     @classmethod
-    def from_hf_config(cls, config, *, layout: str = "b h s d", context_length: int | None = None,
-                       **axes_lengths: int) -> "RotaryEmbedding":
+    def from_hf_config(cls, config, *, layer_type: str | None = None, layout: str = "b h s d",
+                       context_length: int | None = None, **axes_lengths: int) -> "RotaryEmbedding":
         """The module a Hugging Face model's attention uses, from its config.
 
         Args:
             config: a ``transformers`` config object or a plain dict (a ``config.json``): ``head_dim`` or
-                ``hidden_size`` / ``num_attention_heads``, ``rope_theta``, ``rope_scaling`` or
-                ``rope_parameters``, ``partial_rotary_factor`` or ``rotary_pct``, ``max_position_embeddings``.
+                ``hidden_size`` / ``num_attention_heads`` (or ``n_embd`` / ``n_head``), ``rope_theta``,
+                ``rope_scaling`` or ``rope_parameters``, ``partial_rotary_factor`` or ``rotary_pct``,
+                ``max_position_embeddings`` (or ``n_positions``); GPT-J's ``rotary_dim``; DeepSeek's
+                ``qk_rope_head_dim`` and ``rope_interleave`` (the module is then the one of the rotary slice).
+            layer_type: for configs whose ``rope_parameters`` differ per layer type (Gemma 3 and 4:
+                ``"sliding_attention"``, ``"full_attention"``), the type of the layer this module serves.
             layout: the layout of q and k in your code.
             context_length: positions in the tables; default ``max_position_embeddings``.
+
+        The module's ``softmax_scale`` is the scale of the attention's scores that the config implies:
+        1/sqrt of the q.k head dim (DeepSeek: ``qk_nope_head_dim + qk_rope_head_dim``), times YaRN's
+        mscale^2 where ``mscale_all_dim`` is set.
         """
         try:
-            settings = settings_from_hf_config(config)
+            settings = settings_from_hf_config(config, layer_type)
         except FlexRopeError as error:
             raise type(error)(f"RotaryEmbedding.from_hf_config: {error}") from None
         if context_length is not None:
             settings["context_length"] = context_length
-        return cls(layout=layout, **settings, **axes_lengths)
+        qk_head_dim = settings.pop("qk_head_dim")
+        rope = cls(layout=layout, **settings, **axes_lengths)
+        rope.softmax_scale = qk_head_dim ** -0.5 * softmax_scale_factor(rope._recipe)
+        return rope
 
     def _context(self, error: FlexRopeError, what: str) -> FlexRopeError:
         return type(error)(f"RotaryEmbedding(layout={self.layout.text!r}, head_dim={self.head_dim}){what}: {error}")

@@ -12,6 +12,9 @@ Formulas follow Hugging Face transformers (``modeling_rope_utils.py``), evaluate
   factor (given, or from mscale and mscale_all_dim, or 0.1 ln(factor) + 1).
 - ``longrope``: inv = inv / ext, ext the long factors when the sequence is longer than L0 and the short ones
   otherwise; cos and sin multiplied by sqrt(1 + ln(factor) / ln(L0)).
+- ``proportional`` (Gemma 4): over the whole head, the first ``partial_rotary_factor * r / 2`` pairs keep
+  theta^(-2i / r) and the rest get frequency 0 (they do not rotate); all divided by factor. Unlike a partial
+  rotary dim, the pairs that rotate are the first ones of each half.
 
 L0 is ``original_max_position_embeddings``. Two recipes depend on the length of the sequence being rotated
 (``dynamic``, ``longrope``): :func:`frequencies` takes that length.
@@ -37,6 +40,7 @@ _KEYS = {
         ("beta_fast", "beta_slow", "mscale", "mscale_all_dim", "attention_factor", "truncate"),
     ),
     "longrope": (("short_factor", "long_factor", "original_max_position_embeddings"), ("factor", "attention_factor")),
+    "proportional": ((), ("factor", "partial_rotary_factor")),
 }
 # Keys of a Hugging Face rope_parameters dict that are not recipe parameters: checked against the call.
 _SHARED_KEYS = ("rope_type", "type", "rope_theta", "partial_rotary_factor")
@@ -93,7 +97,9 @@ def parse_scaling(scaling: object, *, rotary_dim: int, head_dim: int, theta_base
             f"scaling['rope_theta']={scaling['rope_theta']!r} but theta_base={theta_base!r}: pass "
             f"theta_base={scaling['rope_theta']!r}"
         )
-    if "partial_rotary_factor" in scaling and int(head_dim * scaling["partial_rotary_factor"]) != rotary_dim:
+    if rope_type != "proportional" and "partial_rotary_factor" in scaling and (
+        int(head_dim * scaling["partial_rotary_factor"]) != rotary_dim
+    ):
         raise FlexRopeError(
             f"scaling['partial_rotary_factor']={scaling['partial_rotary_factor']!r} means rotary_dim="
             f"{int(head_dim * scaling['partial_rotary_factor'])} for head dim {head_dim}, but rotary_dim={rotary_dim}"
@@ -128,6 +134,8 @@ def parse_scaling(scaling: object, *, rotary_dim: int, head_dim: int, theta_base
             params[key] = value
         else:
             params[key] = _number(value, key, rope_type, positive=key not in ("mscale", "mscale_all_dim"))
+    if rope_type == "proportional" and params.get("partial_rotary_factor", 1.0) > 1:
+        raise FlexRopeError(f"scaling['partial_rotary_factor']={params['partial_rotary_factor']!r}: expected at most 1")
     if rope_type == "llama3" and params["high_freq_factor"] <= params["low_freq_factor"]:
         raise FlexRopeError("scaling['high_freq_factor'] must be larger than scaling['low_freq_factor']")
     if rope_type == "longrope" and "factor" not in params and "attention_factor" not in params:
@@ -199,4 +207,15 @@ def frequencies(
             factor = scaling["factor"]
             attention = 1.0 if factor <= 1 else math.sqrt(1 + math.log(factor) / math.log(scaling.original_length))
         return inv / ext, attention
+    if kind == "proportional":
+        fraction = scaling["partial_rotary_factor"]
+        inv[int((1.0 if fraction is None else fraction) * rotary_dim // 2):] = 0.0
+        return inv / (scaling["factor"] or 1.0), 1.0
     return inv, 1.0
+
+
+def softmax_scale_factor(scaling: Scaling | None) -> float:
+    """What YaRN with ``mscale_all_dim`` multiplies the attention's softmax scale by (DeepSeek): mscale^2."""
+    if scaling is None or scaling.rope_type == "default" or not scaling["mscale_all_dim"]:
+        return 1.0
+    return _get_mscale(scaling["factor"], scaling["mscale_all_dim"]) ** 2

@@ -1,0 +1,189 @@
+"""Checkpoints, round two, against transformers' own rotary modules and apply functions (test-only
+dependency): Gemma 3 and 4 per layer type (proportional), DeepSeek-V3 (MLA, interleaved, YaRN with
+mscale_all_dim), GPT-OSS (YaRN without truncation), GPT-J (config object and config.json dict)."""
+
+import pytest
+import torch
+
+from flexrope import FlexRopeError, RotaryEmbedding
+
+transformers = pytest.importorskip("transformers")
+from transformers.models.deepseek_v3 import modeling_deepseek_v3  # noqa: E402
+from transformers.models.gemma3 import modeling_gemma3  # noqa: E402
+from transformers.models.gemma4 import configuration_gemma4, modeling_gemma4  # noqa: E402
+from transformers.models.gpt_oss import modeling_gpt_oss  # noqa: E402
+from transformers.models.gptj import modeling_gptj  # noqa: E402
+
+EPS32 = torch.finfo(torch.float32).eps
+SEQ = 96
+
+
+def _bound(reference_scale, magnitude, dtype):
+    """The reference's float32 angles are off by up to ~position * eps (ours are float64, rounded once); in
+    bfloat16 both sides round the result, half an ulp each."""
+    position = torch.arange(SEQ, dtype=torch.float32)[:, None]
+    bound = 8 * EPS32 * (position + 16) * reference_scale * magnitude
+    if dtype == torch.bfloat16:
+        bound = bound + torch.finfo(torch.bfloat16).eps * reference_scale * magnitude
+    return bound
+
+
+def _compare(rope, layout, q, k, hf_q, hf_k, scale, dtype, channels=None):
+    """Run the module in ``layout`` (q and k given as (b h s d)) and compare with the reference's (b h s d),
+    whose channels are ours in the order ``channels`` where given."""
+    to = {"b h s d": lambda t: t, "b s h d": lambda t: t.transpose(1, 2)}[layout]
+    ours_q, ours_k = rope(to(q), to(k))
+    ours_q, ours_k = to(ours_q), to(ours_k)
+    if channels is not None:
+        ours_q, ours_k = ours_q[..., channels], ours_k[..., channels]
+    bound = _bound(scale, max(q.abs().max(), k.abs().max()).float(), dtype)
+    for ours, theirs in ((ours_q, hf_q), (ours_k, hf_k)):
+        assert ours.dtype == theirs.dtype
+        assert ((ours.float() - theirs.float()).abs() <= bound).all(), (ours.float() - theirs.float()).abs().max()
+
+
+def _gemma3():
+    return transformers.Gemma3TextConfig(hidden_size=256, num_attention_heads=4, head_dim=64, num_key_value_heads=1,
+                                         max_position_embeddings=512,
+                                         rope_parameters={"sliding_attention": {"rope_type": "default",
+                                                                                "rope_theta": 10_000.0},
+                                                          "full_attention": {"rope_type": "linear", "factor": 8.0,
+                                                                             "rope_theta": 1_000_000.0}})
+
+
+def _gemma4():
+    return configuration_gemma4.Gemma4TextConfig(hidden_size=256, num_attention_heads=4, head_dim=32,
+                                                 global_head_dim=64, num_key_value_heads=1,
+                                                 max_position_embeddings=512)
+
+
+LAYERS = [("gemma3", "sliding_attention"), ("gemma3", "full_attention"), ("gemma4", "sliding_attention"),
+          ("gemma4", "full_attention")]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("layout", ["b h s d", "b s h d"])
+@pytest.mark.parametrize("model, layer_type", LAYERS)
+def test_gemma_layer_types_match_transformers(model, layer_type, layout, dtype):
+    config = _gemma3() if model == "gemma3" else _gemma4()
+    module = modeling_gemma3 if model == "gemma3" else modeling_gemma4
+    rotary = (modeling_gemma3.Gemma3RotaryEmbedding if model == "gemma3" else modeling_gemma4.Gemma4TextRotaryEmbedding)(
+        config)
+    rope = RotaryEmbedding.from_hf_config(config, layer_type=layer_type, layout=layout)
+    head_dim = rope.head_dim
+    gen = torch.Generator().manual_seed(1)
+    q = torch.randn(2, 4, SEQ, head_dim, generator=gen).to(dtype)
+    k = torch.randn(2, 1, SEQ, head_dim, generator=gen).to(dtype)
+    cos, sin = rotary(q, torch.arange(SEQ)[None].expand(2, -1), layer_type)
+    if model == "gemma3":
+        hf_q, hf_k = module.apply_rotary_pos_emb(q, k, cos, sin)
+    else:  # Gemma 4 rotates one tensor per call
+        hf_q, hf_k = module.apply_rotary_pos_emb(q, cos, sin), module.apply_rotary_pos_emb(k, cos, sin)
+    _compare(rope, layout, q, k, hf_q, hf_k, getattr(rotary, f"{layer_type}_attention_scaling"), dtype)
+
+
+def test_gemma4_full_attention_is_proportional_over_the_whole_head():
+    rope = RotaryEmbedding.from_hf_config(_gemma4(), layer_type="full_attention")
+    assert rope.head_dim == 64 and rope.rotary_dim == 64 and rope.scaling["rope_type"] == "proportional"
+    x = torch.randn(1, 1, 8, 64)
+    y = rope(x)
+    # 0.25 of the 32 pairs rotate: channels 0..7 and 32..39; the others are the identity
+    still = [c for c in range(64) if c % 32 >= 8]
+    assert torch.equal(y[..., still], x[..., still]) and not torch.equal(y[..., :8], x[..., :8])
+
+
+def test_a_per_layer_config_without_layer_type_lists_the_types():
+    with pytest.raises(FlexRopeError, match=r"per layer type \(sliding_attention, full_attention\) and no "
+                                            r"layer_type was passed: pass layer_type= one of 'sliding_attention', "
+                                            r"'full_attention'"):
+        RotaryEmbedding.from_hf_config(_gemma3())
+    with pytest.raises(FlexRopeError, match="layer_type='local'"):
+        RotaryEmbedding.from_hf_config(_gemma3(), layer_type="local")
+    with pytest.raises(FlexRopeError, match="drop layer_type"):
+        RotaryEmbedding.from_hf_config({"head_dim": 64, "max_position_embeddings": 64}, layer_type="full_attention")
+
+
+def _deepseek():
+    return transformers.DeepseekV3Config(
+        hidden_size=256, num_attention_heads=4, qk_rope_head_dim=16, qk_nope_head_dim=32, v_head_dim=32,
+        kv_lora_rank=32, q_lora_rank=64, max_position_embeddings=512,
+        rope_scaling={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 128, "mscale": 1.0,
+                      "mscale_all_dim": 1.0, "beta_fast": 32, "beta_slow": 1})
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("layout", ["b h s d", "b s h d"])
+def test_deepseek_v3_rotary_slice_matches_transformers(layout, dtype):
+    config = _deepseek()
+    rotary = modeling_deepseek_v3.DeepseekV3RotaryEmbedding(config)
+    rope = RotaryEmbedding.from_hf_config(config, layout=layout)
+    assert rope.head_dim == 16 and rope.interleaved
+    gen = torch.Generator().manual_seed(2)
+    q_full = torch.randn(2, 4, SEQ, 48, generator=gen).to(dtype)  # (b h s d): 32 nope channels, then 16 rope
+    k_rope = torch.randn(2, 1, SEQ, 16, generator=gen).to(dtype)  # one key shared by every head
+    q_rot = q_full[..., 32:]  # a strided slice of the full q: no copy
+    cos, sin = rotary(q_rot, torch.arange(SEQ)[None].expand(2, -1))
+    hf_q, hf_k = modeling_deepseek_v3.apply_rotary_pos_emb_interleave(q_rot, k_rope, cos, sin)
+    # transformers returns the rotated pairs de-interleaved (every pair's first channel, then every second);
+    # flexrope leaves each channel where it was. q and k share the order, so their scores are the same.
+    _compare(rope, layout, q_rot, k_rope, hf_q, hf_k, rotary.attention_scaling, dtype,
+             channels=list(range(0, 16, 2)) + list(range(1, 16, 2)))
+    ours_q, ours_k = RotaryEmbedding.from_hf_config(config)(q_rot.float(), k_rope.float())  # (b h s d)
+    torch.testing.assert_close(ours_q @ ours_k.transpose(-1, -2), hf_q.float() @ hf_k.float().transpose(-1, -2),
+                               atol=1e-3 if dtype == torch.float32 else 0.15, rtol=0)
+
+
+def test_deepseek_v3_softmax_scale_is_the_attention_scaling():
+    config = _deepseek()
+    attention = modeling_deepseek_v3.DeepseekV3Attention(config, layer_idx=0)
+    rope = RotaryEmbedding.from_hf_config(config)
+    assert rope.softmax_scale == pytest.approx(attention.scaling, rel=1e-12)
+    assert rope.softmax_scale != pytest.approx(48 ** -0.5)  # mscale_all_dim moves it
+
+
+@pytest.mark.parametrize("layout", ["b h s d", "b s h d"])
+def test_gpt_oss_yarn_without_truncation_matches_transformers(layout):
+    config = transformers.GptOssConfig(hidden_size=256, num_attention_heads=4, head_dim=64, num_key_value_heads=1,
+                                       max_position_embeddings=2048, num_hidden_layers=2,
+                                       rope_parameters={"rope_type": "yarn", "factor": 32.0, "beta_fast": 32.0,
+                                                        "beta_slow": 1.0, "truncate": False,
+                                                        "original_max_position_embeddings": 64,
+                                                        "rope_theta": 150_000.0})
+    rotary = modeling_gpt_oss.GptOssRotaryEmbedding(config)
+    rope = RotaryEmbedding.from_hf_config(config, layout=layout)
+    assert rope.scaling["truncate"] is False
+    gen = torch.Generator().manual_seed(3)
+    q, k = torch.randn(1, 4, SEQ, 64, generator=gen), torch.randn(1, 1, SEQ, 64, generator=gen)
+    cos, sin = rotary(q, torch.arange(SEQ)[None])
+    hf_q, hf_k = modeling_gpt_oss.apply_rotary_pos_emb(q, k, cos, sin)
+    _compare(rope, layout, q, k, hf_q, hf_k, rotary.attention_scaling, torch.float32)
+
+
+GPTJ = dict(n_embd=256, n_head=4, rotary_dim=16, n_positions=128)
+
+
+@pytest.mark.parametrize("as_dict", [False, True])
+def test_gptj_config_object_and_dict_match_transformers(as_dict):
+    config = transformers.GPTJConfig(**GPTJ)
+    source = {"model_type": "gptj", **GPTJ} if as_dict else config
+    rope = RotaryEmbedding.from_hf_config(source, layout="b s h d")
+    assert rope.interleaved and rope.rotary_dim == 16 and rope.head_dim == 64
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(2, SEQ, 4, 64, generator=gen)  # (b s h d), as GPT-J's attention holds it
+    table = modeling_gptj.create_sinusoidal_positions(128, 16)
+    sincos = table[torch.arange(SEQ)][None]
+    sin, cos = torch.split(sincos, 8, dim=-1)
+    expected = torch.cat([modeling_gptj.apply_rotary_pos_emb(x[..., :16], sin, cos), x[..., 16:]], dim=-1)
+    bound = _bound(1.0, x.abs().max(), torch.float32)[None, :, :, None]
+    assert ((rope(x) - expected).abs() <= bound).all()
+
+
+@pytest.mark.parametrize("key, value, match", [
+    ("rope_theta", 0, "rope_theta=0: expected a number > 0"),
+    ("rope_theta", -5.0, "rope_theta=-5.0: expected a number > 0"),
+    ("partial_rotary_factor", 0.0, r"partial_rotary_factor=0.0: expected a number > 0 and at most 1.0"),
+    ("partial_rotary_factor", 1.5, r"partial_rotary_factor=1.5: expected a number > 0 and at most 1.0"),
+])
+def test_falsy_and_out_of_range_values_are_errors_not_defaults(key, value, match):
+    with pytest.raises(FlexRopeError, match=match):
+        RotaryEmbedding.from_hf_config({"head_dim": 64, "max_position_embeddings": 64, key: value})
