@@ -276,3 +276,54 @@ def test_gptj_interleaving_and_rotary_dim_through_from_hf_config():
     config = transformers.GPTJConfig(n_embd=256, n_head=4, rotary_dim=16, n_positions=128)
     rope = RotaryEmbedding.from_hf_config(config)
     assert rope.interleaved and rope.rotary_dim == 16 and rope.head_dim == 64
+
+
+def _dynamic_config():
+    return transformers.LlamaConfig(hidden_size=HIDDEN, num_attention_heads=HEADS, max_position_embeddings=512,
+                                    rope_scaling={"rope_type": "dynamic", "factor": 2.0})
+
+
+@pytest.mark.parametrize("layout", ["b h s d", "b s h d"])
+@pytest.mark.parametrize("where", ["700 tokens", "decode at 20000", "positions past the table"])
+def test_dynamic_ntk_runs_past_the_original_length_with_transformers_numbers(layout, where):
+    """Dynamic NTK exists to run past max_position_embeddings, which its configs keep at L0: the module
+    accepts those positions and rotates them as transformers does (the frequencies of 1 + the largest)."""
+    config = _dynamic_config()
+    hf_rotary = modeling_llama.LlamaRotaryEmbedding(config)
+    rope = RotaryEmbedding.from_hf_config(config, layout=layout)
+    gen = torch.Generator().manual_seed(5)
+    if where == "700 tokens":
+        position_ids, kwargs = torch.arange(700)[None], {}
+    elif where == "decode at 20000":
+        position_ids, kwargs = torch.tensor([[20_000]]), {"offset": 20_000}
+    else:
+        position_ids = torch.tensor([[3, 600, 1500, 90, 2047]])
+        kwargs = {"positions": position_ids[0]}
+    seq_len = position_ids.shape[1]
+    q, k = torch.randn(1, HEADS, seq_len, 64, generator=gen), torch.randn(1, 2, seq_len, 64, generator=gen)
+    cos, sin = hf_rotary(q, position_ids)
+    hf_q, hf_k = modeling_llama.apply_rotary_pos_emb(q, k, cos, sin)
+    to = (lambda t: t) if layout == "b h s d" else (lambda t: t.transpose(1, 2))
+    ours_q, ours_k = (to(t) for t in rope(to(q), to(k), **kwargs))
+    bound = 8 * EPS32 * (position_ids[0].float()[:, None] + 16) * max(q.abs().max(), k.abs().max())
+    assert ((ours_q - hf_q).abs() <= bound).all() and ((ours_k - hf_k).abs() <= bound).all()
+
+
+def test_dynamic_ntk_decoding_step_reads_only_its_rows(monkeypatch):
+    """A step at offset 100,000 computes the angles of its one position, once for q and k, not of 100,001
+    rows."""
+    from flexrope import _module
+
+    rows = []
+    real = _module.tables_at
+    monkeypatch.setattr(_module, "tables_at", lambda inv, positions, **kw: rows.append(positions.numel()) or real(
+        inv, positions, **kw))
+    rope = RotaryEmbedding.from_hf_config(_dynamic_config())
+    rope(torch.randn(1, 4, 1, 64), torch.randn(1, 2, 1, 64), offset=100_000)
+    assert rows == [1]
+
+
+def test_dynamic_ntk_negative_positions_are_still_errors():
+    rope = RotaryEmbedding.from_hf_config(_dynamic_config())
+    with pytest.raises(FlexRopeError, match="hold position -1: positions must be >= 0"):
+        rope(torch.randn(1, 4, 3, 64), positions=torch.tensor([0, -1, 2]))

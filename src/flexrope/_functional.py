@@ -79,13 +79,15 @@ def bound(layout: Layout, x: torch.Tensor) -> Binding:
 
 
 def checked_positions(
-    x: torch.Tensor, shape: Binding, cos: torch.Tensor, positions: torch.Tensor | None, offset: int | torch.Tensor
+    x: torch.Tensor, shape: Binding, cos: torch.Tensor, positions: torch.Tensor | None, offset: int | torch.Tensor,
+    table_len: int | None = None,
 ) -> Where:
-    """Where ``x``'s tokens are (an int start, positions or row starts), checked against ``x`` and the table."""
+    """Where ``x``'s tokens are (an int start, positions or row starts), checked against ``x`` and the table
+    (or ``table_len`` positions)."""
     if cos.device != x.device:
         raise FlexRopeError(f"x is on {x.device} but the tables are on {cos.device}: move them with .to(x.device)")
-    return resolve_positions(positions, offset, seq_len=shape.s, batch=shape.b, table_len=cos.shape[0],
-                             device=x.device)
+    return resolve_positions(positions, offset, seq_len=shape.s, batch=shape.b,
+                             table_len=cos.shape[0] if table_len is None else table_len, device=x.device)
 
 
 def compute_rope(

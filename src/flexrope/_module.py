@@ -2,16 +2,26 @@
 
 from __future__ import annotations
 
+import sys
+
 import torch
 from torch import nn
 
 from ._dispatch import Rotation, rope
 from ._errors import FlexRopeError
 from ._functional import bound, checked_positions, parse
-from ._positions import RowStarts, Where
+from ._positions import RowStarts, Where, check_values, position_tensor
 from ._hf_config import settings_from_hf_config
 from ._scaling import frequencies, parse_scaling, softmax_scale_factor
-from ._tables import check_rotary_dim, precompute_rope_params, tables_from_inverse_frequencies
+from ._tables import check_rotary_dim, precompute_rope_params, tables_at
+
+
+def _rows(where: Where, seq_len: int) -> tuple[torch.Tensor, int | torch.Tensor]:
+    """The positions whose angles a call reads, and where each token finds its own among them."""
+    positions = position_tensor(where, seq_len)
+    if isinstance(positions, int):
+        return torch.arange(positions, positions + seq_len, dtype=torch.float64), 0
+    return positions.flatten(), torch.arange(positions.numel(), device=positions.device).view(positions.shape)
 
 
 def _reach(where: Where, seq_len: int) -> int:
@@ -85,19 +95,18 @@ class RotaryEmbedding(nn.Module):
         self.head_dim, self.theta_base, self.context_length = head_dim, theta_base, context_length
         self.interleaved, self.scaling = interleaved, scaling
         self._rotation = Rotation(self.layout, self.rotary_dim, bool(interleaved))
+        self._dynamic = self._recipe is not None and self._recipe.rope_type == "dynamic"
+        recipe = self._recipe
+        # L0 when calls of at most L0 positions use other tables than longer ones (dynamic, longrope)
+        self._short_length = recipe.original_length if (
+            recipe is not None and recipe.length_dependent and recipe.original_length < context_length) else None
+        # dynamic NTK: up to this many positions the tables hold the call's angles; past it, rows per call
+        self._plain_limit = min(recipe.original_length, context_length) if self._dynamic else None
         # the attention's softmax scale: 1/sqrt(d) (of the whole q.k head, from_hf_config says which), times
         # mscale^2 where YaRN sets mscale_all_dim (DeepSeek)
         self.softmax_scale = head_dim ** -0.5 * softmax_scale_factor(self._recipe)
         for name, table in self._tables(torch.float32, device=None).items():
             self.register_buffer(name, table, persistent=False)
-
-    @property
-    def _short_length(self) -> int | None:
-        """L0 when calls of at most L0 positions use other tables than longer ones (dynamic, longrope)."""
-        recipe = self._recipe
-        if recipe is not None and recipe.length_dependent and recipe.original_length < self.context_length:
-            return recipe.original_length
-        return None
 
     def _tables(self, dtype: torch.dtype, device: torch.device | None) -> dict[str, torch.Tensor]:
         """The buffers: tables for ``context_length`` positions, and for L0 where the recipe depends on length."""
@@ -134,23 +143,31 @@ class RotaryEmbedding(nn.Module):
                 setattr(self, name, table.to(device=getattr(self, name).device))
         return self
 
-    def _tables_for(self, *calls: tuple[Where, int]) -> tuple[torch.Tensor, torch.Tensor]:
-        """The tables for a call of tensors with these (positions, sequence length)."""
+    def _rotate(self, operands: list[tuple[torch.Tensor, int, Where]], inverse: bool) -> tuple[torch.Tensor, ...]:
+        """Rotate each (x, sequence length, where) with the tables its call needs."""
         short = self._short_length
-        if short is None:
-            return self.cos, self.sin
-        seq_len = max(_reach(where, length) for where, length in calls)
-        if seq_len == self.context_length:
-            return self.cos, self.sin
-        if seq_len <= short:
-            return self.short_cos, self.short_sin
-        if self._recipe.rope_type == "longrope":
-            return self.cos, self.sin
-        # dynamic NTK between L0 and context_length: the frequencies of this very length
-        inv_freq, attention_factor = frequencies(self._recipe, self.rotary_dim, self.theta_base, seq_len)
-        return tables_from_inverse_frequencies(
-            inv_freq, seq_len, dtype=self.cos.dtype, device=self.cos.device, attention_factor=attention_factor
-        )
+        reach = max(_reach(where, length) for _, length, where in operands) if short or self._dynamic else 0
+        if self._dynamic and reach > self._plain_limit:
+            # dynamic NTK past L0: the frequencies of this very length, at the rows this call reads alone
+            inv_freq, attention_factor = frequencies(self._recipe, self.rotary_dim, self.theta_base, reach)
+            groups: dict[tuple, tuple] = {}  # operands at the same int positions (q and k at a step) share rows
+            for x, length, where in operands:
+                key = (where, length) if isinstance(where, int) else (id(x),)
+                groups.setdefault(key, (where, length, []))[2].append(x)
+            out, table = {}, self.cos
+            for where, length, xs in groups.values():
+                rows, local = _rows(where, length)
+                cos, sin = tables_at(inv_freq, rows, dtype=table.dtype, device=table.device,
+                                     attention_factor=attention_factor)
+                rotated = rope(self._rotation, cos, sin, [(x, local) for x in xs], inplace=False,
+                               table_len=cos.shape[0], inverse=inverse)
+                out.update({id(x): y for x, y in zip(xs, rotated)})
+            return tuple(out[id(x)] for x, _, _ in operands)
+        cos, sin = self.cos, self.sin
+        if short is not None and reach <= short:
+            cos, sin = self.short_cos, self.short_sin
+        return rope(self._rotation, cos, sin, [(x, where) for x, _, where in operands], inplace=False,
+                    table_len=cos.shape[0], inverse=inverse)
 
     @classmethod
     def from_hf_config(cls, config, *, layer_type: str | None = None, layout: str = "b h s d",
@@ -190,7 +207,12 @@ class RotaryEmbedding(nn.Module):
         """The sequence length of ``x`` and where its tokens are, checked."""
         try:
             shape = bound(self.layout, x)
-            return shape.s, checked_positions(x, shape, self.cos, positions, offset)
+            if not self._dynamic:
+                return shape.s, checked_positions(x, shape, self.cos, positions, offset)
+            # dynamic NTK exists to run past the original length: any position >= 0, its rows computed per call
+            where = checked_positions(x, shape, self.cos, positions, offset, table_len=sys.maxsize)
+            check_values(where, shape.s, sys.maxsize)
+            return shape.s, where
         except FlexRopeError as error:
             shape_text = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
             raise self._context(error, f" on {name} of shape {shape_text}") from None
@@ -224,9 +246,7 @@ class RotaryEmbedding(nn.Module):
             raise self._context(FlexRopeError("k_positions or k_offset was given without k"), "")
         q_len, q_where = self._positions(q, "q", positions, offset)
         if k is None:
-            cos, sin = self._tables_for((q_where, q_len))
-            return rope(self._rotation, cos, sin, [(q, q_where)], inplace=False, table_len=cos.shape[0],
-                        inverse=inverse)[0]
+            return self._rotate([(q, q_len, q_where)], inverse)[0]
         inherited = k_positions is None and k_offset is None
         if inherited:
             k_positions, k_offset = positions, offset
@@ -236,9 +256,7 @@ class RotaryEmbedding(nn.Module):
                 f"q has {q_len} tokens and k has {k_len}: say where k's tokens are with k_offset= or "
                 f"k_positions= (e.g. k_offset=0 for keys of the whole cache)"
             ), "")
-        cos, sin = self._tables_for((q_where, q_len), (k_where, k_len))
-        q, k = rope(self._rotation, cos, sin, [(q, q_where), (k, k_where)], inplace=False, table_len=cos.shape[0],
-                    inverse=inverse)
+        q, k = self._rotate([(q, q_len, q_where), (k, k_len, k_where)], inverse)
         return q, k
 
     def extra_repr(self) -> str:

@@ -22,6 +22,7 @@ L0 is ``original_max_position_embeddings``. Two recipes depend on the length of 
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -55,7 +56,11 @@ class Scaling:
     params: tuple[tuple[str, object], ...]
 
     def __getitem__(self, key: str):
-        return dict(self.params).get(key)
+        return self._by_key.get(key)
+
+    @functools.cached_property
+    def _by_key(self) -> dict[str, object]:
+        return dict(self.params)
 
     @property
     def original_length(self) -> int | None:
@@ -175,17 +180,22 @@ def _llama3(inv: torch.Tensor, s: Scaling) -> torch.Tensor:
     return torch.where(medium, smoothed, scaled)
 
 
+@functools.lru_cache(maxsize=64)
+def _negated_exponents(rotary_dim: int) -> torch.Tensor:
+    """-2i / r for each pair i, float64 (read only: every caller makes new tensors from it)."""
+    return -(torch.arange(0, rotary_dim, 2, dtype=torch.float64) / rotary_dim)
+
+
 def frequencies(
     scaling: Scaling | None, rotary_dim: int, theta: float, seq_len: int
 ) -> tuple[torch.Tensor, float]:
     """Float64 inverse frequencies (rotary_dim/2,) and the factor on cos and sin, for a sequence of
     ``seq_len`` tokens (which matters for ``dynamic`` and ``longrope`` alone)."""
-    exponents = torch.arange(0, rotary_dim, 2, dtype=torch.float64) / rotary_dim
     kind = scaling.rope_type if scaling else "default"
     if kind == "dynamic" and seq_len > scaling.original_length:
         factor = scaling["factor"]
         theta = theta * (factor * seq_len / scaling.original_length - (factor - 1)) ** (rotary_dim / (rotary_dim - 2))
-    inv = torch.pow(torch.tensor(float(theta), dtype=torch.float64), -exponents)
+    inv = torch.pow(float(theta), _negated_exponents(rotary_dim))
     if kind == "linear":
         return inv / scaling["factor"], 1.0
     if kind == "llama3":

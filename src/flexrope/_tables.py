@@ -64,6 +64,21 @@ def tables_from_inverse_frequencies(
     return cos.to(device), sin.to(device)
 
 
+def tables_at(
+    inv_freq: torch.Tensor, positions: torch.Tensor, *, dtype: torch.dtype, device: torch.device,
+    attention_factor: float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Seed-format cos and sin tables (N, r) of the N ``positions`` alone, from float64 ``inv_freq``, times
+    ``attention_factor``: the rows a call reads, where a whole table would be wasted (dynamic NTK)."""
+    work = _float64_device(device)
+    angles = positions.to(device=work, dtype=torch.float64)[:, None] * inv_freq.to(device=work, dtype=torch.float64)
+    angles = torch.cat([angles, angles], dim=1)
+    cos, sin = angles.cos(), angles.sin()
+    if attention_factor != 1.0:
+        cos, sin = cos * attention_factor, sin * attention_factor
+    return cos.to(device=device, dtype=dtype), sin.to(device=device, dtype=dtype)
+
+
 def precompute_rope_params(
     head_dim: int,
     theta_base: float = 10_000,
