@@ -187,3 +187,17 @@ def test_gptj_config_object_and_dict_match_transformers(as_dict):
 def test_falsy_and_out_of_range_values_are_errors_not_defaults(key, value, match):
     with pytest.raises(FlexRopeError, match=match):
         RotaryEmbedding.from_hf_config({"head_dim": 64, "max_position_embeddings": 64, key: value})
+
+
+def test_qwen3_matches_transformers():
+    from transformers.models.qwen3 import modeling_qwen3
+
+    config = transformers.Qwen3Config(hidden_size=256, num_attention_heads=4, head_dim=64, num_key_value_heads=1,
+                                      max_position_embeddings=512, rope_theta=1_000_000.0)
+    rotary = modeling_qwen3.Qwen3RotaryEmbedding(config)
+    rope = RotaryEmbedding.from_hf_config(config)
+    gen = torch.Generator().manual_seed(6)
+    q, k = torch.randn(1, 4, SEQ, 64, generator=gen), torch.randn(1, 1, SEQ, 64, generator=gen)
+    cos, sin = rotary(q, torch.arange(SEQ)[None])
+    hf_q, hf_k = modeling_qwen3.apply_rotary_pos_emb(q, k, cos, sin)
+    _compare(rope, "b h s d", q, k, hf_q, hf_k, rotary.attention_scaling, torch.float32)
