@@ -141,8 +141,9 @@ def test_deepseek_v3_softmax_scale_is_the_attention_scaling():
     assert rope.softmax_scale != pytest.approx(48 ** -0.5)  # mscale_all_dim moves it
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("layout", ["b h s d", "b s h d"])
-def test_gpt_oss_yarn_without_truncation_matches_transformers(layout):
+def test_gpt_oss_yarn_without_truncation_matches_transformers(layout, dtype):
     config = transformers.GptOssConfig(hidden_size=256, num_attention_heads=4, head_dim=64, num_key_value_heads=1,
                                        max_position_embeddings=2048, num_hidden_layers=2,
                                        rope_parameters={"rope_type": "yarn", "factor": 32.0, "beta_fast": 32.0,
@@ -153,10 +154,11 @@ def test_gpt_oss_yarn_without_truncation_matches_transformers(layout):
     rope = RotaryEmbedding.from_hf_config(config, layout=layout)
     assert rope.scaling["truncate"] is False
     gen = torch.Generator().manual_seed(3)
-    q, k = torch.randn(1, 4, SEQ, 64, generator=gen), torch.randn(1, 1, SEQ, 64, generator=gen)
+    q = torch.randn(1, 4, SEQ, 64, generator=gen).to(dtype)
+    k = torch.randn(1, 1, SEQ, 64, generator=gen).to(dtype)
     cos, sin = rotary(q, torch.arange(SEQ)[None])
     hf_q, hf_k = modeling_gpt_oss.apply_rotary_pos_emb(q, k, cos, sin)
-    _compare(rope, layout, q, k, hf_q, hf_k, rotary.attention_scaling, torch.float32)
+    _compare(rope, layout, q, k, hf_q, hf_k, rotary.attention_scaling, dtype)
 
 
 GPTJ = dict(n_embd=256, n_head=4, rotary_dim=16, n_positions=128)

@@ -283,9 +283,10 @@ def _dynamic_config():
                                     rope_scaling={"rope_type": "dynamic", "factor": 2.0})
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("layout", ["b h s d", "b s h d"])
 @pytest.mark.parametrize("where", ["700 tokens", "decode at 20000", "positions past the table"])
-def test_dynamic_ntk_runs_past_the_original_length_with_transformers_numbers(layout, where):
+def test_dynamic_ntk_runs_past_the_original_length_with_transformers_numbers(layout, where, dtype):
     """Dynamic NTK exists to run past max_position_embeddings, which its configs keep at L0: the module
     accepts those positions and rotates them as transformers does (the frequencies of 1 + the largest)."""
     config = _dynamic_config()
@@ -300,13 +301,18 @@ def test_dynamic_ntk_runs_past_the_original_length_with_transformers_numbers(lay
         position_ids = torch.tensor([[3, 600, 1500, 90, 2047]])
         kwargs = {"positions": position_ids[0]}
     seq_len = position_ids.shape[1]
-    q, k = torch.randn(1, HEADS, seq_len, 64, generator=gen), torch.randn(1, 2, seq_len, 64, generator=gen)
+    q = torch.randn(1, HEADS, seq_len, 64, generator=gen).to(dtype)
+    k = torch.randn(1, 2, seq_len, 64, generator=gen).to(dtype)
     cos, sin = hf_rotary(q, position_ids)
     hf_q, hf_k = modeling_llama.apply_rotary_pos_emb(q, k, cos, sin)
     to = (lambda t: t) if layout == "b h s d" else (lambda t: t.transpose(1, 2))
     ours_q, ours_k = (to(t) for t in rope(to(q), to(k), **kwargs))
-    bound = 8 * EPS32 * (position_ids[0].float()[:, None] + 16) * max(q.abs().max(), k.abs().max())
-    assert ((ours_q - hf_q).abs() <= bound).all() and ((ours_k - hf_k).abs() <= bound).all()
+    scale = max(q.abs().max(), k.abs().max()).float()
+    bound = 8 * EPS32 * (position_ids[0].float()[:, None] + 16) * scale
+    if dtype == torch.bfloat16:  # both sides round the result: half an ulp each
+        bound = bound + torch.finfo(torch.bfloat16).eps * scale
+    for ours, theirs in ((ours_q, hf_q), (ours_k, hf_k)):
+        assert ours.dtype == dtype and ((ours.float() - theirs.float()).abs() <= bound).all()
 
 
 def test_dynamic_ntk_decoding_step_reads_only_its_rows(monkeypatch):

@@ -129,7 +129,9 @@ def angles_at(table: torch.Tensor, where: int | torch.Tensor, seq_len: int, widt
     :func:`position_tensor`), shaped to broadcast over a canonical (b h s width) view: (s, width) or
     (b, 1, s, width)."""
     if isinstance(where, int):
-        return table[where : where + seq_len] if width == table.shape[1] else table[where : where + seq_len, :width]
+        if width == table.shape[1]:
+            return table if where == 0 and seq_len == table.shape[0] else table[where : where + seq_len]
+        return table[where : where + seq_len, :width]
     rows = table[where.to(table.device), :width]
     return rows if rows.ndim == 2 else rows.unsqueeze(-3)
 
