@@ -262,3 +262,22 @@ def test_re_positioning_cached_keys_equals_rotating_them_there():
     moved = flexrope.compute_rope(flexrope.compute_rope(cached, cos, sin, positions=forward), cos, sin,
                                   positions=backward, inverse=True)
     torch.testing.assert_close(moved, flexrope.compute_rope(keys, cos, sin, positions=p_new), atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize("layout", ["b h s d", "b s h d"])
+def test_per_token_tables_from_a_transformers_rotary_module(layout):
+    """The (b, s, head_dim) cos and sin a model's own rotary module returns drop straight in."""
+    transformers = pytest.importorskip("transformers")
+    from transformers.models.llama import modeling_llama
+
+    config = transformers.LlamaConfig(hidden_size=256, num_attention_heads=4, max_position_embeddings=128)
+    rotary = modeling_llama.LlamaRotaryEmbedding(config)
+    q = torch.randn(2, 4, 7, 64)  # (b h s d)
+    position_ids = torch.tensor([[0, 1, 2, 3, 4, 5, 6], [9, 3, 40, 41, 42, 0, 1]])
+    cos, sin = rotary(q, position_ids)  # (b, s, 64) each
+    expected, _ = modeling_llama.apply_rotary_pos_emb(q, q, cos, sin)
+    x = q if layout == "b h s d" else q.transpose(1, 2)
+    got = flexrope.compute_rope(x, cos, sin, layout)
+    assert torch.equal(got if layout == "b h s d" else got.transpose(1, 2), expected)
+    shared = flexrope.compute_rope(x, cos[:1], sin[:1], layout)  # (1, s, d): the same angles for every row
+    assert torch.equal(shared[0], got[0])

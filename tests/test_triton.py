@@ -199,3 +199,13 @@ def test_inverse_equals_eager_bitwise_and_its_gradient(monkeypatch):
 
     fast, slow = _both(monkeypatch, fn)
     assert all(torch.equal(a, b) for a, b in zip(fast, slow))
+
+
+def test_per_token_tables_equal_eager_bitwise(monkeypatch):
+    cos, sin = _tables(8)
+    x = torch.randn(2, 5, 3, 8, device=DEVICE)
+    positions = torch.tensor([[1, 4, 9, 0, 31], [2, 2, 7, 8, 30]], device=DEVICE)
+    per_token_cos, per_token_sin = cos[positions], sin[positions]  # (b, s, r)
+    fast, slow = _both(monkeypatch, lambda: compute_rope(x, per_token_cos, per_token_sin, "b s h d"))
+    assert torch.equal(fast, slow)
+    assert torch.equal(fast, compute_rope(x, cos, sin, "b s h d", positions=positions))

@@ -25,7 +25,8 @@ def checked_tables(cos: object, sin: object, rotary_dim: int | None, head_dim: i
     for name, table in (("cos", cos), ("sin", sin)):
         if not isinstance(table, torch.Tensor) or not table.dtype.is_floating_point or table.ndim != 2:
             what = f"{table.dtype} tensor of shape {tuple(table.shape)}" if isinstance(table, torch.Tensor) else type(table).__name__
-            raise FlexRopeError(f"{name} is a {what}: expected a floating tensor of shape (context_length, rotary_dim)")
+            raise FlexRopeError(f"{name} is a {what}: expected a floating tensor of shape (context_length, rotary_dim), "
+                                f"or per-token tables (b, s, rotary_dim)")
     if cos.shape != sin.shape:
         raise FlexRopeError(f"cos has shape {tuple(cos.shape)} but sin has {tuple(sin.shape)}: pass the pair made together")
     if cos.device != sin.device:
@@ -45,6 +46,27 @@ def checked_tables(cos: object, sin: object, rotary_dim: int | None, head_dim: i
             f"{half} (half width); make them with precompute_rope_params(head_dim, rotary_dim={rotary_dim})"
         )
     return rotary_dim
+
+
+def per_token_tables(
+    cos: torch.Tensor, sin: torch.Tensor, shape: Binding, positions: object, offset: object
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-token tables (b or 1, s, width), as transformers' rotary modules return them, as the rows of one
+    table and the positions that read each token's own row."""
+    if not isinstance(sin, torch.Tensor) or sin.shape != cos.shape:
+        what = tuple(sin.shape) if isinstance(sin, torch.Tensor) else type(sin).__name__
+        raise FlexRopeError(f"cos has shape {tuple(cos.shape)} but sin has {what}: pass the pair made together")
+    if positions is not None or isinstance(offset, torch.Tensor) or offset != 0:
+        raise FlexRopeError("per-token tables (b, s, width) already hold each token's angles: drop positions= "
+                            "and offset=")
+    rows, seq_len = cos.shape[0], cos.shape[1]
+    if rows not in (1, shape.b) or seq_len != shape.s:
+        raise FlexRopeError(
+            f"per-token tables of shape {tuple(cos.shape)}: expected (1, {shape.s}, width) or "
+            f"({shape.b}, {shape.s}, width), one row per token of the s axis (and per row of the b axis)"
+        )
+    where = torch.arange(rows * seq_len, device=cos.device)
+    return cos.reshape(rows * seq_len, -1), sin.reshape(rows * seq_len, -1), where.view(rows, seq_len)
 
 
 def _check_x(x: object) -> None:
@@ -112,7 +134,9 @@ def compute_rope(
         x: queries or keys, laid out as ``layout``, e.g. (b h s d) or (b s h d). Real floating dtype;
             half precision is rotated in float32 and returned in its own dtype.
         cos, sin: tables of shape (context_length, r) in the seed format ``[t0..tn-1, t0..tn-1]``, as
-            :func:`precompute_rope_params` makes them, or half width (context_length, r/2).
+            :func:`precompute_rope_params` makes them, or half width (context_length, r/2). Or per-token
+            tables (b, s, r) or (1, s, r) (or half width), as transformers' rotary modules return them:
+            each token's own angles, so ``positions`` and ``offset`` are not given.
         layout: an einops pattern naming the axes of ``x``: ``s`` and ``d`` required, ``b`` and ``h``
             optional, ``...`` for extra leading axes, groups such as ``"b s (h d)"`` with the other lengths
             given as keywords.
@@ -143,6 +167,8 @@ def compute_rope(
     try:
         parsed = parse(layout, axes_lengths)
         shape = bound(parsed, x)
+        if isinstance(cos, torch.Tensor) and cos.ndim == 3:
+            cos, sin, positions = per_token_tables(cos, sin, shape, positions, offset)
         rotary_dim = checked_tables(cos, sin, rotary_dim, shape.d)
         where = checked_positions(x, shape, cos, positions, offset)
         return rope(Rotation(parsed, rotary_dim, bool(interleaved)), cos, sin, [(x, where)], inplace=bool(inplace),
