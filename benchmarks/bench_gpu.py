@@ -360,6 +360,7 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="checks and the smaller shape only")
     parser.add_argument("--out", default=None, help="write the checks and tables to this markdown file")
     parser.add_argument("--skip-checks", action="store_true")
+    parser.add_argument("--checks-only", action="store_true", help="the checks, no timings")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         print("no CUDA device: nothing to run")
@@ -376,6 +377,8 @@ def main() -> int:
             except Exception as error:  # noqa: BLE001 - report and go on to the next check
                 check(step.__name__, False, f"{type(error).__name__}: {str(error)[:300]}")
     rows: list[str] = []
+    if args.checks_only:
+        return 0 if all(ok for _, ok, _ in CHECKS) else 1
     sweep(rows)
     shapes = [(4, 1024, 32, 128)] if args.quick else [(8, 4096, 32, 128), (4, 1024, 32, 128)]
     speed(shapes, rows)
