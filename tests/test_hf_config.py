@@ -67,8 +67,8 @@ LAYERS = [("gemma3", "sliding_attention"), ("gemma3", "full_attention"), ("gemma
 def test_gemma_layer_types_match_transformers(model, layer_type, layout, dtype):
     config = _gemma3() if model == "gemma3" else _gemma4()
     module = modeling_gemma3 if model == "gemma3" else modeling_gemma4
-    rotary = (modeling_gemma3.Gemma3RotaryEmbedding if model == "gemma3" else modeling_gemma4.Gemma4TextRotaryEmbedding)(
-        config)
+    rotary_class = modeling_gemma3.Gemma3RotaryEmbedding if model == "gemma3" else module.Gemma4TextRotaryEmbedding
+    rotary = rotary_class(config)
     rope = RotaryEmbedding.from_hf_config(config, layer_type=layer_type, layout=layout)
     head_dim = rope.head_dim
     gen = torch.Generator().manual_seed(1)

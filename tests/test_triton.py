@@ -128,7 +128,8 @@ def test_module_rotates_q_and_k_of_other_head_counts_in_one_launch(monkeypatch):
     dict(positions=torch.tensor([0, 1, -1, 3, 4])),
     dict(offset=torch.tensor([0, 28])),
 ])
-@pytest.mark.skipif(DEVICE == "cuda", reason="on CUDA a bad position is a device-side assert (benchmarks/gpu_check.py)")
+@pytest.mark.skipif(DEVICE == "cuda",
+                    reason="on CUDA a bad position is a device-side assert (benchmarks/bench_gpu.py checks it)")
 def test_bad_positions_are_errors_and_the_next_call_works(monkeypatch, kwargs):
     _backend(monkeypatch, "triton")
     cos, sin = _tables(8)
