@@ -177,7 +177,10 @@ def _small(layout, x, x_c, cos, sin, where, rotary_dim, interleaved, inverse) ->
     """A small call (a decoding step): the fewest operations, into a new tensor laid out like x."""
     seq_len = x_c.shape[-2]
     if not interleaved and cos.shape[-1] == rotary_dim:  # seed-format tables hold the angles over all r channels
-        cos2, sin2 = angles_at(cos, where, seq_len, rotary_dim), angles_at(sin, where, seq_len, rotary_dim)
+        if isinstance(where, int):  # the rows at once: this path is all per-call overhead
+            cos2, sin2 = cos[where : where + seq_len], sin[where : where + seq_len]
+        else:
+            cos2, sin2 = angles_at(cos, where, seq_len, rotary_dim), angles_at(sin, where, seq_len, rotary_dim)
     else:
         half = rotary_dim // 2
         cos2 = over_pairs(angles_at(cos, where, seq_len, half), interleaved)
@@ -225,13 +228,14 @@ def rope(rotation: Rotation, cos: torch.Tensor, sin: torch.Tensor, operands: lis
             _check_inplace(x_)
     backend = choose(x, inplace=inplace)
     if len(operands) == 1 and isinstance(operands[0][1], int):  # the common call, without the lists below
-        xs, wheres, row_starts, grad = (x,), (operands[0][1],), (False,), x.requires_grad
+        grad = x.requires_grad
         if backend == "eager" and not (inplace or grad or cos.requires_grad or sin.requires_grad) and (
                 x.numel() <= _eager.SMALL_ELEMENTS):
             # a decoding step on the CPU: per-call overhead is all it costs, so straight to the few operations
             layout = rotation.layout
-            return (_small(layout, x, layout.canonical(x), cos, sin, wheres[0], rotation.rotary_dim,
+            return (_small(layout, x, layout.canonical(x), cos, sin, operands[0][1], rotation.rotary_dim,
                            rotation.interleaved, inverse),)
+        xs, wheres, row_starts = (x,), (operands[0][1],), (False,)
     else:
         xs, wheres, row_starts, grad = [], [], [], False
         for x_, where in operands:
