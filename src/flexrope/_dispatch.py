@@ -45,7 +45,9 @@ class Rotation(NamedTuple):
     interleaved: bool
 
 
-TRITON_INSTALLED = importlib.util.find_spec("triton") is not None  # looked up once: torch.compile cannot trace it
+# Looked up once (torch.compile cannot trace find_spec). The backend registers a torch.library.custom_op:
+# torch >= 2.4.
+TRITON_INSTALLED = importlib.util.find_spec("triton") is not None and hasattr(torch.library, "custom_op")
 
 
 def _interpreted() -> bool:
@@ -67,7 +69,8 @@ def choose(x: torch.Tensor, *, inplace: bool) -> str:
         return "compiled" if not inplace and x.numel() >= COMPILED_MIN_ELEMENTS else "eager"
     if requested == "triton":
         if not TRITON_INSTALLED:
-            raise FlexRopeError("FLEXROPE_BACKEND=triton but triton is not installed: pip install triton")
+            raise FlexRopeError("FLEXROPE_BACKEND=triton but triton is not installed (or torch is older than 2.4): "
+                                "pip install triton")
         if not cuda and not (x.device.type == "cpu" and _interpreted()):
             raise FlexRopeError(
                 f"FLEXROPE_BACKEND=triton with x on {x.device}: the Triton backend runs CUDA tensors, and CPU "
