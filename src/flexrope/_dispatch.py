@@ -98,6 +98,9 @@ def _run_triton(layout, rotary_dim, interleaved, cos, sin, xs, wheres, row_start
 
     modes = [_triton.START if not isinstance(w, torch.Tensor) else _triton.ROW_STARTS if rs else _triton.POSITIONS
              for w, rs in zip(wheres, row_starts)]
+    # positions the kernel reads on x's device (CPU positions for CUDA x are copied there)
+    wheres = [w.to(x.device) if isinstance(w, torch.Tensor) and w.device != x.device else w
+              for x, w in zip(xs, wheres)]
     if torch.compiler.is_compiling():
         outs = []
         for x, where, mode in zip(xs, wheres, modes):
@@ -115,8 +118,6 @@ def _run_triton(layout, rotary_dim, interleaved, cos, sin, xs, wheres, row_start
         out, out_c = _canonical_out(layout, x, inplace)
         outs.append(out)
         positions = where if isinstance(where, torch.Tensor) else None
-        if positions is not None and positions.device != x.device:
-            positions = positions.to(x.device)
         operands.append(_triton.Operand(layout.canonical(x), out_c, 0 if positions is not None else where, positions,
                                         mode))
     ok = _triton.flag(xs[0].device)
@@ -140,15 +141,6 @@ def _check_flag(ok: torch.Tensor, table_len: int) -> None:
     except RuntimeError:
         ok.fill_(1)
         raise FlexRopeError(message.removeprefix("flexrope: ")) from None
-
-
-def _angles_over_all(cos, sin, where, seq_len, rotary_dim, interleaved):
-    """The angles at ``where`` over all r channels like the pairs: seed-format tables hold them already."""
-    if not interleaved and cos.shape[-1] == rotary_dim:
-        return angles_at(cos, where, seq_len, rotary_dim), angles_at(sin, where, seq_len, rotary_dim)
-    half = rotary_dim // 2
-    return (over_pairs(angles_at(cos, where, seq_len, half), interleaved),
-            over_pairs(angles_at(sin, where, seq_len, half), interleaved))
 
 
 def _run_each(layout, rotary_dim, interleaved, cos, sin, xs, wheres, row_starts, *, inplace, inverse, backend):
