@@ -210,13 +210,15 @@ def _check_inplace(x: torch.Tensor) -> None:
 
 
 def rope(rotation: Rotation, cos: torch.Tensor, sin: torch.Tensor, operands: list[tuple[torch.Tensor, Where]], *,
-         inplace: bool, table_len: int, inverse: bool = False) -> tuple[torch.Tensor, ...]:
+         inplace: bool, table_len: int, inverse: bool = False, positions_checked: bool = False
+         ) -> tuple[torch.Tensor, ...]:
     """Rotate each (x, where) of ``operands`` (by the negated angles when ``inverse``): through autograd when
     a gradient is needed, a DTensor shard by shard. ``where`` is an int start, a tensor of positions or
-    RowStarts, its shapes already checked."""
+    RowStarts, its shapes already checked; its values too where ``positions_checked`` (rows of per-token
+    tables, which index them by construction)."""
     if DTENSOR_MODULE in sys.modules and any(dtensor_class(x) is not None for x, _ in operands):
         return tuple(_rope_dtensor(rotation, cos, sin, x, where, inplace=inplace, table_len=table_len,
-                                   inverse=inverse) for x, where in operands)
+                                   inverse=inverse, positions_checked=positions_checked) for x, where in operands)
     x = operands[0][0]
     if inplace:
         for x_, _ in operands:
@@ -234,7 +236,7 @@ def rope(rotation: Rotation, cos: torch.Tensor, sin: torch.Tensor, operands: lis
     else:
         xs, wheres, row_starts, grad = [], [], [], False
         for x_, where in operands:
-            if not isinstance(where, int) and backend != "triton":  # the kernel checks positions on the device
+            if not (isinstance(where, int) or positions_checked or backend == "triton"):  # triton: on the device
                 _check_values(rotation.layout, x_, where, table_len)
             rows = isinstance(where, RowStarts)
             xs.append(x_)
@@ -260,11 +262,11 @@ def _check_values(layout: Layout, x: torch.Tensor, where: Where, table_len: int)
         check_values(where, seq_len, table_len)
 
 
-def _rope_dtensor(rotation, cos, sin, x, where, *, inplace, table_len, inverse):
+def _rope_dtensor(rotation, cos, sin, x, where, *, inplace, table_len, inverse, positions_checked):
     dtensor = dtensor_class(x)
+    kwargs = dict(inplace=inplace, table_len=table_len, inverse=inverse, positions_checked=positions_checked)
     if dtensor is None:
-        return rope(rotation, cos, sin, [(x, where)], inplace=inplace, table_len=table_len, inverse=inverse)[0]
+        return rope(rotation, cos, sin, [(x, where)], **kwargs)[0]
     check_shards(x, rotation.layout, where)
-    (local,) = rope(rotation, cos, sin, [(x.to_local(), where)], inplace=inplace, table_len=table_len,
-                    inverse=inverse)
+    (local,) = rope(rotation, cos, sin, [(x.to_local(), where)], **kwargs)
     return x if inplace else from_local(dtensor, x, local)

@@ -167,11 +167,12 @@ def compute_rope(
     try:
         parsed = parse(layout, axes_lengths)
         shape = bound(parsed, x)
-        if isinstance(cos, torch.Tensor) and cos.ndim == 3:
+        per_token = isinstance(cos, torch.Tensor) and cos.ndim == 3
+        if per_token:
             cos, sin, positions = per_token_tables(cos, sin, shape, positions, offset)
         rotary_dim = checked_tables(cos, sin, rotary_dim, shape.d)
         where = checked_positions(x, shape, cos, positions, offset)
         return rope(Rotation(parsed, rotary_dim, bool(interleaved)), cos, sin, [(x, where)], inplace=bool(inplace),
-                    table_len=cos.shape[0], inverse=bool(inverse))[0]
+                    table_len=cos.shape[0], inverse=bool(inverse), positions_checked=per_token)[0]
     except FlexRopeError as error:
         raise type(error)(f"{_describe(x, layout, axes_lengths)}: {error}") from None

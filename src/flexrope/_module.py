@@ -160,7 +160,7 @@ class RotaryEmbedding(nn.Module):
                 cos, sin = tables_at(inv_freq, rows, dtype=table.dtype, device=table.device,
                                      attention_factor=attention_factor)
                 rotated = rope(self._rotation, cos, sin, [(x, local) for x in xs], inplace=False,
-                               table_len=cos.shape[0], inverse=inverse)
+                               table_len=cos.shape[0], inverse=inverse, positions_checked=True)
                 out.update({id(x): y for x, y in zip(xs, rotated)})
             return tuple(out[id(x)] for x, _, _ in operands)
         cos, sin = self.cos, self.sin
