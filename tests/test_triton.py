@@ -210,3 +210,11 @@ def test_per_token_tables_equal_eager_bitwise(monkeypatch):
     fast, slow = _both(monkeypatch, lambda: compute_rope(x, per_token_cos, per_token_sin, "b s h d"))
     assert torch.equal(fast, slow)
     assert torch.equal(fast, compute_rope(x, cos, sin, "b s h d", positions=positions))
+
+
+def test_multi_axis_module_equals_eager_bitwise(monkeypatch):
+    rope = flexrope.MultiAxisRotaryEmbedding(16, axes={"f": 2, "y": 3, "x": 3}, layout="b (f y x) h d",
+                                             frequencies="per_axis").to(DEVICE)
+    q, k = torch.randn(2, 12, 4, 16, device=DEVICE), torch.randn(2, 12, 1, 16, device=DEVICE)
+    fast, slow = _both(monkeypatch, lambda: rope(q, k, f=2, y=3, x=2))
+    assert all(torch.equal(a, b) for a, b in zip(fast, slow))

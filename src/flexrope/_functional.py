@@ -50,9 +50,10 @@ def checked_tables(cos: object, sin: object, rotary_dim: int | None, head_dim: i
 
 def per_token_tables(
     cos: torch.Tensor, sin: torch.Tensor, shape: Binding, positions: object, offset: object
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Per-token tables (b or 1, s, width), as transformers' rotary modules return them, as the rows of one
-    table and the positions that read each token's own row."""
+    table and the positions that read each token's own row (None: rows 0 .. s - 1, for tables shared by
+    every batch row)."""
     if not isinstance(sin, torch.Tensor) or sin.shape != cos.shape:
         what = tuple(sin.shape) if isinstance(sin, torch.Tensor) else type(sin).__name__
         raise FlexRopeError(f"cos has shape {tuple(cos.shape)} but sin has {what}: pass the pair made together")
@@ -65,6 +66,8 @@ def per_token_tables(
             f"per-token tables of shape {tuple(cos.shape)}: expected (1, {shape.s}, width) or "
             f"({shape.b}, {shape.s}, width), one row per token of the s axis (and per row of the b axis)"
         )
+    if rows == 1:  # one row of tables for every batch row: a plain table read from position 0
+        return cos[0], sin[0], None
     where = torch.arange(rows * seq_len, device=cos.device)
     return cos.reshape(rows * seq_len, -1), sin.reshape(rows * seq_len, -1), where.view(rows, seq_len)
 

@@ -161,6 +161,26 @@ class MultiAxisRotaryEmbedding(nn.Module):
         self.register_buffer("inv_freq", inv, persistent=False)  # float64: angles are computed in float64
         self.register_buffer("pair_axis", torch.tensor(self.pair_axes, dtype=torch.long), persistent=False)
         self.register_buffer("limits", torch.tensor(list(self.context_length.values())), persistent=False)
+        # Each axis's own cos and sin (context length, its pairs), float32: a call gathers its tokens' rows
+        # instead of evaluating cos and sin per token. The same float64 angles rounded once, so the same bits.
+        order = [j for a in range(len(self.axes)) for j, b in enumerate(self.pair_axes) if b == a]
+        self._channel_order = None if order == sorted(order) else torch.tensor(order).argsort()
+        for a, name in enumerate(self.axes):
+            pairs = [j for j, b in enumerate(self.pair_axes) if b == a]
+            angles = torch.arange(self.context_length[name], dtype=torch.float64)[:, None] * inv[pairs]
+            self.register_buffer(f"cos_{name}", angles.cos().float(), persistent=False)
+            self.register_buffer(f"sin_{name}", angles.sin().float(), persistent=False)
+
+    def _apply(self, fn, recurse=True):
+        # a cast to another dtype leaves the frequencies in float64 and the tables in float32 (as in
+        # RotaryEmbedding: half precision q and k are rotated in float32); devices move as usual
+        before = {name: t for name, t in self.named_buffers(recurse=False) if t.dtype.is_floating_point}
+        super()._apply(fn, recurse)
+        for name, table in before.items():
+            moved = getattr(self, name)
+            if moved.dtype != table.dtype:
+                setattr(self, name, table.to(device=moved.device))
+        return self
 
     @staticmethod
     def _checked_axes(axes: object) -> dict[str, int]:
@@ -255,12 +275,21 @@ class MultiAxisRotaryEmbedding(nn.Module):
         return self._tables(positions)
 
     def _tables(self, positions: torch.Tensor, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
-        # each pair's angle: the position on its axis times its frequency, in float64, rounded once (to float32,
-        # or kept in float64 for float64 q and k)
+        """Per-token cos and sin (..., s, r), seed format: each pair's angle is the position on its axis times
+        its frequency, in float64, rounded once to float32 (the axes' tables), or kept in float64."""
+        if dtype != torch.float64:
+            halves = []
+            for prefix in ("cos", "sin"):
+                parts = [getattr(self, f"{prefix}_{name}")[positions[a]] for a, name in enumerate(self.axes)]
+                half = torch.cat(parts, dim=-1)
+                if self._channel_order is not None:
+                    half = half.index_select(-1, self._channel_order.to(half.device))
+                halves.append(torch.cat([half, half], dim=-1).to(dtype))
+            return halves[0], halves[1]
         per_pair = positions.to(torch.float64).index_select(0, self.pair_axis.to(positions.device))
         angles = per_pair.movedim(0, -1) * self.inv_freq.to(positions.device)
-        angles = torch.cat([angles, angles], dim=-1)
-        return angles.cos().to(dtype), angles.sin().to(dtype)
+        cos, sin = angles.cos().to(dtype), angles.sin().to(dtype)
+        return torch.cat([cos, cos], dim=-1), torch.cat([sin, sin], dim=-1)
 
     def forward(self, q: torch.Tensor, k: torch.Tensor | None = None, /, *, positions=None, **grid: int):
         """Rotate q (and k), each laid out as the module's layout.
@@ -289,6 +318,7 @@ class MultiAxisRotaryEmbedding(nn.Module):
             if cos.ndim == 2:
                 cos, sin = cos[None], sin[None]
             cos, sin, where = per_token_tables(cos, sin, shape, None, 0)
+            where = 0 if where is None else where
         except FlexRopeError as error:
             raise self._context(error, f" on q of shape {tuple(q.shape)}") from None
         operands = [(q, where)] if k is None else [(q, where), (k, where)]
