@@ -177,3 +177,23 @@ def test_no_recompile_per_grid_size():
         positions = torch.stack(torch.unravel_index(torch.arange(y * x), (y, x)))
         assert torch.equal(step(q, positions), rope(q, positions=positions))
     assert counter.frame_count == 1
+
+
+def test_no_recompile_per_grid_size_with_grid_lengths():
+    import torch._dynamo.testing
+
+    torch._dynamo.reset()
+    rope = MultiAxisRotaryEmbedding(16, axes={"y": 4, "x": 4}, layout="b (y x) h d", frequencies="per_axis")
+    counter = torch._dynamo.testing.CompileCounter()
+    step = torch.compile(lambda q, y, x: rope(q, y=y, x=x), backend=counter, fullgraph=True, dynamic=True)
+    for y, x in ((3, 4), (5, 6), (7, 2)):
+        q = torch.randn(1, y * x, 2, 16)
+        assert torch.equal(step(q, y, x), rope(q, y=y, x=x))
+    assert counter.frame_count == 1
+
+
+def test_gradcheck_through_the_per_token_tables():
+    rope = MultiAxisRotaryEmbedding(8, axes={"t": 2, "y": 1, "x": 1}, layout="b s h d").double()
+    q = torch.randn(2, 5, 3, 8, dtype=torch.float64, requires_grad=True)
+    positions = torch.randint(0, 50, (3, 2, 5))
+    assert torch.autograd.gradcheck(lambda q: rope(q, positions=positions), (q,))

@@ -211,14 +211,21 @@ class MultiAxisRotaryEmbedding(nn.Module):
                                     f"layout's grid), got {'no ' + ', '.join(missing) if missing else ''}"
                                     f"{' and unknown ' + ', '.join(extra) if extra else ''}")
             lengths = [grid[name] for name in self.grid]
-            if any(type(n) is not int or n < 1 for n in lengths) or math.prod(lengths) != seq_len:  # noqa: E721
+            if any(isinstance(n, bool) or not isinstance(n, (int, torch.SymInt)) or n < 1 for n in lengths):
+                raise FlexRopeError(f"grid lengths {grid}: expected positive ints")
+            if math.prod(lengths) != seq_len:
                 raise FlexRopeError(f"grid lengths {grid} multiply to {math.prod(lengths)}, but the sequence has "
                                     f"{seq_len} tokens")
             not_in_grid = [name for name in names if name not in self.grid]
             if not_in_grid:
                 raise FlexRopeError(f"axes {not_in_grid} are not in the layout's grid: pass positions= instead")
-            coords = torch.unravel_index(torch.arange(seq_len, device=self.inv_freq.device), tuple(lengths))
-            by_name = dict(zip(self.grid, coords))
+            # each token's grid coordinates, first axis slowest; integer arithmetic rather than unravel_index,
+            # which a caller's dynamic compile would specialize on the grid's lengths
+            index, stride, coords = torch.arange(seq_len, device=self.inv_freq.device), 1, {}
+            for name, length in zip(reversed(self.grid), reversed(lengths)):
+                coords[name] = torch.remainder(torch.div(index, stride, rounding_mode="floor"), length)
+                stride = stride * length
+            by_name = coords
             return torch.stack([by_name[name] for name in names])
         if grid:
             raise FlexRopeError(f"both positions and grid lengths {grid} were given: pass one of them")
