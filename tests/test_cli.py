@@ -30,3 +30,19 @@ def test_plot_without_matplotlib_says_how_to_install(tmp_path, monkeypatch, caps
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     assert main(["plot", "--out", str(tmp_path / "x.png")]) == 2
     assert "pip install 'flexrope[plot]'" in capsys.readouterr().err
+
+
+def test_plot_of_the_multi_axis_presets(tmp_path):
+    pytest.importorskip("matplotlib")
+    out = tmp_path / "axes.png"
+    assert main(["plot", "--axes", "--out", str(out)]) == 0
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_channel_axes_follow_the_assignment_and_pairing():
+    from flexrope import MultiAxisRotaryEmbedding, presets
+    from flexrope._plot import _channel_axes
+
+    rope = MultiAxisRotaryEmbedding(8, axes={"t": 1, "y": 2, "x": 1}, assignment="round_robin")
+    assert _channel_axes(rope) == ["t", "y", "x", "y"] * 2  # half-split: pair i is channels i and i + 4
+    assert _channel_axes(presets.flux(axes_dim=(2, 4, 2))) == ["t", "t", "y", "y", "y", "y", "x", "x"]

@@ -1,4 +1,5 @@
-"""Command line: ``python -m flexrope`` runs the self-check; ``plot`` draws the scaling recipes."""
+"""Command line: ``python -m flexrope`` runs the self-check; ``plot`` draws the scaling recipes, or with
+``--axes`` how each multi-axis preset assigns channels to axes."""
 
 from __future__ import annotations
 
@@ -16,15 +17,21 @@ def main(argv: list[str] | None = None) -> int:
     plot.add_argument("--theta", type=float, default=500_000.0)
     plot.add_argument("--factor", type=float, default=8.0)
     plot.add_argument("--original", type=int, default=8192, help="original_max_position_embeddings")
-    plot.add_argument("--out", default="rope_scaling.png")
+    plot.add_argument("--axes", action="store_true",
+                      help="instead: which axis every channel turns with, for each multi-axis preset")
+    plot.add_argument("--out", default=None, help="the PNG (default rope_scaling.png, or rope_axes.png)")
     args = parser.parse_args(argv)
     if args.command == "plot":
         from ._errors import FlexRopeError
         from ._plot import plot as draw
+        from ._plot import plot_axes
 
         try:
-            path = draw(args.out, head_dim=args.head_dim, theta=args.theta, factor=args.factor,
-                        original=args.original, config=args.config)
+            if args.axes:
+                path = plot_axes(args.out or "rope_axes.png", head_dim=args.head_dim)
+            else:
+                path = draw(args.out or "rope_scaling.png", head_dim=args.head_dim, theta=args.theta,
+                            factor=args.factor, original=args.original, config=args.config)
         except FlexRopeError as error:
             print(f"error: {error}", file=sys.stderr)
             return 2
