@@ -1,5 +1,6 @@
 """Multi-axis RoPE at diffusion-transformer sizes: flexrope's presets against diffusers' own path and against
-flexrope's 1-D compute_rope on the same tensor (the multi-axis call builds per-token tables first).
+flexrope's 1-D compute_rope on the same tensor (the multi-axis call builds per-token tables first), the two
+timed in alternating rounds.
 
     python benchmarks/bench_multiaxis.py
 
@@ -27,6 +28,19 @@ def seconds(fn, number=3, rounds=5) -> float:
     return statistics.median(runs)
 
 
+def alternating(first, second, number=3, rounds=9) -> tuple[float, float]:
+    """Median seconds of two calls timed in alternating rounds, so that a machine's drift moves both."""
+    first(), second()
+    a, b = [], []
+    for _ in range(rounds):
+        for fn, runs in ((first, a), (second, b)):
+            start = time.perf_counter()
+            for _ in range(number):
+                fn()
+            runs.append((time.perf_counter() - start) / number)
+    return statistics.median(a), statistics.median(b)
+
+
 def main() -> None:
     from diffusers.models.embeddings import apply_rotary_emb
     from diffusers.models.transformers.transformer_flux import FluxPosEmbed
@@ -44,8 +58,8 @@ def main() -> None:
             x = torch.randn(1, 4096, 24, 128).to(dtype)
             rope, positions = presets.flux(), ids.long().T
             embed = FluxPosEmbed(theta=10_000, axes_dim=[16, 56, 56])
-            ours = seconds(lambda: rope(x, positions=positions))
-            one_d = seconds(lambda: flexrope.compute_rope(x, cos1d, sin1d, "b s h d", interleaved=True))
+            ours, one_d = alternating(lambda: rope(x, positions=positions),
+                                      lambda: flexrope.compute_rope(x, cos1d, sin1d, "b s h d", interleaved=True))
             peer = seconds(lambda: apply_rotary_emb(x.transpose(1, 2), embed(ids), use_real=True,
                                                     use_real_unbind_dim=-1))
             print(f"{'flux ' + name:<28} {ours * 1e3:>14.2f} {one_d * 1e3:>8.2f} {ours / one_d:>6.2f} {peer * 1e3:>13.2f}")
@@ -64,8 +78,8 @@ def main() -> None:
                 out[..., 1::2] = x1 * sin[..., 1::2] + x2 * cos[..., 0::2]
                 return out.to(x.dtype)
 
-            ours = seconds(lambda: rope(x, f=f, y=y, x=w))
-            one_d = seconds(lambda: flexrope.compute_rope(x, cos1d, sin1d, "b s h d", interleaved=True))
+            ours, one_d = alternating(lambda: rope(x, f=f, y=y, x=w),
+                                      lambda: flexrope.compute_rope(x, cos1d, sin1d, "b s h d", interleaved=True))
             peer = seconds(diffusers_wan)
             print(f"{'wan ' + name:<28} {ours * 1e3:>14.2f} {one_d * 1e3:>8.2f} {ours / one_d:>6.2f} {peer * 1e3:>13.2f}")
 

@@ -7,6 +7,7 @@ from ._multiaxis import MultiAxisRotaryEmbedding
 from ._positions import context_parallel_indices, context_parallel_positions, packed_positions
 from ._tables import precompute_rope_params
 from ._weights import half_split_to_interleaved, interleaved_to_half_split
+from . import presets
 
 __all__ = [
     "FlexRopeError",
@@ -20,5 +21,6 @@ __all__ = [
     "interleaved_to_half_split",
     "packed_positions",
     "precompute_rope_params",
+    "presets",
 ]
 __version__ = "0.1.0"

@@ -281,9 +281,11 @@ class MultiAxisRotaryEmbedding(nn.Module):
             raise self._context(error, ".tables") from None
         return self._tables(positions)
 
-    def _tables(self, positions: torch.Tensor, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-token cos and sin (..., s, r), seed format: each pair's angle is the position on its axis times
-        its frequency, in float64, rounded once to float32 (the axes' tables), or kept in float64."""
+    def _tables(self, positions: torch.Tensor, dtype: torch.dtype = torch.float32, *, full_width: bool = True
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-token cos and sin (..., s, r) in the seed format, or half width (..., s, r/2): each pair's angle
+        is the position on its axis times its frequency, in float64, rounded once to float32 (the axes'
+        tables), or kept in float64."""
         if dtype != torch.float64:
             halves = []
             for prefix in ("cos", "sin"):
@@ -291,11 +293,13 @@ class MultiAxisRotaryEmbedding(nn.Module):
                 half = torch.cat(parts, dim=-1)
                 if self._channel_order is not None:
                     half = half.index_select(-1, self._channel_order.to(half.device))
-                halves.append(torch.cat([half, half], dim=-1).to(dtype))
+                halves.append((torch.cat([half, half], dim=-1) if full_width else half).to(dtype))
             return halves[0], halves[1]
         per_pair = positions.to(torch.float64).index_select(0, self.pair_axis.to(positions.device))
         angles = per_pair.movedim(0, -1) * self.inv_freq.to(positions.device)
         cos, sin = angles.cos().to(dtype), angles.sin().to(dtype)
+        if not full_width:
+            return cos, sin
         return torch.cat([cos, cos], dim=-1), torch.cat([sin, sin], dim=-1)
 
     def forward(self, q: torch.Tensor, k: torch.Tensor | None = None, /, *, positions=None, **grid: int):
@@ -321,7 +325,8 @@ class MultiAxisRotaryEmbedding(nn.Module):
             positions = self._positions(shape.s, shape.b, positions, grid)
             self._check_range(positions)
             table_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
-            cos, sin = self._tables(positions.to(q.device), table_dtype)
+            # half width: the kernels read r/2 angles per token, and the tables are as large as q's head
+            cos, sin = self._tables(positions.to(q.device), table_dtype, full_width=False)
             if cos.ndim == 2:
                 cos, sin = cos[None], sin[None]
             cos, sin, where = per_token_tables(cos, sin, shape, None, 0)
