@@ -8,24 +8,11 @@ table long enough for the offset. Every call of the dynamic module computes the 
 """
 
 import platform
-import statistics
-import time
 
+import harness
 import torch
 
 from flexrope import RotaryEmbedding
-
-
-def per_call_us(fn, number=200, rounds=7) -> float:
-    for _ in range(20):
-        fn()
-    runs = []
-    for _ in range(rounds):
-        start = time.perf_counter()
-        for _ in range(number):
-            fn()
-        runs.append((time.perf_counter() - start) / number * 1e6)
-    return statistics.median(runs)
 
 
 def main() -> None:
@@ -37,8 +24,9 @@ def main() -> None:
     for offset in (2_000, 20_000, 100_000):
         plain = RotaryEmbedding(128, context_length=offset + 1)
         with torch.no_grad():
-            t_dynamic = per_call_us(lambda: dynamic(q, k, offset=offset))
-            t_plain = per_call_us(lambda: plain(q, k, offset=offset))
+            t_dynamic, t_plain = harness.compare(lambda: dynamic(q, k, offset=offset), lambda: plain(q, k, offset=offset),
+                                                 rounds=7, number=200)
+            t_dynamic, t_plain = t_dynamic * 1e6, t_plain * 1e6
         print(f"{offset:>8} {t_dynamic:>11.1f} {t_plain:>12.1f} {t_dynamic / t_plain:>6.2f}")
 
 

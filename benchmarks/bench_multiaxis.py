@@ -8,37 +8,12 @@ Flux: (1, 4096, 24, 128), a 64 x 64 latent; Wan: (1, 21 x 30 x 52, 12, 128). flo
 """
 
 import platform
-import statistics
-import time
 
+import harness
 import torch
 
 import flexrope
 from flexrope import presets
-
-
-def seconds(fn, number=3, rounds=5) -> float:
-    fn()
-    runs = []
-    for _ in range(rounds):
-        start = time.perf_counter()
-        for _ in range(number):
-            fn()
-        runs.append((time.perf_counter() - start) / number)
-    return statistics.median(runs)
-
-
-def alternating(first, second, number=3, rounds=9) -> tuple[float, float]:
-    """Median seconds of two calls timed in alternating rounds, so that a machine's drift moves both."""
-    first(), second()
-    a, b = [], []
-    for _ in range(rounds):
-        for fn, runs in ((first, a), (second, b)):
-            start = time.perf_counter()
-            for _ in range(number):
-                fn()
-            runs.append((time.perf_counter() - start) / number)
-    return statistics.median(a), statistics.median(b)
 
 
 def main() -> None:
@@ -58,10 +33,11 @@ def main() -> None:
             x = torch.randn(1, 4096, 24, 128).to(dtype)
             rope, positions = presets.flux(), ids.long().T
             embed = FluxPosEmbed(theta=10_000, axes_dim=[16, 56, 56])
-            ours, one_d = alternating(lambda: rope(x, positions=positions),
-                                      lambda: flexrope.compute_rope(x, cos1d, sin1d, "b s h d", interleaved=True))
-            peer = seconds(lambda: apply_rotary_emb(x.transpose(1, 2), embed(ids), use_real=True,
-                                                    use_real_unbind_dim=-1))
+            ours, one_d = harness.compare(lambda: rope(x, positions=positions),
+                                          lambda: flexrope.compute_rope(x, cos1d, sin1d, "b s h d", interleaved=True),
+                                          rounds=9, number=3)
+            peer, _ = harness.compare(lambda: apply_rotary_emb(x.transpose(1, 2), embed(ids), use_real=True,
+                                                    use_real_unbind_dim=-1), lambda: None, rounds=3, number=2)
             print(f"{'flux ' + name:<28} {ours * 1e3:>14.2f} {one_d * 1e3:>8.2f} {ours / one_d:>6.2f} {peer * 1e3:>13.2f}")
             # Wan: 21 x 30 x 52 patches
             f, y, w = 21, 30, 52
@@ -78,9 +54,10 @@ def main() -> None:
                 out[..., 1::2] = x1 * sin[..., 1::2] + x2 * cos[..., 0::2]
                 return out.to(x.dtype)
 
-            ours, one_d = alternating(lambda: rope(x, f=f, y=y, x=w),
-                                      lambda: flexrope.compute_rope(x, cos1d, sin1d, "b s h d", interleaved=True))
-            peer = seconds(diffusers_wan)
+            ours, one_d = harness.compare(lambda: rope(x, f=f, y=y, x=w),
+                                          lambda: flexrope.compute_rope(x, cos1d, sin1d, "b s h d", interleaved=True),
+                                          rounds=9, number=3)
+            peer, _ = harness.compare(diffusers_wan, lambda: None, rounds=3, number=2)
             print(f"{'wan ' + name:<28} {ours * 1e3:>14.2f} {one_d * 1e3:>8.2f} {ours / one_d:>6.2f} {peer * 1e3:>13.2f}")
 
 

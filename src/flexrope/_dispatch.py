@@ -172,8 +172,9 @@ def _small(layout, x, x_c, cos, sin, where, rotary_dim, interleaved, inverse) ->
     """A small call (a decoding step): the fewest operations, into a new tensor laid out like x."""
     seq_len = x_c.shape[-2]
     if not interleaved and cos.shape[-1] == rotary_dim:  # seed-format tables hold the angles over all r channels
-        if isinstance(where, int):  # the rows at once: this path is all per-call overhead
-            cos2, sin2 = cos[where : where + seq_len], sin[where : where + seq_len]
+        if isinstance(where, int):  # the rows at once (or the whole table): this path is all per-call overhead
+            whole = where == 0 and seq_len == cos.shape[0]
+            cos2, sin2 = (cos, sin) if whole else (cos[where : where + seq_len], sin[where : where + seq_len])
         else:
             cos2, sin2 = angles_at(cos, where, seq_len, rotary_dim), angles_at(sin, where, seq_len, rotary_dim)
     else:
