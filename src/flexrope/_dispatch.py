@@ -9,7 +9,8 @@ run it (through autograd when a gradient is needed). The backends, each with the
 - ``traced``: inside a caller's ``torch.compile`` graph (off CUDA): the rotation as one expression that
   inductor fuses with the caller's code.
 - ``compiled``: a loop written by ``torch.compile`` (``_compiled``), for large CPU calls.
-- ``eager``: chunked eager kernels in memory order (``_eager``), or for small calls the fewest operations.
+- ``eager``: chunked eager kernels in memory order (``_eager``).
+- ``small``: for small CPU calls out of place (a decoding step), the fewest whole-tensor operations.
 
 ``FLEXROPE_BACKEND`` (read at every call) forces one: ``auto`` (the default), ``triton``, ``compiled`` or
 ``eager``.
@@ -61,12 +62,15 @@ def requested_backend() -> str:
     return name
 
 
-def choose(x: torch.Tensor, *, inplace: bool) -> str:
-    """The backend for a call on ``x``: triton, traced, compiled or eager."""
+def choose(x: torch.Tensor, *, inplace: bool, numel: int) -> str:
+    """The backend for a call on ``x`` (the largest of its tensors has ``numel`` elements): triton, traced,
+    compiled, eager or small."""
     requested = requested_backend()
     cuda, compiling = x.is_cuda, torch.compiler.is_compiling()
     if requested == "auto" and not (cuda or compiling):  # the CPU, eagerly: by size and whether in place
-        return "compiled" if not inplace and x.numel() >= COMPILED_MIN_ELEMENTS else "eager"
+        if inplace:
+            return "eager"
+        return "compiled" if numel >= COMPILED_MIN_ELEMENTS else "small" if numel <= _eager.SMALL_ELEMENTS else "eager"
     if requested == "triton":
         if not TRITON_INSTALLED:
             raise FlexRopeError("FLEXROPE_BACKEND=triton but triton is not installed (or torch is older than 2.4): "
@@ -83,9 +87,9 @@ def choose(x: torch.Tensor, *, inplace: bool) -> str:
     if compiling:
         return "traced"
     # In place the compiled loop runs slower than the chunked kernels (inductor copies x before writing it)
-    if requested == "compiled" or (requested == "auto" and not inplace and x.numel() >= COMPILED_MIN_ELEMENTS):
+    if requested == "compiled" or (requested == "auto" and not inplace and numel >= COMPILED_MIN_ELEMENTS):
         return "compiled"
-    return "eager"
+    return "small" if not inplace and numel <= _eager.SMALL_ELEMENTS else "eager"
 
 
 def _canonical_out(layout: Layout, x: torch.Tensor, inplace: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -150,7 +154,7 @@ def _run_each(layout, rotary_dim, interleaved, cos, sin, xs, wheres, row_starts,
         seq_len = x_c.shape[-2]
         if not isinstance(where, int):
             where = position_tensor(RowStarts(where) if rows else where, seq_len)
-        if backend == "eager" and not inplace and x.numel() <= _eager.SMALL_ELEMENTS:
+        if backend == "small":
             outs.append(_small(layout, x, x_c, cos, sin, where, rotary_dim, interleaved, inverse))
             continue
         half = rotary_dim // 2
@@ -172,11 +176,7 @@ def _small(layout, x, x_c, cos, sin, where, rotary_dim, interleaved, inverse) ->
     """A small call (a decoding step): the fewest operations, into a new tensor laid out like x."""
     seq_len = x_c.shape[-2]
     if not interleaved and cos.shape[-1] == rotary_dim:  # seed-format tables hold the angles over all r channels
-        if isinstance(where, int):  # the rows at once (or the whole table): this path is all per-call overhead
-            whole = where == 0 and seq_len == cos.shape[0]
-            cos2, sin2 = (cos, sin) if whole else (cos[where : where + seq_len], sin[where : where + seq_len])
-        else:
-            cos2, sin2 = angles_at(cos, where, seq_len, rotary_dim), angles_at(sin, where, seq_len, rotary_dim)
+        cos2, sin2 = angles_at(cos, where, seq_len, rotary_dim), angles_at(sin, where, seq_len, rotary_dim)
     else:
         half = rotary_dim // 2
         cos2 = over_pairs(angles_at(cos, where, seq_len, half), interleaved)
@@ -191,7 +191,7 @@ def _small(layout, x, x_c, cos, sin, where, rotary_dim, interleaved, inverse) ->
     return out
 
 
-RUNNERS.update(triton=_run_triton, traced=_run_each, compiled=_run_each, eager=_run_each)
+RUNNERS.update(triton=_run_triton, traced=_run_each, compiled=_run_each, eager=_run_each, small=_run_each)
 
 
 def _check_inplace(x: torch.Tensor) -> None:
@@ -224,11 +224,10 @@ def rope(rotation: Rotation, cos: torch.Tensor, sin: torch.Tensor, operands: lis
     if inplace:
         for x_, _ in operands:
             _check_inplace(x_)
-    backend = choose(x, inplace=inplace)
+    backend = choose(x, inplace=inplace, numel=max(x_.numel() for x_, _ in operands))
     if len(operands) == 1 and isinstance(operands[0][1], int):  # the common call, without the lists below
         grad = x.requires_grad
-        if backend == "eager" and not (inplace or grad or cos.requires_grad or sin.requires_grad) and (
-                x.numel() <= _eager.SMALL_ELEMENTS):
+        if backend == "small" and not (grad or cos.requires_grad or sin.requires_grad):
             # a decoding step on the CPU: per-call overhead is all it costs, so straight to the few operations
             layout = rotation.layout
             return (_small(layout, x, layout.canonical(x), cos, sin, operands[0][1], rotation.rotary_dim,
