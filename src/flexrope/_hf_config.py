@@ -19,7 +19,7 @@ _ALIASES = {
 }
 
 
-def _get(config, key: str):
+def config_value(config, key: str):
     """``config[key]`` or ``config.key`` (or an alias of it), None when absent."""
     for name in _ALIASES.get(key, (key,)):
         if isinstance(config, dict):
@@ -36,7 +36,7 @@ def _get(config, key: str):
 
 def _layer_config(config, layer_type: str):
     """The config of one layer type, where the config keeps them apart (Gemma 4's per_layer_config)."""
-    per_layer = _get(config, "per_layer_config")
+    per_layer = config_value(config, "per_layer_config")
     try:
         return per_layer[layer_type] if per_layer is not None else config
     except (KeyError, IndexError, TypeError, ValueError):
@@ -45,9 +45,9 @@ def _layer_config(config, layer_type: str):
 
 def _parameters(config, layer_type: str | None) -> dict:
     # transformers >= 5 keeps theta and the recipe in rope_parameters; older configs in rope_theta/rope_scaling
-    parameters = _get(config, "rope_parameters")
+    parameters = config_value(config, "rope_parameters")
     if parameters is None:
-        parameters = _get(config, "rope_scaling")
+        parameters = config_value(config, "rope_scaling")
     parameters = dict(parameters or {})
     types = [name for name, value in parameters.items() if isinstance(value, dict)]
     if types:
@@ -78,31 +78,31 @@ def settings_from_hf_config(config, layer_type: str | None = None) -> dict:
     ``qk_head_dim`` the attention scales its scores by."""
     parameters = _parameters(config, layer_type)
     layer = _layer_config(config, layer_type) if layer_type is not None else config
-    model_type = _get(config, "model_type")
-    rope_head_dim = _get(layer, "qk_rope_head_dim")  # DeepSeek's MLA: the rotary slice of each head
-    head_dim = rope_head_dim if rope_head_dim is not None else _get(layer, "head_dim")
+    model_type = config_value(config, "model_type")
+    rope_head_dim = config_value(layer, "qk_rope_head_dim")  # DeepSeek's MLA: the rotary slice of each head
+    head_dim = rope_head_dim if rope_head_dim is not None else config_value(layer, "head_dim")
     if head_dim is None:
-        hidden, heads = _get(layer, "hidden_size"), _get(layer, "num_attention_heads")
+        hidden, heads = config_value(layer, "hidden_size"), config_value(layer, "num_attention_heads")
         if hidden is None or heads is None:
             raise FlexRopeError("the config has neither 'head_dim' nor 'hidden_size' and 'num_attention_heads'")
         head_dim = hidden // heads
     theta = parameters.pop("rope_theta", None)
     if theta is None:
-        theta = _get(config, "rope_theta")
+        theta = config_value(config, "rope_theta")
     theta = _positive(_DEFAULT_THETA if theta is None else theta, "rope_theta")
     partial = parameters.pop("partial_rotary_factor", None)
     for key in ("partial_rotary_factor", "rotary_pct"):
-        partial = _get(layer, key) if partial is None else partial
+        partial = config_value(layer, key) if partial is None else partial
     partial = _positive(1.0 if partial is None else partial, "partial_rotary_factor", at_most=1.0)
-    max_positions = _get(config, "max_position_embeddings")
+    max_positions = config_value(config, "max_position_embeddings")
     if max_positions is None:
         raise FlexRopeError("the config has no 'max_position_embeddings'")
-    interleaved = model_type in ("gptj", "codegen") or _get(config, "rope_interleave") is True
+    interleaved = model_type in ("gptj", "codegen") or config_value(config, "rope_interleave") is True
     rope_type = parameters.get("rope_type", parameters.get("type", "default"))
     if rope_type == "proportional":  # the fraction shapes the frequencies, over the whole head
         rotary_dim = head_dim
-    elif model_type in ("gptj", "codegen") and _get(config, "rotary_dim") is not None:
-        rotary_dim = _get(config, "rotary_dim")
+    elif model_type in ("gptj", "codegen") and config_value(config, "rotary_dim") is not None:
+        rotary_dim = config_value(config, "rotary_dim")
     else:
         rotary_dim = int(head_dim * partial)
     scaling = None
@@ -114,13 +114,13 @@ def settings_from_hf_config(config, layer_type: str | None = None) -> dict:
             # the reference grows dynamic NTK from max_position_embeddings
             scaling["original_max_position_embeddings"] = max_positions
         elif rope_type in ("yarn", "llama3", "longrope"):
-            original = _get(config, "original_max_position_embeddings")  # Phi-3 keeps it outside the dict
+            original = config_value(config, "original_max_position_embeddings")  # Phi-3 keeps it outside the dict
             if original is not None:
                 scaling["original_max_position_embeddings"] = original
             scaling.setdefault("original_max_position_embeddings", max_positions)
             if scaling.get("factor") is None and rope_type in ("yarn", "longrope"):
                 scaling["factor"] = max_positions / scaling["original_max_position_embeddings"]
-    qk_nope = _get(layer, "qk_nope_head_dim") if rope_head_dim is not None else None
+    qk_nope = config_value(layer, "qk_nope_head_dim") if rope_head_dim is not None else None
     return {
         "head_dim": head_dim,
         "theta_base": theta,

@@ -22,6 +22,7 @@ from torch import nn
 from ._dispatch import Rotation, rope
 from ._errors import FlexRopeError, LayoutError
 from ._functional import bound, parse, per_token_tables
+from ._hf_config import config_value
 from ._layout import AXES, Layout
 from ._positions import check_values
 from ._tables import check_rotary_dim
@@ -343,7 +344,7 @@ class MultiAxisRotaryEmbedding(nn.Module):
         axes ``t``, ``y``, ``x`` (the config's ``mrope_section``), positions as the model's ``position_ids`` of
         shape (3, b, s)."""
         def get(key, default=None):
-            value = config.get(key) if isinstance(config, dict) else getattr(config, key, None)
+            value = config_value(config, key)
             return default if value is None else value
 
         parameters = dict(get("rope_parameters") or get("rope_scaling") or {})
