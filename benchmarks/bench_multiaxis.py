@@ -35,7 +35,7 @@ def main() -> None:
             embed = FluxPosEmbed(theta=10_000, axes_dim=[16, 56, 56])
             ours, one_d = harness.compare(lambda: rope(x, positions=positions),
                                           lambda: flexrope.compute_rope(x, cos1d, sin1d, "b s h d", interleaved=True),
-                                          rounds=9, number=3)
+                                          rounds=21, number=5)
             peer, _ = harness.compare(lambda: apply_rotary_emb(x.transpose(1, 2), embed(ids), use_real=True,
                                                     use_real_unbind_dim=-1), lambda: None, rounds=3, number=2)
             print(f"{'flux ' + name:<28} {ours * 1e3:>14.2f} {one_d * 1e3:>8.2f} {ours / one_d:>6.2f} {peer * 1e3:>13.2f}")
@@ -56,7 +56,7 @@ def main() -> None:
 
             ours, one_d = harness.compare(lambda: rope(x, f=f, y=y, x=w),
                                           lambda: flexrope.compute_rope(x, cos1d, sin1d, "b s h d", interleaved=True),
-                                          rounds=9, number=3)
+                                          rounds=21, number=5)
             peer, _ = harness.compare(diffusers_wan, lambda: None, rounds=3, number=2)
             print(f"{'wan ' + name:<28} {ours * 1e3:>14.2f} {one_d * 1e3:>8.2f} {ours / one_d:>6.2f} {peer * 1e3:>13.2f}")
 

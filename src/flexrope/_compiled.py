@@ -67,7 +67,9 @@ def rotate(x: torch.Tensor, x_c: torch.Tensor, cos: torch.Tensor, sin: torch.Ten
     order = memory_order(x_c)
     compute = compute_dtype(x.dtype)
     x_m = x_c.permute(order)
-    cos_m, sin_m = (as_dtype(broadcast_to(t, x_c.ndim).permute(order), compute) for t in (cos, sin))
+    # contiguous tables: a table's strides (a slice of a wider table, or rows built per call) would otherwise
+    # be a guard, and a variant seen with two of them recompiles into a slower loop with symbolic strides
+    cos_m, sin_m = (as_dtype(broadcast_to(t, x_c.ndim).permute(order), compute).contiguous() for t in (cos, sin))
     # unit dims of x would each add a guard (and a graph) under dynamic shapes: drop them
     keep = [dim for dim in range(x_m.ndim) if x_m.shape[dim] != 1 or dim == x_m.ndim - 1]
     x_m, cos_m, sin_m = (t.squeeze([d for d in range(t.ndim) if d not in keep]) for t in (x_m, cos_m, sin_m))
