@@ -170,7 +170,8 @@ def test_forced_triton_backend_on_a_device_it_cannot_run(monkeypatch):
         with pytest.raises(FlexRopeError, match="FLEXROPE_BACKEND=triton with x on cpu"):
             compute_rope(torch.randn(1, 2, 3, 8), cos, sin)
     _backend(monkeypatch, "fast")
-    with pytest.raises(FlexRopeError, match="FLEXROPE_BACKEND='fast': expected one of auto, triton, compiled, eager"):
+    with pytest.raises(FlexRopeError,
+                       match="FLEXROPE_BACKEND='fast': expected one of auto, triton, native, compiled, eager"):
         compute_rope(torch.randn(1, 2, 3, 8), cos, sin)
 
 
@@ -218,3 +219,16 @@ def test_multi_axis_module_equals_eager_bitwise(monkeypatch):
     q, k = torch.randn(2, 12, 4, 16, device=DEVICE), torch.randn(2, 12, 1, 16, device=DEVICE)
     fast, slow = _both(monkeypatch, lambda: rope(q, k, f=2, y=3, x=2))
     assert all(torch.equal(a, b) for a, b in zip(fast, slow))
+
+
+def test_in_place_write_is_seen_by_autograd(monkeypatch):
+    """The kernel writes through a pointer; x's version still moves, so a tensor saved for backward that it
+    overwrote is an error, as with the eager kernels."""
+    _backend(monkeypatch, "triton")
+    cos, sin = _tables()
+    weight = torch.randn(1, 2, 5, 8, device=DEVICE, requires_grad=True)
+    y = torch.randn(1, 2, 5, 8, device=DEVICE)
+    saved = weight * y  # saves y for weight's gradient; y itself needs none
+    compute_rope(y, cos, sin, inplace=True)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        saved.sum().backward()

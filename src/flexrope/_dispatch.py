@@ -8,12 +8,14 @@ run it (through autograd when a gradient is needed). The backends, each with the
   it also runs on CPU tensors when forced.
 - ``traced``: inside a caller's ``torch.compile`` graph (off CUDA): the rotation as one expression that
   inductor fuses with the caller's code.
-- ``compiled``: a loop written by ``torch.compile`` (``_compiled``), for large CPU calls.
-- ``eager``: chunked eager kernels in memory order (``_eager``).
+- ``native``: one C loop over x in memory order (``_native``), built on first use: the default for CPU calls
+  in place and out of place, except small ones.
+- ``compiled``: a loop written by ``torch.compile`` (``_compiled``); only when forced.
+- ``eager``: chunked eager kernels in memory order (``_eager``); where the others do not apply.
 - ``small``: for small CPU calls out of place (a decoding step), the fewest whole-tensor operations.
 
-``FLEXROPE_BACKEND`` (read at every call) forces one: ``auto`` (the default), ``triton``, ``compiled`` or
-``eager``.
+``FLEXROPE_BACKEND`` (read at every call) forces one: ``auto`` (the default), ``triton``, ``native``,
+``compiled`` or ``eager``.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from typing import NamedTuple
 
 import torch
 
-from . import _compiled, _eager
+from . import _compiled, _eager, _native
 from ._autograd import RUNNERS, Call, Rope
 from ._dtensor import DTENSOR_MODULE, check_shards, dtensor_class, from_local
 from ._errors import FlexRopeError
@@ -33,9 +35,7 @@ from ._layout import Layout
 from ._pairs import over_pairs
 from ._positions import RowStarts, Where, angles_at, assert_values_async, check_values, position_tensor
 
-BACKENDS = ("auto", "triton", "compiled", "eager")
-# From this many elements a CPU call is worth the compiled loop; below, the eager kernels' cost is small.
-COMPILED_MIN_ELEMENTS = 1 << 20
+BACKENDS = ("auto", "triton", "native", "compiled", "eager")
 
 
 class Rotation(NamedTuple):
@@ -64,13 +64,13 @@ def requested_backend() -> str:
 
 def choose(x: torch.Tensor, *, inplace: bool, numel: int) -> str:
     """The backend for a call on ``x`` (the largest of its tensors has ``numel`` elements): triton, traced,
-    compiled, eager or small."""
+    native, compiled, eager or small."""
     requested = requested_backend()
     cuda, compiling = x.is_cuda, torch.compiler.is_compiling()
-    if requested == "auto" and not (cuda or compiling):  # the CPU, eagerly: by size and whether in place
-        if inplace:
-            return "eager"
-        return "compiled" if numel >= COMPILED_MIN_ELEMENTS else "small" if numel <= _eager.SMALL_ELEMENTS else "eager"
+    if requested == "auto" and not (cuda or compiling):  # the CPU, eagerly
+        if not inplace and numel <= _eager.SMALL_ELEMENTS:
+            return "small"
+        return "eager" if _native.unavailable else "native"
     if requested == "triton":
         if not TRITON_INSTALLED:
             raise FlexRopeError("FLEXROPE_BACKEND=triton but triton is not installed (or torch is older than 2.4): "
@@ -86,9 +86,8 @@ def choose(x: torch.Tensor, *, inplace: bool, numel: int) -> str:
         return "triton"
     if compiling:
         return "traced"
-    # In place the compiled loop runs slower than the chunked kernels (inductor copies x before writing it)
-    if requested == "compiled" or (requested == "auto" and not inplace and numel >= COMPILED_MIN_ELEMENTS):
-        return "compiled"
+    if requested in ("native", "compiled"):
+        return requested
     return "small" if not inplace and numel <= _eager.SMALL_ELEMENTS else "eager"
 
 
@@ -130,6 +129,9 @@ def _run_triton(layout, rotary_dim, interleaved, cos, sin, xs, wheres, row_start
     for group in [operands] if together or len(xs) == 1 else [[op] for op in operands]:
         _triton.launch(group, cos, sin, rotary_dim=rotary_dim, interleaved=interleaved, inverse=inverse,
                        inplace=inplace, ok=ok)
+    if inplace:  # written by the kernel: autograd must still see x change
+        for x in xs:
+            torch.autograd.graph.increment_version(x)
     if any(mode != _triton.START for mode in modes):
         _check_flag(ok, cos.shape[0])
     return tuple(outs)
@@ -167,7 +169,11 @@ def _run_each(layout, rotary_dim, interleaved, cos, sin, xs, wheres, row_starts,
                 outs.append(out)
                 continue
         out, out_c = _canonical_out(layout, x, inplace)
-        _eager.rotate(x_c, out_c, c, s, rotary_dim=rotary_dim, interleaved=interleaved)
+        if not (backend == "native" and _native.applies(x_c, out_c)
+                and _native.rotate(x_c, out_c, c, s, rotary_dim=rotary_dim, interleaved=interleaved)):
+            _eager.rotate(x_c, out_c, c, s, rotary_dim=rotary_dim, interleaved=interleaved)
+        elif inplace:  # written through a pointer: autograd must still see x change
+            torch.autograd.graph.increment_version(x)
         outs.append(out)
     return tuple(outs)
 
@@ -191,7 +197,8 @@ def _small(layout, x, x_c, cos, sin, where, rotary_dim, interleaved, inverse) ->
     return out
 
 
-RUNNERS.update(triton=_run_triton, traced=_run_each, compiled=_run_each, eager=_run_each, small=_run_each)
+RUNNERS.update(triton=_run_triton, traced=_run_each, native=_run_each, compiled=_run_each, eager=_run_each,
+               small=_run_each)
 
 
 def _check_inplace(x: torch.Tensor) -> None:

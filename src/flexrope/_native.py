@@ -1,0 +1,147 @@
+"""The native backend: the rotation as one C loop (``_loop.c``), for CPU calls in place and out of place.
+
+The loop reads each element of x once and writes each result once, in place without any scratch, so it runs
+at the cost of a copy. It is built on first use by the C compiler (``$CC``, else ``cc``) with
+``-O3 -march=native -ffp-contract=off``, cached under ``$XDG_CACHE_HOME/flexrope`` (one file per source,
+compiler and CPU), loaded with ``ctypes``; large calls are cut into row ranges run on
+``torch.get_num_threads()`` threads (ctypes releases the GIL). Building takes about a second. A machine without
+a working compiler turns this backend off for the process, with one warning; the other backends run instead.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import ctypes
+import hashlib
+import math
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+from ._errors import warn
+from ._pairs import as_dtype, broadcast_to, compute_dtype, memory_order
+
+SOURCE = Path(__file__).with_name("_loop.c")
+FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno", "-shared", "-fPIC"]
+# From this many elements a call is cut into ranges of rows, one per thread.
+THREADED_MIN_ELEMENTS = 1 << 16
+_FUNCTIONS = {torch.float32: "rotate_float32", torch.float64: "rotate_float64", torch.bfloat16: "rotate_bfloat16",
+              torch.float16: "rotate_float16"}
+
+unavailable = sys.platform == "win32"  # cc and -march=native: Linux and macOS
+_library = None
+_pool: tuple[int, concurrent.futures.ThreadPoolExecutor] | None = None  # (pid, pool): a forked child makes its own
+
+
+def _compiler() -> str | None:
+    return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+
+
+def _cpu() -> str:
+    """What -march=native compiles for: the CPU's model and flags where Linux says, else the platform."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+        return "\n".join(sorted({line for line in lines if line.startswith(("model name", "flags"))}))
+    except OSError:
+        return platform.processor() + platform.machine()
+
+
+def _build() -> ctypes.CDLL:
+    compiler = _compiler()
+    if compiler is None:
+        raise RuntimeError("no C compiler found (set CC)")
+    source = SOURCE.read_bytes()
+    version = subprocess.run([compiler, "--version"], capture_output=True, text=True, check=True).stdout
+    key = hashlib.sha256(b"\0".join([source, version.encode(), " ".join(FLAGS).encode(), _cpu().encode()]))
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "flexrope"
+    path = cache / f"loop-{key.hexdigest()[:24]}.so"
+    if not path.exists():
+        cache.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=cache) as work:  # built aside, then moved: processes may race
+            built = Path(work) / path.name
+            result = subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", str(built)], capture_output=True,
+                                    text=True)
+            if result.returncode != 0:
+                raise RuntimeError(f"{compiler} failed: {result.stderr.strip()[:500]}")
+            os.replace(built, path)
+    library = ctypes.CDLL(str(path))
+    for name in _FUNCTIONS.values():
+        function = getattr(library, name)
+        function.restype = None
+        function.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] + [ctypes.c_void_p] * 2 + [ctypes.c_int64] * 6
+    return library
+
+
+def _loaded() -> ctypes.CDLL | None:
+    global _library, unavailable
+    if _library is None and not unavailable:
+        try:
+            _library = _build()
+        except (OSError, RuntimeError, subprocess.SubprocessError) as error:
+            unavailable = True
+            warn(f"the native CPU loop could not be built ({error}); CPU calls use the other backends from now "
+                 f"on", RuntimeWarning)
+    return _library
+
+
+def _threads() -> concurrent.futures.ThreadPoolExecutor:
+    global _pool
+    if _pool is None or _pool[0] != os.getpid():
+        _pool = (os.getpid(), concurrent.futures.ThreadPoolExecutor(torch.get_num_threads()))
+    return _pool[1]
+
+
+def applies(x: torch.Tensor, out: torch.Tensor) -> bool:
+    """Whether the loop can rotate ``x`` into ``out`` (canonical views): CPU tensors with values (no fake
+    tensors or modes that must see eager operations), contiguous channels."""
+    return (
+        not unavailable
+        and x.device.type == "cpu"
+        and x.dtype in _FUNCTIONS
+        and torch._C._len_torch_dispatch_stack() == 0
+        and x.stride(-1) == 1
+        and out.stride(-1) == 1
+    )
+
+
+def rotate(x: torch.Tensor, out: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *, rotary_dim: int,
+           interleaved: bool) -> bool:
+    """Write the rotation of canonical view ``x`` into canonical view ``out`` (which may be ``x``); ``cos`` and
+    ``sin`` hold the r/2 angles per position, broadcastable to x's rows. False, writing nothing, where the loop
+    could not be built."""
+    library = _loaded()
+    if library is None:
+        return False
+    order = memory_order(x)
+    x_m, out_m = x.permute(order), out.permute(order)
+    compute = compute_dtype(x.dtype)
+    # contiguous before broadcasting: cos and sin share their strides, 0 on the dims they broadcast over
+    cos_m, sin_m = (as_dtype(broadcast_to(t, x.ndim).permute(order), compute).contiguous()
+                    .expand(*x_m.shape[:-1], rotary_dim // 2) for t in (cos, sin))
+    dims = [d for d in range(x_m.ndim - 1) if x_m.shape[d] != 1] or [0]  # unit dims move no pointer
+    sizes = [x_m.shape[d] for d in dims]
+    geometry = torch.tensor([*sizes, *(t.stride(d) for t in (x_m, out_m, cos_m) for d in dims)], dtype=torch.int64)
+    outer, inner = math.prod(sizes[:-1]), sizes[-1]
+    parts = torch.get_num_threads() if x.numel() >= THREADED_MIN_ELEMENTS else 1
+    # a unit of work is a run of the innermost dim at one outer index; where there are fewer outer indices
+    # than threads, a run is a tile of that dim
+    tile = inner if outer >= parts else -(-inner // parts)
+    units = outer * -(-inner // tile)
+    function = getattr(library, _FUNCTIONS[x.dtype])
+    pointers = (x_m.data_ptr(), out_m.data_ptr(), cos_m.data_ptr(), sin_m.data_ptr(), len(sizes),
+                geometry.data_ptr(), geometry.data_ptr() + 8 * len(sizes))
+    tail = (tile, rotary_dim, x.shape[-1], int(interleaved))
+    if parts <= 1 or units < parts:
+        function(*pointers, 0, units, *tail)
+        return True
+    bounds = [units * i // parts for i in range(parts + 1)]
+    jobs = [_threads().submit(function, *pointers, begin, end, *tail) for begin, end in zip(bounds, bounds[1:])]
+    for job in jobs:
+        job.result()
+    return True

@@ -1,0 +1,163 @@
+"""The native C loop (the CPU default) gives the eager kernels' bits in every layout, dtype and pairing, in place
+and out of place, on one thread or several, and steps aside cleanly where it cannot be built."""
+
+import os
+import warnings
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import flexrope
+from flexrope import _native, compute_rope
+
+from .strategies import layouts
+
+
+@pytest.fixture(scope="module")
+def patch():
+    with pytest.MonkeyPatch.context() as patch:
+        yield patch
+
+
+def _both(patch, fn):
+    """fn() through the native loop and through the eager kernels."""
+    patch.setenv("FLEXROPE_BACKEND", "native")
+    fast = fn()
+    patch.setenv("FLEXROPE_BACKEND", "eager")
+    slow = fn()
+    patch.setenv("FLEXROPE_BACKEND", "native")
+    return fast, slow
+
+
+@settings(max_examples=40)
+@given(case=layouts(), interleaved=st.booleans(), partial=st.booleans(), per_row=st.booleans(), seed=st.integers(0, 99))
+def test_every_layout_equals_eager_bitwise_in_and_out_of_place(patch, case, interleaved, partial, per_row, seed):
+    text, lengths, canonical, x, _ = case
+    d = canonical.shape[-1]
+    rotary_dim = d - 2 if partial and d > 2 else None
+    cos, sin = flexrope.precompute_rope_params(d, context_length=32, rotary_dim=rotary_dim)
+    b, s = canonical.shape[-4], canonical.shape[-2]
+    positions = torch.randint(0, 26, (b, s) if per_row else (s,), generator=torch.Generator().manual_seed(seed))
+    kwargs = dict(interleaved=interleaved, rotary_dim=rotary_dim, positions=positions, **lengths)
+    fast, slow = _both(patch, lambda: compute_rope(x, cos, sin, text, **kwargs))
+    assert torch.equal(fast, slow) and fast.stride() == slow.stride()
+    inplace = x.clone()
+    assert compute_rope(inplace, cos, sin, text, inplace=True, **kwargs) is inplace
+    assert torch.equal(inplace, slow)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+@pytest.mark.parametrize("interleaved", [False, True])
+@pytest.mark.parametrize("layout, shape", [("b h s d", (2, 4, 300, 128)), ("b s h d", (2, 300, 4, 64)),
+                                           ("s b h d", (300, 2, 4, 32)), ("b s (h d)", (2, 300, 4 * 48))])
+def test_dtypes_on_several_threads_equal_eager_bitwise(patch, dtype, interleaved, layout, shape):
+    """Sizes past the threading threshold, head dims with and without the unrolled pair counts (64, 32)."""
+    d = 48 if "(h d)" in layout else shape[-1]
+    cos, sin = flexrope.precompute_rope_params(d, context_length=512, dtype=torch.float64 if dtype == torch.float64
+                                               else torch.float32)
+    x = torch.randn(shape).to(dtype)
+    assert x.numel() >= _native.THREADED_MIN_ELEMENTS
+    lengths = {"h": 4} if "(h d)" in layout else {}
+    for where in (dict(offset=5), dict(offset=torch.tensor([0, 200]))):
+        fast, slow = _both(patch, lambda: compute_rope(x, cos, sin, layout, interleaved=interleaved, **where,
+                                                       **lengths))
+        assert torch.equal(fast, slow)
+        y = x.clone()
+        patch.setenv("FLEXROPE_BACKEND", "native")
+        compute_rope(y, cos, sin, layout, interleaved=interleaved, inplace=True, **where, **lengths)
+        assert torch.equal(y, slow)
+
+
+@pytest.mark.parametrize("shape, layout", [((1, 1, 37, 8), "b h s d"), ((5, 1, 3, 8), "b s h d"), ((1, 1, 1, 8),
+                                                                                                 "b h s d")])
+def test_work_shared_among_more_threads_than_outer_rows(patch, shape, layout):
+    """Fewer outer indices than threads: the threads share tiles of the innermost dim (and a single row)."""
+    patch.setattr(_native, "THREADED_MIN_ELEMENTS", 1)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(3)
+    try:
+        cos, sin = flexrope.precompute_rope_params(8, context_length=64)
+        x = torch.randn(shape)
+        fast, slow = _both(patch, lambda: compute_rope(x, cos, sin, layout, offset=3))
+        y = x.clone()
+        compute_rope(y, cos, sin, layout, offset=3, inplace=True)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(fast, slow) and torch.equal(y, slow)
+
+
+def test_the_cpu_default_is_the_native_loop_except_small_out_of_place_calls(monkeypatch):
+    monkeypatch.delenv("FLEXROPE_BACKEND", raising=False)
+    calls = []
+    original = _native.rotate
+    monkeypatch.setattr(_native, "rotate", lambda *a, **k: calls.append(a[0].shape) or original(*a, **k))
+    cos, sin = flexrope.precompute_rope_params(64, context_length=256)
+    compute_rope(torch.randn(1, 2, 1, 64), cos, sin)  # a decoding step: the few-operation path
+    assert calls == []
+    compute_rope(torch.randn(1, 2, 1, 64), cos, sin, inplace=True)
+    compute_rope(torch.randn(2, 8, 256, 64), cos, sin)
+    assert calls == [(1, 2, 1, 64), (2, 8, 256, 64)]
+
+
+def test_gradient_and_double_gradient_through_the_native_loop(patch):
+    patch.setenv("FLEXROPE_BACKEND", "native")
+    cos, sin = flexrope.precompute_rope_params(8, context_length=32, dtype=torch.float64)
+    x = torch.randn(2, 7, 3, 8, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda t: compute_rope(t, cos, sin, "b s h d", offset=4), (x,))
+    assert torch.autograd.gradgradcheck(lambda t: compute_rope(t, cos, sin, "b s h d", offset=4), (x,))
+
+
+def test_in_place_write_is_seen_by_autograd(patch):
+    """The loop writes through a pointer; x's version still moves, so a tensor saved for backward that it
+    overwrote is an error, as with the eager kernels."""
+    patch.setenv("FLEXROPE_BACKEND", "native")
+    cos, sin = flexrope.precompute_rope_params(8, context_length=32)
+    weight = torch.randn(1, 2, 5, 8, requires_grad=True)
+    y = torch.randn(1, 2, 5, 8)
+    saved = weight * y  # saves y for weight's gradient; y itself needs none
+    compute_rope(y, cos, sin, inplace=True)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        saved.sum().backward()
+
+
+def test_no_compiler_turns_the_loop_off_with_one_warning(monkeypatch, tmp_path):
+    monkeypatch.setenv("FLEXROPE_BACKEND", "native")
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setattr(_native, "_library", None)
+    monkeypatch.setattr(_native, "unavailable", False)
+    cos, sin = flexrope.precompute_rope_params(8, context_length=32)
+    x = torch.randn(2, 3, 9, 8)
+    with pytest.warns(RuntimeWarning, match="native CPU loop could not be built") as caught:
+        out = compute_rope(x, cos, sin, offset=2)
+    assert caught[0].filename == __file__
+    assert _native.unavailable
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        again = compute_rope(x, cos, sin, offset=2)
+    monkeypatch.setenv("FLEXROPE_BACKEND", "eager")
+    assert torch.equal(out, compute_rope(x, cos, sin, offset=2)) and torch.equal(again, out)
+
+
+def test_built_once_then_loaded_from_the_cache(monkeypatch, tmp_path):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    _native._build()
+    (built,) = (tmp_path / "flexrope").glob("loop-*.so")
+    stamp = built.stat().st_mtime_ns
+    _native._build()
+    assert [p.name for p in (tmp_path / "flexrope").iterdir()] == [built.name] and built.stat().st_mtime_ns == stamp
+
+
+def test_a_forked_child_makes_its_own_thread_pool(monkeypatch):
+    """A child forked after the parent's pool was made inherits the pool object but not its threads (work
+    submitted to it would never run): the pool is the process's own, by pid."""
+    cos, sin = flexrope.precompute_rope_params(64, context_length=256)
+    x = torch.randn(2, 8, 256, 64)
+    compute_rope(x, cos, sin)
+    parent = _native._threads()
+    monkeypatch.setattr(os, "getpid", lambda: -1)  # as seen from a child
+    child = _native._threads()
+    assert child is not parent and child is _native._threads()
+    assert torch.equal(compute_rope(x.clone(), cos, sin, inplace=True), compute_rope(x, cos, sin))
