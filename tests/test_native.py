@@ -1,7 +1,6 @@
 """The native C loop (the CPU default) gives the eager kernels' bits in every layout, dtype and pairing, in place
 and out of place, on one thread or several, and steps aside cleanly where it cannot be built."""
 
-import os
 import warnings
 
 import pytest
@@ -148,16 +147,3 @@ def test_built_once_then_loaded_from_the_cache(monkeypatch, tmp_path):
     stamp = built.stat().st_mtime_ns
     _native._build()
     assert [p.name for p in (tmp_path / "flexrope").iterdir()] == [built.name] and built.stat().st_mtime_ns == stamp
-
-
-def test_a_forked_child_makes_its_own_thread_pool(monkeypatch):
-    """A child forked after the parent's pool was made inherits the pool object but not its threads (work
-    submitted to it would never run): the pool is the process's own, by pid."""
-    cos, sin = flexrope.precompute_rope_params(64, context_length=256)
-    x = torch.randn(2, 8, 256, 64)
-    compute_rope(x, cos, sin)
-    parent = _native._threads()
-    monkeypatch.setattr(os, "getpid", lambda: -1)  # as seen from a child
-    child = _native._threads()
-    assert child is not parent and child is _native._threads()
-    assert torch.equal(compute_rope(x.clone(), cos, sin, inplace=True), compute_rope(x, cos, sin))

@@ -42,24 +42,26 @@ static inline uint16_t bf16_store(float f) {
         }                                                                                                   \
     }
 
-/* rotate(x, out, cos, sin, ndim, sizes, strides, begin, end, tile, rotary, channels, interleaved)
+/* rotate(x, out, cos, sin, ndim, sizes, strides, tile, rotary, channels, interleaved, threads)
 
    The rows are the dims `sizes` (ndim >= 1, memory order, outermost first) with the strides of x, out and
    the tables (x_strides, out_strides, table_strides: three arrays of ndim). The innermost dim is cut into
-   tiles of `tile` rows; a unit of work is one tile at one index of the outer dims, and units are numbered
-   tile by tile, so consecutive units reuse the same table rows while they are in cache (where the tables
-   broadcast over the outer dims, as over batch and heads in "b h s d"). This call rotates units
-   [begin, end). */
+   tiles of `tile` rows; a unit of work is one tile at one index of the outer dims. The units are shared
+   among `threads` OpenMP threads: those of torch's own pool where the library is built with -fopenmp (the
+   process has loaded torch's libgomp), so the loop and torch's operations never compete for cores. */
 #define DEFINE_ROTATE(NAME, T, C, LOAD, STORE)                                                                 \
     void NAME(const T *x, T *out, const C *cos, const C *sin, int64_t ndim, const int64_t *sizes,             \
-              const int64_t *strides, int64_t begin, int64_t end, int64_t tile, int64_t rotary,              \
-              int64_t channels, int64_t interleaved) {                                                       \
+              const int64_t *strides, int64_t tile, int64_t rotary, int64_t channels, int64_t interleaved,  \
+              int64_t threads) {                                                                             \
         const int64_t *x_strides = strides, *out_strides = strides + ndim, *table_strides = strides + 2 * ndim; \
         const int64_t inner = ndim - 1, half = rotary / 2;                                                  \
         int64_t outer = 1;                                                                                  \
         for (int64_t d = 0; d < inner; ++d)                                                                 \
             outer *= sizes[d];                                                                              \
-        for (int64_t unit = begin; unit < end; ++unit) {                                                    \
+        const int64_t units = outer * ((sizes[inner] + tile - 1) / tile);                                   \
+        (void)threads;                                                                                      \
+        _Pragma("omp parallel for schedule(static) num_threads(threads) if (threads > 1)")                  \
+        for (int64_t unit = 0; unit < units; ++unit) {                                                      \
             const int64_t first = unit / outer * tile;                                                      \
             const int64_t count = sizes[inner] - first < tile ? sizes[inner] - first : tile;               \
             int64_t rest = unit % outer, x_at = first * x_strides[inner], out_at = first * out_strides[inner]; \

@@ -2,15 +2,17 @@
 
 The loop reads each element of x once and writes each result once, in place without any scratch, so it runs
 at the cost of a copy. It is built on first use by the C compiler (``$CC``, else ``cc``) with
-``-O3 -march=native -ffp-contract=off``, cached under ``$XDG_CACHE_HOME/flexrope`` (one file per source,
-compiler and CPU), loaded with ``ctypes``; large calls are cut into row ranges run on
-``torch.get_num_threads()`` threads (ctypes releases the GIL). Building takes about a second. A machine without
-a working compiler turns this backend off for the process, with one warning; the other backends run instead.
+``-O3 -march=native -ffp-contract=off -fopenmp``, cached under ``$XDG_CACHE_HOME/flexrope`` (one file per
+source, compiler and CPU), loaded with ``ctypes`` (which releases the GIL during the call). Its OpenMP library
+is the one torch has already loaded (the same soname), so large calls run on torch's own threads,
+``torch.get_num_threads()`` of them, and never compete with torch's operations for cores (a thread pool of its
+own ran 20-40% slower next to them: torch's idle threads spin). A compiler without OpenMP builds a loop on one
+thread. Building takes about a second. A machine without a working compiler turns this backend off for the
+process, with one warning; the other backends run instead.
 """
 
 from __future__ import annotations
 
-import concurrent.futures
 import ctypes
 import hashlib
 import math
@@ -29,14 +31,14 @@ from ._pairs import as_dtype, broadcast_to, compute_dtype, memory_order
 
 SOURCE = Path(__file__).with_name("_loop.c")
 FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno", "-shared", "-fPIC"]
-# From this many elements a call is cut into ranges of rows, one per thread.
+OPENMP = ["-fopenmp"]
+# From this many elements a call runs on torch.get_num_threads() threads.
 THREADED_MIN_ELEMENTS = 1 << 16
 _FUNCTIONS = {torch.float32: "rotate_float32", torch.float64: "rotate_float64", torch.bfloat16: "rotate_bfloat16",
               torch.float16: "rotate_float16"}
 
 unavailable = sys.platform == "win32"  # cc and -march=native: Linux and macOS
 _library = None
-_pool: tuple[int, concurrent.futures.ThreadPoolExecutor] | None = None  # (pid, pool): a forked child makes its own
 
 
 def _compiler() -> str | None:
@@ -58,23 +60,26 @@ def _build() -> ctypes.CDLL:
         raise RuntimeError("no C compiler found (set CC)")
     source = SOURCE.read_bytes()
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True, check=True).stdout
-    key = hashlib.sha256(b"\0".join([source, version.encode(), " ".join(FLAGS).encode(), _cpu().encode()]))
+    key = hashlib.sha256(b"\0".join([source, version.encode(), " ".join(FLAGS + OPENMP).encode(), _cpu().encode()]))
     cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "flexrope"
     path = cache / f"loop-{key.hexdigest()[:24]}.so"
     if not path.exists():
         cache.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=cache) as work:  # built aside, then moved: processes may race
             built = Path(work) / path.name
-            result = subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", str(built)], capture_output=True,
-                                    text=True)
-            if result.returncode != 0:
+            for extra in (OPENMP, []):  # without OpenMP where the compiler has none (Apple's clang)
+                result = subprocess.run([compiler, *FLAGS, *extra, str(SOURCE), "-o", str(built)],
+                                        capture_output=True, text=True)
+                if result.returncode == 0:
+                    break
+            else:
                 raise RuntimeError(f"{compiler} failed: {result.stderr.strip()[:500]}")
             os.replace(built, path)
     library = ctypes.CDLL(str(path))
     for name in _FUNCTIONS.values():
         function = getattr(library, name)
         function.restype = None
-        function.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] + [ctypes.c_void_p] * 2 + [ctypes.c_int64] * 6
+        function.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] + [ctypes.c_void_p] * 2 + [ctypes.c_int64] * 5
     return library
 
 
@@ -88,13 +93,6 @@ def _loaded() -> ctypes.CDLL | None:
             warn(f"the native CPU loop could not be built ({error}); CPU calls use the other backends from now "
                  f"on", RuntimeWarning)
     return _library
-
-
-def _threads() -> concurrent.futures.ThreadPoolExecutor:
-    global _pool
-    if _pool is None or _pool[0] != os.getpid():
-        _pool = (os.getpid(), concurrent.futures.ThreadPoolExecutor(torch.get_num_threads()))
-    return _pool[1]
 
 
 def applies(x: torch.Tensor, out: torch.Tensor) -> bool:
@@ -128,20 +126,11 @@ def rotate(x: torch.Tensor, out: torch.Tensor, cos: torch.Tensor, sin: torch.Ten
     sizes = [x_m.shape[d] for d in dims]
     geometry = torch.tensor([*sizes, *(t.stride(d) for t in (x_m, out_m, cos_m) for d in dims)], dtype=torch.int64)
     outer, inner = math.prod(sizes[:-1]), sizes[-1]
-    parts = torch.get_num_threads() if x.numel() >= THREADED_MIN_ELEMENTS else 1
+    threads = torch.get_num_threads() if x.numel() >= THREADED_MIN_ELEMENTS else 1
     # a unit of work is a run of the innermost dim at one outer index; where there are fewer outer indices
     # than threads, a run is a tile of that dim
-    tile = inner if outer >= parts else -(-inner // parts)
-    units = outer * -(-inner // tile)
-    function = getattr(library, _FUNCTIONS[x.dtype])
-    pointers = (x_m.data_ptr(), out_m.data_ptr(), cos_m.data_ptr(), sin_m.data_ptr(), len(sizes),
-                geometry.data_ptr(), geometry.data_ptr() + 8 * len(sizes))
-    tail = (tile, rotary_dim, x.shape[-1], int(interleaved))
-    if parts <= 1 or units < parts:
-        function(*pointers, 0, units, *tail)
-        return True
-    bounds = [units * i // parts for i in range(parts + 1)]
-    jobs = [_threads().submit(function, *pointers, begin, end, *tail) for begin, end in zip(bounds, bounds[1:])]
-    for job in jobs:
-        job.result()
+    tile = inner if outer >= threads else -(-inner // threads)
+    getattr(library, _FUNCTIONS[x.dtype])(
+        x_m.data_ptr(), out_m.data_ptr(), cos_m.data_ptr(), sin_m.data_ptr(), len(sizes), geometry.data_ptr(),
+        geometry.data_ptr() + 8 * len(sizes), tile, rotary_dim, x.shape[-1], int(interleaved), threads)
     return True
