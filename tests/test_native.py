@@ -24,6 +24,7 @@ def _both(patch, fn):
     """fn() through the native loop and through the eager kernels."""
     patch.setenv("FLEXROPE_BACKEND", "native")
     fast = fn()
+    assert _native._library is not None and not _native.unavailable  # the loop was built, and ran
     patch.setenv("FLEXROPE_BACKEND", "eager")
     slow = fn()
     patch.setenv("FLEXROPE_BACKEND", "native")
@@ -67,6 +68,23 @@ def test_dtypes_on_several_threads_equal_eager_bitwise(patch, dtype, interleaved
         patch.setenv("FLEXROPE_BACKEND", "native")
         compute_rope(y, cos, sin, layout, interleaved=interleaved, inplace=True, **where, **lengths)
         assert torch.equal(y, slow)
+
+
+@pytest.mark.parametrize("layout, shape", [("b h s d", (3, 7, 9, 16)), ("b s h d", (3, 9, 7, 16)),
+                                           ("s b h d", (9, 3, 7, 16))])
+@pytest.mark.parametrize("interleaved", [False, True])
+def test_rows_sharing_angles_rotated_in_groups_with_a_remainder(patch, layout, shape, interleaved):
+    """7 heads: one group of 4 rows that share their angles and 3 rotated one by one, whether the heads are
+    the dim outside the innermost ("b h s d") or the innermost ("b s h d"); per-row offsets (tables that vary
+    with the batch row) and partial rotary (the tail copied for each row of a group)."""
+    cos, sin = flexrope.precompute_rope_params(16, context_length=64, rotary_dim=12)
+    x = torch.randn(shape).to(torch.bfloat16)
+    for where in (dict(offset=3), dict(offset=torch.tensor([0, 20, 40]))):
+        kwargs = dict(interleaved=interleaved, rotary_dim=12, **where)
+        fast, slow = _both(patch, lambda: compute_rope(x, cos, sin, layout, **kwargs))
+        y = x.clone()
+        compute_rope(y, cos, sin, layout, inplace=True, **kwargs)
+        assert torch.equal(fast, slow) and torch.equal(y, slow)
 
 
 @pytest.mark.parametrize("shape, layout", [((1, 1, 37, 8), "b h s d"), ((5, 1, 3, 8), "b s h d"), ((1, 1, 1, 8),

@@ -31,64 +31,106 @@ static inline uint16_t bf16_store(float f) {
 #define TO_FLOAT(v) ((float)(v))
 #define TO_HALF(v) ((_Float16)(v))
 
-/* pairs (first, second) for j < n; n a constant where the caller can make it one (then fully unrolled) */
-#define ROTATE_PAIRS(C, LOAD, STORE, n, first, second)                                                                      \
-    {                                                                                                       \
-        _Pragma("GCC ivdep") for (int64_t j = 0; j < (n); ++j) {                                            \
-            C a = LOAD(xr[first]), b = LOAD(xr[second]);                                                    \
-            C ca = a * c[j], sb = b * s[j], cb = b * c[j], sa = a * s[j];                                   \
-            o[first] = STORE(ca - sb);                                                                      \
-            o[second] = STORE(cb + sa);                                                                     \
+/* The pairs (first, second), j < n, of G rows that share their angles (row g at xr + g * x_step, its result
+   at o + g * out_step): each angle is loaded once for the G rows. n and G are constants where the caller can
+   make them ones (the loops then unroll). */
+#define PAIRS(T, C, LOAD, STORE, G, n, first, second)                                                         \
+    _Pragma("GCC ivdep") for (int64_t j = 0; j < (n); ++j) {                                                  \
+        const C cj = c[j], sj = s[j];                                                                       \
+        for (int64_t g = 0; g < (G); ++g) {                                                                 \
+            const T *xg = xr + g * x_step;                                                                  \
+            T *og = o + g * out_step;                                                                       \
+            const C a = LOAD(xg[first]), b = LOAD(xg[second]);                                              \
+            const C ca = a * cj, sb = b * sj, cb = b * cj, sa = a * sj;                                     \
+            og[first] = STORE(ca - sb);                                                                     \
+            og[second] = STORE(cb + sa);                                                                    \
         }                                                                                                   \
     }
 
-/* rotate(x, out, cos, sin, ndim, sizes, strides, tile, rotary, channels, interleaved, threads)
+#define PAIRING(T, C, LOAD, STORE, G, n)                                                                      \
+    if (interleaved)                                                                                        \
+        PAIRS(T, C, LOAD, STORE, G, n, 2 * j, 2 * j + 1)                                                    \
+    else                                                                                                    \
+        PAIRS(T, C, LOAD, STORE, G, n, j, j + (n))
+
+/* G rows whose angles are the tables' at table_at: the first at x + x_at (its result at out + out_at), the
+   next ones step_x (step_out) further; the channels past `rotary` are copied out of place. */
+#define ROWS(T, C, LOAD, STORE, G, x_at, out_at, table_at, step_x, step_out)                                  \
+    {                                                                                                       \
+        const C *c = cos + (table_at), *s = sin + (table_at);                                               \
+        const T *xr = x + (x_at);                                                                           \
+        T *o = out + (out_at);                                                                              \
+        const int64_t x_step = (step_x), out_step = (step_out);                                             \
+        if (half == 64)                                                                                     \
+            PAIRING(T, C, LOAD, STORE, G, 64)                                                               \
+        else                                                                                                \
+            PAIRING(T, C, LOAD, STORE, G, half)                                                             \
+        if (o != xr && rotary < channels)                                                                   \
+            for (int64_t g = 0; g < (G); ++g)                                                               \
+                memcpy(o + g * out_step + rotary, xr + g * x_step + rotary,                                 \
+                       (size_t)(channels - rotary) * sizeof(T));                                            \
+    }
+
+/* rotate(x, out, cos, sin, ndim, sizes, strides, tile, group, rotary, channels, interleaved, threads)
 
    The rows are the dims `sizes` (ndim >= 1, memory order, outermost first) with the strides of x, out and
    the tables (x_strides, out_strides, table_strides: three arrays of ndim). The innermost dim is cut into
-   tiles of `tile` rows; a unit of work is one tile at one index of the outer dims. The units are shared
-   among `threads` OpenMP threads: those of torch's own pool where the library is built with -fopenmp (the
-   process has loaded torch's libgomp), so the loop and torch's operations never compete for cores. */
+   tiles of `tile` rows and, where `group` is GROUP (ndim >= 2, the tables' stride 0 on dim ndim - 2, as on
+   the heads of "b h s d"), that dim into groups of GROUP indices; a unit of work is one tile at one group of
+   outer indices. Rows that share their angles are rotated GROUP at a time, so the tables are read once per
+   GROUP rows (once per row, bfloat16 "b h s d" ran at 2x a copy: the tables are twice x's bytes per row).
+   The units are shared among `threads` OpenMP threads: those of torch's own pool where the library is built
+   with -fopenmp (the process has loaded torch's libgomp), so the loop and torch's operations never compete
+   for cores. */
+#define GROUP 4
 #define DEFINE_ROTATE(NAME, T, C, LOAD, STORE)                                                                 \
     void NAME(const T *x, T *out, const C *cos, const C *sin, int64_t ndim, const int64_t *sizes,             \
-              const int64_t *strides, int64_t tile, int64_t rotary, int64_t channels, int64_t interleaved,  \
-              int64_t threads) {                                                                             \
+              const int64_t *strides, int64_t tile, int64_t group, int64_t rotary, int64_t channels,         \
+              int64_t interleaved, int64_t threads) {                                                        \
         const int64_t *x_strides = strides, *out_strides = strides + ndim, *table_strides = strides + 2 * ndim; \
         const int64_t inner = ndim - 1, half = rotary / 2;                                                  \
-        int64_t outer = 1;                                                                                  \
+        const int64_t x_in = x_strides[inner], out_in = out_strides[inner], table_in = table_strides[inner]; \
+        const int64_t mids = group > 1 ? sizes[inner - 1] : 1, per_mid = (mids + group - 1) / group;       \
+        const int64_t x_mid = group > 1 ? x_strides[inner - 1] : 0;                                         \
+        const int64_t out_mid = group > 1 ? out_strides[inner - 1] : 0;                                     \
+        int64_t outer = 1; /* outer indices, counting a group of the grouped dim as one */                  \
         for (int64_t d = 0; d < inner; ++d)                                                                 \
-            outer *= sizes[d];                                                                              \
+            outer *= d == inner - 1 && group > 1 ? per_mid : sizes[d];                                      \
         const int64_t units = outer * ((sizes[inner] + tile - 1) / tile);                                   \
         (void)threads;                                                                                      \
         _Pragma("omp parallel for schedule(static) num_threads(threads) if (threads > 1)")                  \
         for (int64_t unit = 0; unit < units; ++unit) {                                                      \
             const int64_t first = unit / outer * tile;                                                      \
             const int64_t count = sizes[inner] - first < tile ? sizes[inner] - first : tile;               \
-            int64_t rest = unit % outer, x_at = first * x_strides[inner], out_at = first * out_strides[inner]; \
-            int64_t table_at = first * table_strides[inner];                                                \
+            int64_t rest = unit % outer, rows = 1;                                                          \
+            int64_t x_at = first * x_in, out_at = first * out_in, table_at = first * table_in;              \
             for (int64_t d = inner - 1; d >= 0; --d) {                                                     \
-                const int64_t i = rest % sizes[d];                                                          \
-                rest /= sizes[d];                                                                           \
+                int64_t i;                                                                                  \
+                if (d == inner - 1 && group > 1) {                                                          \
+                    i = rest % per_mid * group;                                                             \
+                    rows = mids - i < group ? mids - i : group;                                             \
+                    rest /= per_mid;                                                                        \
+                } else {                                                                                    \
+                    i = rest % sizes[d];                                                                    \
+                    rest /= sizes[d];                                                                       \
+                }                                                                                           \
                 x_at += i * x_strides[d];                                                                   \
                 out_at += i * out_strides[d];                                                               \
                 table_at += i * table_strides[d];                                                           \
             }                                                                                               \
-            for (int64_t row = 0; row < count; ++row) {                                                     \
-                const T *xr = x + x_at + row * x_strides[inner];                                            \
-                T *o = out + out_at + row * out_strides[inner];                                             \
-                const C *c = cos + table_at + row * table_strides[inner];                                   \
-                const C *s = sin + table_at + row * table_strides[inner];                                   \
-                if (interleaved) {                                                                          \
-                    if (half == 64) ROTATE_PAIRS(C, LOAD, STORE, 64, 2 * j, 2 * j + 1)                      \
-                    else ROTATE_PAIRS(C, LOAD, STORE, half, 2 * j, 2 * j + 1)                               \
-                } else {                                                                                    \
-                    if (half == 64) ROTATE_PAIRS(C, LOAD, STORE, 64, j, j + 64)                             \
-                    else if (half == 32) ROTATE_PAIRS(C, LOAD, STORE, 32, j, j + 32)                        \
-                    else ROTATE_PAIRS(C, LOAD, STORE, half, j, j + half)                                    \
-                }                                                                                           \
-                if (o != xr && rotary < channels)                                                           \
-                    memcpy(o + rotary, xr + rotary, (size_t)(channels - rotary) * sizeof(T));               \
-            }                                                                                               \
+            int64_t row = 0;                                                                                \
+            if (rows == GROUP) /* GROUP indices of the grouped dim at each index of the innermost */         \
+                for (; row < count; ++row)                                                                  \
+                    ROWS(T, C, LOAD, STORE, GROUP, x_at + row * x_in, out_at + row * out_in,                \
+                         table_at + row * table_in, x_mid, out_mid)                                         \
+            else if (table_in == 0) /* the innermost rows share their angles */                            \
+                for (; row + GROUP <= count; row += GROUP)                                                  \
+                    ROWS(T, C, LOAD, STORE, GROUP, x_at + row * x_in, out_at + row * out_in, table_at,      \
+                         x_in, out_in)                                                                      \
+            for (; row < count; ++row)                                                                      \
+                for (int64_t r = 0; r < rows; ++r)                                                          \
+                    ROWS(T, C, LOAD, STORE, 1, x_at + row * x_in + r * x_mid,                               \
+                         out_at + row * out_in + r * out_mid, table_at + row * table_in, 0, 0)              \
         }                                                                                                   \
     }
 
