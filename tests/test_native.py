@@ -32,15 +32,18 @@ def _both(patch, fn):
 
 
 @settings(max_examples=40)
-@given(case=layouts(), interleaved=st.booleans(), partial=st.booleans(), per_row=st.booleans(), seed=st.integers(0, 99))
-def test_every_layout_equals_eager_bitwise_in_and_out_of_place(patch, case, interleaved, partial, per_row, seed):
+@given(case=layouts(), interleaved=st.booleans(), partial=st.booleans(), per_row=st.booleans(), inverse=st.booleans(),
+       start=st.none() | st.integers(0, 26), seed=st.integers(0, 99))
+def test_every_layout_equals_eager_bitwise_in_and_out_of_place(patch, case, interleaved, partial, per_row, inverse,
+                                                              start, seed):
     text, lengths, canonical, x, _ = case
     d = canonical.shape[-1]
     rotary_dim = d - 2 if partial and d > 2 else None
     cos, sin = flexrope.precompute_rope_params(d, context_length=32, rotary_dim=rotary_dim)
     b, s = canonical.shape[-4], canonical.shape[-2]
     positions = torch.randint(0, 26, (b, s) if per_row else (s,), generator=torch.Generator().manual_seed(seed))
-    kwargs = dict(interleaved=interleaved, rotary_dim=rotary_dim, positions=positions, **lengths)
+    where = dict(positions=positions) if start is None else dict(offset=start)  # an int start reads whole tables
+    kwargs = dict(interleaved=interleaved, rotary_dim=rotary_dim, inverse=inverse, **where, **lengths)
     fast, slow = _both(patch, lambda: compute_rope(x, cos, sin, text, **kwargs))
     assert torch.equal(fast, slow) and fast.stride() == slow.stride()
     inplace = x.clone()
@@ -55,12 +58,12 @@ def test_every_layout_equals_eager_bitwise_in_and_out_of_place(patch, case, inte
 def test_dtypes_on_several_threads_equal_eager_bitwise(patch, dtype, interleaved, layout, shape):
     """Sizes past the threading threshold, head dims with and without the unrolled pair counts (64, 32)."""
     d = 48 if "(h d)" in layout else shape[-1]
-    cos, sin = flexrope.precompute_rope_params(d, context_length=512, dtype=torch.float64 if dtype == torch.float64
-                                               else torch.float32)
+    cos, sin = flexrope.precompute_rope_params(d, context_length=512)  # float32: float64 x converts them
     x = torch.randn(shape).to(dtype)
     assert x.numel() >= _native.THREADED_MIN_ELEMENTS
     lengths = {"h": 4} if "(h d)" in layout else {}
-    for where in (dict(offset=5), dict(offset=torch.tensor([0, 200]))):
+    wheres = (dict(offset=5), dict(offset=torch.tensor([0, 200])), dict(offset=9, inverse=True))
+    for where in wheres:
         fast, slow = _both(patch, lambda: compute_rope(x, cos, sin, layout, interleaved=interleaved, **where,
                                                        **lengths))
         assert torch.equal(fast, slow)
@@ -105,17 +108,27 @@ def test_work_shared_among_more_threads_than_outer_rows(patch, shape, layout):
     assert torch.equal(fast, slow) and torch.equal(y, slow)
 
 
-def test_the_cpu_default_is_the_native_loop_except_small_out_of_place_calls(monkeypatch):
+def test_the_cpu_default_is_the_native_loop_large_and_small(monkeypatch):
     monkeypatch.delenv("FLEXROPE_BACKEND", raising=False)
     calls = []
     original = _native.rotate
     monkeypatch.setattr(_native, "rotate", lambda *a, **k: calls.append(a[0].shape) or original(*a, **k))
     cos, sin = flexrope.precompute_rope_params(64, context_length=256)
-    compute_rope(torch.randn(1, 2, 1, 64), cos, sin)  # a decoding step: the few-operation path
-    assert calls == []
+    compute_rope(torch.randn(1, 2, 1, 64), cos, sin, offset=7)  # a decoding step
     compute_rope(torch.randn(1, 2, 1, 64), cos, sin, inplace=True)
     compute_rope(torch.randn(2, 8, 256, 64), cos, sin)
-    assert calls == [(1, 2, 1, 64), (2, 8, 256, 64)]
+    assert calls == [(1, 2, 1, 64), (1, 2, 1, 64), (2, 8, 256, 64)]
+
+
+def test_without_the_loop_small_calls_take_the_few_operation_path(monkeypatch):
+    monkeypatch.delenv("FLEXROPE_BACKEND", raising=False)
+    monkeypatch.setattr(_native, "unavailable", True)
+    monkeypatch.setattr(_native, "rotate", lambda *a, **k: pytest.fail("the loop ran"))
+    cos, sin = flexrope.precompute_rope_params(64, context_length=256)
+    x = torch.randn(1, 2, 1, 64)
+    want = compute_rope(x, cos, sin, offset=7)
+    monkeypatch.setenv("FLEXROPE_BACKEND", "eager")
+    assert torch.equal(want, compute_rope(x, cos, sin, offset=7))
 
 
 def test_gradient_and_double_gradient_through_the_native_loop(patch):

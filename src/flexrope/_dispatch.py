@@ -8,11 +8,12 @@ run it (through autograd when a gradient is needed). The backends, each with the
   it also runs on CPU tensors when forced.
 - ``traced``: inside a caller's ``torch.compile`` graph (off CUDA): the rotation as one expression that
   inductor fuses with the caller's code.
-- ``native``: one C loop over x in memory order (``_native``), built on first use: the default for CPU calls
-  in place and out of place, except small ones.
+- ``native``: one C loop over x in memory order (``_native``), built on first use: the default for CPU
+  calls, in place and out of place, large and small.
 - ``compiled``: a loop written by ``torch.compile`` (``_compiled``); only when forced.
 - ``eager``: chunked eager kernels in memory order (``_eager``); where the others do not apply.
-- ``small``: for small CPU calls out of place (a decoding step), the fewest whole-tensor operations.
+- ``small``: where the C loop cannot be built, for small CPU calls out of place (a decoding step): the fewest
+  whole-tensor operations.
 
 ``FLEXROPE_BACKEND`` (read at every call) forces one: ``auto`` (the default), ``triton``, ``native``,
 ``compiled`` or ``eager``.
@@ -67,10 +68,10 @@ def choose(x: torch.Tensor, *, inplace: bool, numel: int) -> str:
     native, compiled, eager or small."""
     requested = requested_backend()
     cuda, compiling = x.is_cuda, torch.compiler.is_compiling()
-    if requested == "auto" and not (cuda or compiling):  # the CPU, eagerly
-        if not inplace and numel <= _eager.SMALL_ELEMENTS:
-            return "small"
-        return "eager" if _native.unavailable else "native"
+    if requested == "auto" and not (cuda or compiling):  # the CPU, eagerly: the C loop wherever it builds
+        if not _native.unavailable:
+            return "native"
+        return "small" if not inplace and numel <= _eager.SMALL_ELEMENTS else "eager"
     if requested == "triton":
         if not TRITON_INSTALLED:
             raise FlexRopeError("FLEXROPE_BACKEND=triton but triton is not installed (or torch is older than 2.4): "
@@ -159,6 +160,15 @@ def _run_each(layout, rotary_dim, interleaved, cos, sin, xs, wheres, row_starts,
         if backend == "small":
             outs.append(_small(layout, x, x_c, cos, sin, where, rotary_dim, interleaved, inverse))
             continue
+        out = None
+        if backend == "native":
+            out, out_c = _canonical_out(layout, x, inplace)
+            if _native.applies(x_c, out_c) and _native.rotate(x_c, out_c, cos, sin, where, rotary_dim=rotary_dim,
+                                                                interleaved=interleaved, inverse=inverse):
+                if inplace:  # written through a pointer: autograd must still see x change
+                    torch.autograd.graph.increment_version(x)
+                outs.append(out)
+                continue
         half = rotary_dim // 2
         c, s = angles_at(cos, where, seq_len, half), angles_at(sin, where, seq_len, half)
         if inverse:
@@ -168,12 +178,9 @@ def _run_each(layout, rotary_dim, interleaved, cos, sin, xs, wheres, row_starts,
             if out is not None:
                 outs.append(out)
                 continue
-        out, out_c = _canonical_out(layout, x, inplace)
-        if not (backend == "native" and _native.applies(x_c, out_c)
-                and _native.rotate(x_c, out_c, c, s, rotary_dim=rotary_dim, interleaved=interleaved)):
-            _eager.rotate(x_c, out_c, c, s, rotary_dim=rotary_dim, interleaved=interleaved)
-        elif inplace:  # written through a pointer: autograd must still see x change
-            torch.autograd.graph.increment_version(x)
+        if out is None:
+            out, out_c = _canonical_out(layout, x, inplace)
+        _eager.rotate(x_c, out_c, c, s, rotary_dim=rotary_dim, interleaved=interleaved)
         outs.append(out)
     return tuple(outs)
 

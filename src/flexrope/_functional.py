@@ -24,11 +24,13 @@ def checked_tables(cos: object, sin: object, rotary_dim: int | None, head_dim: i
     """
     for name, table in (("cos", cos), ("sin", sin)):
         if not isinstance(table, torch.Tensor) or not table.dtype.is_floating_point or table.ndim != 2:
-            what = f"{table.dtype} tensor of shape {tuple(table.shape)}" if isinstance(table, torch.Tensor) else type(table).__name__
+            what = (f"{table.dtype} tensor of shape {tuple(table.shape)}" if isinstance(table, torch.Tensor)
+                    else type(table).__name__)
             raise FlexRopeError(f"{name} is a {what}: expected a floating tensor of shape (context_length, "
                                 f"rotary_dim), or per-token tables (b, s, rotary_dim)")
     if cos.shape != sin.shape:
-        raise FlexRopeError(f"cos has shape {tuple(cos.shape)} but sin has {tuple(sin.shape)}: pass the pair made together")
+        raise FlexRopeError(f"cos has shape {tuple(cos.shape)} but sin has {tuple(sin.shape)}: pass the pair made "
+                            f"together")
     if cos.device != sin.device:
         raise FlexRopeError(f"cos is on {cos.device} but sin is on {sin.device}: keep both tables on one device")
     width = cos.shape[1]

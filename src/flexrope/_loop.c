@@ -36,7 +36,7 @@ static inline uint16_t bf16_store(float f) {
    make them ones (the loops then unroll). */
 #define PAIRS(T, C, LOAD, STORE, G, n, first, second)                                                         \
     _Pragma("GCC ivdep") for (int64_t j = 0; j < (n); ++j) {                                                  \
-        const C cj = c[j], sj = s[j];                                                                       \
+        const C cj = c[j], sj = s[j] * (C)sign; /* sign -1 (inverse): exact */                            \
         for (int64_t g = 0; g < (G); ++g) {                                                                 \
             const T *xg = xr + g * x_step;                                                                  \
             T *og = o + g * out_step;                                                                       \
@@ -71,7 +71,7 @@ static inline uint16_t bf16_store(float f) {
                        (size_t)(channels - rotary) * sizeof(T));                                            \
     }
 
-/* rotate(x, out, cos, sin, ndim, sizes, strides, tile, group, rotary, channels, interleaved, threads)
+/* rotate(x, out, cos, sin, ndim, sizes, strides, tile, group, rotary, channels, interleaved, sign, threads)
 
    The rows are the dims `sizes` (ndim >= 1, memory order, outermost first) with the strides of x, out and
    the tables (x_strides, out_strides, table_strides: three arrays of ndim). The innermost dim is cut into
@@ -81,12 +81,12 @@ static inline uint16_t bf16_store(float f) {
    GROUP rows (once per row, bfloat16 "b h s d" ran at 2x a copy: the tables are twice x's bytes per row).
    The units are shared among `threads` OpenMP threads: those of torch's own pool where the library is built
    with -fopenmp (the process has loaded torch's libgomp), so the loop and torch's operations never compete
-   for cores. */
+   for cores. sign is 1, or -1 to rotate by the negated angles. */
 #define GROUP 4
 #define DEFINE_ROTATE(NAME, T, C, LOAD, STORE)                                                                 \
     void NAME(const T *x, T *out, const C *cos, const C *sin, int64_t ndim, const int64_t *sizes,             \
               const int64_t *strides, int64_t tile, int64_t group, int64_t rotary, int64_t channels,         \
-              int64_t interleaved, int64_t threads) {                                                        \
+              int64_t interleaved, int64_t sign, int64_t threads) {                                          \
         const int64_t *x_strides = strides, *out_strides = strides + ndim, *table_strides = strides + 2 * ndim; \
         const int64_t inner = ndim - 1, half = rotary / 2;                                                  \
         const int64_t x_in = x_strides[inner], out_in = out_strides[inner], table_in = table_strides[inner]; \

@@ -27,7 +27,8 @@ from pathlib import Path
 import torch
 
 from ._errors import warn
-from ._pairs import as_dtype, broadcast_to, compute_dtype, memory_order
+from ._pairs import as_dtype, compute_dtype, memory_order
+from ._positions import angles_at
 
 SOURCE = Path(__file__).with_name("_loop.c")
 FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno", "-shared", "-fPIC"]
@@ -83,7 +84,7 @@ def _build() -> ctypes.CDLL:
     for name in _FUNCTIONS.values():
         function = getattr(library, name)
         function.restype = None
-        function.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] + [ctypes.c_void_p] * 2 + [ctypes.c_int64] * 6
+        function.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] + [ctypes.c_void_p] * 2 + [ctypes.c_int64] * 7
     return library
 
 
@@ -112,30 +113,56 @@ def applies(x: torch.Tensor, out: torch.Tensor) -> bool:
     )
 
 
-def rotate(x: torch.Tensor, out: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *, rotary_dim: int,
-           interleaved: bool) -> bool:
-    """Write the rotation of canonical view ``x`` into canonical view ``out`` (which may be ``x``); ``cos`` and
-    ``sin`` hold the r/2 angles per position, broadcastable to x's rows. False, writing nothing, where the loop
-    could not be built."""
-    library = _loaded()
-    if library is None:
-        return False
-    order = memory_order(x)
-    x_m, out_m = x.permute(order), out.permute(order)
-    compute = compute_dtype(x.dtype)
-    # contiguous before broadcasting: cos and sin share their strides, 0 on the dims they broadcast over
-    cos_m, sin_m = (as_dtype(broadcast_to(t, x.ndim).permute(order), compute).contiguous()
-                    .expand(*x_m.shape[:-1], rotary_dim // 2) for t in (cos, sin))
-    dims = [d for d in range(x_m.ndim - 1) if x_m.shape[d] != 1] or [0]  # unit dims move no pointer
-    sizes = [x_m.shape[d] for d in dims]
-    geometry = torch.tensor([*sizes, *(t.stride(d) for t in (x_m, out_m, cos_m) for d in dims)], dtype=torch.int64)
-    group = GROUP if len(sizes) >= 2 and cos_m.stride(dims[-2]) == 0 and sizes[-2] >= GROUP else 1
+def _plan(x: torch.Tensor, out: torch.Tensor, table: torch.Tensor, rotary_dim: int, interleaved: bool,
+          inverse: bool, threads: int) -> tuple:
+    """The loop's arguments after the four data pointers, for one geometry: the rows (x's dims but the
+    channels, in memory order, unit dims dropped) with the strides of x, out and the tables."""
+    order = memory_order(x)[:-1]
+    table_strides = [0] * (x.ndim - table.ndim) + [0 if size == 1 else stride
+                                                   for size, stride in zip(table.shape, table.stride())]
+    dims = [d for d in order if x.shape[d] != 1] or [0]  # unit dims move no pointer
+    sizes = [x.shape[d] for d in dims]
+    geometry = torch.tensor([*sizes, *(strides[d] for strides in (x.stride(), out.stride(), table_strides)
+                                       for d in dims)], dtype=torch.int64)
+    group = GROUP if len(sizes) >= 2 and table_strides[dims[-2]] == 0 and sizes[-2] >= GROUP else 1
     outer = math.prod(sizes[:-2]) * -(-sizes[-2] // group) if len(sizes) >= 2 else 1
-    threads = torch.get_num_threads() if x.numel() >= THREADED_MIN_ELEMENTS else 1
+    threads = threads if x.numel() >= THREADED_MIN_ELEMENTS else 1
     # a unit of work is a run of the innermost dim at one group of outer indices; where there are fewer of
     # those than threads, a run is a tile of the innermost dim
     tile = sizes[-1] if outer >= threads else -(-sizes[-1] // threads)
-    getattr(library, _FUNCTIONS[x.dtype])(
-        x_m.data_ptr(), out_m.data_ptr(), cos_m.data_ptr(), sin_m.data_ptr(), len(sizes), geometry.data_ptr(),
-        geometry.data_ptr() + 8 * len(sizes), tile, group, rotary_dim, x.shape[-1], int(interleaved), threads)
+    return (geometry, len(sizes), geometry.data_ptr(), geometry.data_ptr() + 8 * len(sizes), tile, group,
+            rotary_dim, x.shape[-1], int(interleaved), -1 if inverse else 1, threads)
+
+
+_plans: dict[tuple, tuple] = {}
+
+
+def rotate(x: torch.Tensor, out: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, where: int | torch.Tensor, *,
+           rotary_dim: int, interleaved: bool, inverse: bool) -> bool:
+    """Write the rotation of canonical view ``x`` into canonical view ``out`` (which may be ``x``) by the angles
+    of the tables ``cos``, ``sin`` (context, >= r/2) at ``where`` (an int start, or int64 positions (s,) or
+    (b, s)), negated where ``inverse``. False, writing nothing, where the loop could not be built. A geometry
+    seen before costs a dict lookup and the call; from an int start the loop reads the tables where they are
+    (a decoding step slices nothing)."""
+    library = _loaded()
+    if library is None:
+        return False
+    compute = compute_dtype(x.dtype)
+    first = 0
+    if isinstance(where, int) and cos.dtype == compute and cos.stride(-1) == 1 and cos.stride() == sin.stride():
+        first = where * cos.stride(0) * cos.element_size()  # rows where.. of the whole tables, by their strides
+    else:
+        cos, sin = (as_dtype(angles_at(t, where, x.shape[-2], rotary_dim // 2), compute) for t in (cos, sin))
+        if cos.stride(-1) != 1 or cos.stride() != sin.stride():  # the loop reads both through one set of strides
+            cos, sin = cos.contiguous(), sin.contiguous()
+    threads = torch.get_num_threads()
+    key = (x.shape, x.stride(), out.stride(), cos.shape, cos.stride(), x.dtype, rotary_dim, interleaved, inverse,
+           threads)
+    plan = _plans.get(key)
+    if plan is None:
+        if len(_plans) >= 256:
+            _plans.clear()
+        plan = _plans[key] = _plan(x, out, cos, rotary_dim, interleaved, inverse, threads)
+    getattr(library, _FUNCTIONS[x.dtype])(x.data_ptr(), out.data_ptr(), cos.data_ptr() + first,
+                                          sin.data_ptr() + first, *plan[1:])
     return True

@@ -113,7 +113,8 @@ def parse_scaling(scaling: object, *, rotary_dim: int, head_dim: int, theta_base
     for key in scaling:
         if key not in required and key not in optional and key not in _SHARED_KEYS:
             accepted = ", ".join(required + optional) or "no parameters"
-            raise FlexRopeError(f"scaling key {key!r} is not a parameter of rope_type {rope_type!r} (it takes {accepted})")
+            raise FlexRopeError(f"scaling key {key!r} is not a parameter of rope_type {rope_type!r} (it takes "
+                                f"{accepted})")
     for key in required:
         if scaling.get(key) is None:
             raise FlexRopeError(f"scaling for rope_type {rope_type!r} is missing {key!r}")
