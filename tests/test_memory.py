@@ -2,7 +2,9 @@
 
 import weakref
 
+import pytest
 import torch
+from torch.profiler import ProfilerActivity, profile
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
@@ -40,7 +42,9 @@ def peak_allocation(fn) -> int:
     return tracker.peak
 
 
-def test_out_of_place_allocates_the_output_and_little_else_in_place_nothing_of_x_size():
+def test_out_of_place_allocates_the_output_and_little_else_in_place_nothing_of_x_size(monkeypatch):
+    """The chunked eager kernels (which a dispatch mode, as this tracker is, always sees)."""
+    monkeypatch.setenv("FLEXROPE_BACKEND", "eager")
     cos, sin = flexrope.precompute_rope_params(128, context_length=512)
     for dtype, scratch_limit in ((torch.float32, 0.2), (torch.bfloat16, 0.45)):
         x = torch.randn(8, 16, 128, 128).to(dtype)  # 2M elements: the chunked path
@@ -56,3 +60,29 @@ def test_out_of_place_allocates_the_output_and_little_else_in_place_nothing_of_x
 def test_peak_allocation_sees_temporaries():
     x = torch.randn(1000)
     assert peak_allocation(lambda: x * 2 + x * 3) >= 3 * 4000  # two products and the sum
+
+
+def allocated_bytes(fn) -> int:
+    """Bytes the CPU allocator handed out while ``fn`` ran, by torch's profiler (no dispatch mode: the C loop
+    runs under it); an upper bound of the peak."""
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        result = fn()
+        del result
+    return sum(event.self_cpu_memory_usage for event in prof.events() if event.self_cpu_memory_usage > 0)
+
+
+@pytest.mark.parametrize("layout, shape", [("b h s d", (2, 8, 512, 128)), ("b s h d", (2, 512, 8, 128))])
+def test_the_c_loop_allocates_the_output_alone_and_in_place_nothing(monkeypatch, layout, shape):
+    monkeypatch.delenv("FLEXROPE_BACKEND", raising=False)
+    cos, sin = flexrope.precompute_rope_params(128, context_length=512)
+    for dtype in (torch.float32, torch.bfloat16):
+        x = torch.randn(shape).to(dtype)
+        x_bytes = x.numel() * x.element_size()
+        flexrope.compute_rope(x.clone(), cos, sin, layout, inplace=True)  # the loop built, the geometry planned
+        assert allocated_bytes(lambda: flexrope.compute_rope(x, cos, sin, layout)) == x_bytes
+        assert allocated_bytes(lambda: flexrope.compute_rope(x, cos, sin, layout, inplace=True)) == 0
+        # positions in a tensor: the loop reads their rows of the tables, gathered (s rows of r/2, cos and sin)
+        positions = torch.arange(512).flip(0)
+        gathered = allocated_bytes(lambda: flexrope.compute_rope(x, cos, sin, layout, positions=positions,
+                                                                 inplace=True))
+        assert gathered <= 2 * 512 * 64 * 4 + 16 * 1024
