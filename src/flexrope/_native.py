@@ -124,7 +124,10 @@ def _plan(x: torch.Tensor, out: torch.Tensor, table: torch.Tensor, rotary_dim: i
     sizes = [x.shape[d] for d in dims]
     geometry = torch.tensor([*sizes, *(strides[d] for strides in (x.stride(), out.stride(), table_strides)
                                        for d in dims)], dtype=torch.int64)
-    group = GROUP if len(sizes) >= 2 and table_strides[dims[-2]] == 0 and sizes[-2] >= GROUP else 1
+    # rows that share their angles along the innermost dim go in groups there (contiguous rows); else along
+    # the dim outside it, where they share them there
+    group = GROUP if (len(sizes) >= 2 and table_strides[dims[-1]] != 0 and table_strides[dims[-2]] == 0
+                      and sizes[-2] >= GROUP) else 1
     outer = math.prod(sizes[:-2]) * -(-sizes[-2] // group) if len(sizes) >= 2 else 1
     threads = threads if x.numel() >= THREADED_MIN_ELEMENTS else 1
     # a unit of work is a run of the innermost dim at one group of outer indices; where there are fewer of
