@@ -322,7 +322,7 @@ def test_dynamic_ntk_decoding_step_reads_only_its_rows(monkeypatch):
 
     rows = []
     real = _module.tables_at
-    monkeypatch.setattr(_module, "tables_at", lambda inv, positions, **kw: rows.append(positions.numel()) or real(
+    monkeypatch.setattr(_module, "tables_at", lambda inv, positions, **kw: rows.append(len(positions)) or real(
         inv, positions, **kw))
     rope = RotaryEmbedding.from_hf_config(_dynamic_config())
     rope(torch.randn(1, 4, 1, 64), torch.randn(1, 2, 1, 64), offset=100_000)

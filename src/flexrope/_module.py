@@ -16,11 +16,11 @@ from ._scaling import frequencies, parse_scaling, softmax_scale_factor
 from ._tables import check_rotary_dim, precompute_rope_params, tables_at
 
 
-def _rows(where: Where, seq_len: int) -> tuple[torch.Tensor, int | torch.Tensor]:
+def _rows(where: Where, seq_len: int) -> tuple[torch.Tensor | range, int | torch.Tensor]:
     """The positions whose angles a call reads, and where each token finds its own among them."""
     positions = position_tensor(where, seq_len)
     if isinstance(positions, int):
-        return torch.arange(positions, positions + seq_len, dtype=torch.float64), 0
+        return range(positions, positions + seq_len), 0
     return positions.flatten(), torch.arange(positions.numel(), device=positions.device).view(positions.shape)
 
 

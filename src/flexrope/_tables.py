@@ -65,14 +65,20 @@ def tables_from_inverse_frequencies(
 
 
 def tables_at(
-    inv_freq: torch.Tensor, positions: torch.Tensor, *, dtype: torch.dtype, device: torch.device,
+    inv_freq: torch.Tensor, positions: torch.Tensor | range, *, dtype: torch.dtype, device: torch.device,
     attention_factor: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Seed-format cos and sin tables (N, r) of the N ``positions`` alone, from float64 ``inv_freq``, times
-    ``attention_factor``: the rows a call reads, where a whole table would be wasted (dynamic NTK)."""
+    """Half-width cos and sin tables (N, r/2) of the N ``positions`` (a tensor or a range) alone, from float64
+    ``inv_freq``, times ``attention_factor``: the rows a call reads, where a whole table would be wasted
+    (dynamic NTK). The fewest operations: a decoding step calls this every time."""
     work = _float64_device(device)
-    angles = positions.to(device=work, dtype=torch.float64)[:, None] * inv_freq.to(device=work, dtype=torch.float64)
-    angles = torch.cat([angles, angles], dim=1)
+    inv_freq = inv_freq if inv_freq.device == work else inv_freq.to(work)
+    if isinstance(positions, range) and len(positions) == 1:  # a decoding step: one product, exact as the outer
+        angles = (inv_freq * float(positions[0]))[None]
+    else:
+        if isinstance(positions, range):
+            positions = torch.arange(positions.start, positions.stop, device=work)
+        angles = positions.to(device=work, dtype=torch.float64)[:, None] * inv_freq
     cos, sin = angles.cos(), angles.sin()
     if attention_factor != 1.0:
         cos, sin = cos * attention_factor, sin * attention_factor
