@@ -1,6 +1,8 @@
 """The native C loop (the CPU default) gives the eager kernels' bits in every layout, dtype and pairing, in place
 and out of place, on one thread or several, and steps aside cleanly where it cannot be built."""
 
+import os
+import tempfile
 import warnings
 
 import pytest
@@ -178,3 +180,27 @@ def test_built_once_then_loaded_from_the_cache(monkeypatch, tmp_path):
     stamp = built.stat().st_mtime_ns
     _native._build()
     assert [p.name for p in (tmp_path / "flexrope").iterdir()] == [built.name] and built.stat().st_mtime_ns == stamp
+
+
+def test_an_unusable_cache_directory_builds_in_the_temporary_directory(monkeypatch, tmp_path):
+    not_a_directory = tmp_path / "file"
+    not_a_directory.write_text("")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(not_a_directory))
+    (tmp_path / "tmp").mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    assert _native._cache() == tmp_path / "tmp" / f"flexrope-{os.getuid()}"
+    _native._build()
+    assert list((tmp_path / "tmp" / f"flexrope-{os.getuid()}").glob("loop-*.so"))
+
+
+def test_empty_tensors_and_a_library_without_a_dtype(patch, monkeypatch):
+    patch.setenv("FLEXROPE_BACKEND", "native")
+    cos, sin = flexrope.precompute_rope_params(8, context_length=32)
+    for shape in [(0, 2, 5, 8), (2, 0, 5, 8), (2, 3, 0, 8)]:
+        x = torch.randn(shape)
+        assert compute_rope(x, cos, sin).shape == shape
+        assert compute_rope(x, cos, sin, inplace=True) is x
+    monkeypatch.setattr(_native, "_dtypes", frozenset({torch.float32}))  # built without _Float16
+    x = torch.randn(2, 3, 5, 8).to(torch.float16)
+    fast, slow = _both(patch, lambda: compute_rope(x, cos, sin, offset=2))
+    assert torch.equal(fast, slow)

@@ -137,4 +137,6 @@ static inline uint16_t bf16_store(float f) {
 DEFINE_ROTATE(rotate_float32, float, float, IDENTITY, IDENTITY)
 DEFINE_ROTATE(rotate_float64, double, double, IDENTITY, IDENTITY)
 DEFINE_ROTATE(rotate_bfloat16, uint16_t, float, bf16_load, bf16_store)
+#ifdef __FLT16_MAX__ /* a compiler with _Float16 */
 DEFINE_ROTATE(rotate_float16, _Float16, float, TO_FLOAT, TO_HALF)
+#endif

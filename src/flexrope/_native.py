@@ -31,8 +31,10 @@ from ._pairs import as_dtype, compute_dtype, memory_order
 from ._positions import angles_at
 
 SOURCE = Path(__file__).with_name("_loop.c")
-FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno", "-shared", "-fPIC"]
-OPENMP = ["-fopenmp"]
+FLAGS = ["-O3", "-ffp-contract=off", "-shared", "-fPIC"]  # no contraction: the other backends' rounding
+# Tried in order: a compiler without OpenMP (Apple's clang) builds a loop on one thread; one that does not know
+# -march=native builds for the baseline of its target.
+VARIANTS = (["-march=native", "-fopenmp"], ["-march=native"], ["-fopenmp"], [])
 # From this many elements a call runs on torch.get_num_threads() threads.
 THREADED_MIN_ELEMENTS = 1 << 16
 # Rows rotated together where they share their angles along the dim outside the innermost one (the heads of
@@ -41,6 +43,7 @@ THREADED_MIN_ELEMENTS = 1 << 16
 GROUP = 4
 _FUNCTIONS = {torch.float32: "rotate_float32", torch.float64: "rotate_float64", torch.bfloat16: "rotate_bfloat16",
               torch.float16: "rotate_float16"}
+_dtypes: frozenset = frozenset()  # those the built library has (float16 needs the compiler's _Float16)
 
 unavailable = sys.platform == "win32"  # cc and -march=native: Linux and macOS
 _library = None
@@ -59,21 +62,35 @@ def _cpu() -> str:
         return platform.processor() + platform.machine()
 
 
+def _cache() -> Path:
+    """Where built loops live: $XDG_CACHE_HOME/flexrope (~/.cache/flexrope), else the user's own directory
+    in the temporary directory (a read-only home)."""
+    home = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "flexrope"
+    for cache in (home, Path(tempfile.gettempdir()) / f"flexrope-{os.getuid()}"):
+        try:
+            cache.mkdir(parents=True, exist_ok=True)
+        except OSError:
+            continue
+        if os.access(cache, os.W_OK):
+            return cache
+    raise RuntimeError(f"no writable directory for the built loop ({home} is not; set XDG_CACHE_HOME)")
+
+
 def _build() -> ctypes.CDLL:
+    global _dtypes
     compiler = _compiler()
     if compiler is None:
         raise RuntimeError("no C compiler found (set CC)")
     source = SOURCE.read_bytes()
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True, check=True).stdout
-    key = hashlib.sha256(b"\0".join([source, version.encode(), " ".join(FLAGS + OPENMP).encode(), _cpu().encode()]))
-    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "flexrope"
-    path = cache / f"loop-{key.hexdigest()[:24]}.so"
+    recipe = repr((FLAGS, VARIANTS)).encode()
+    key = hashlib.sha256(b"\0".join([source, version.encode(), recipe, _cpu().encode()]))
+    path = _cache() / f"loop-{key.hexdigest()[:24]}.so"
     if not path.exists():
-        cache.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=cache) as work:  # built aside, then moved: processes may race
+        with tempfile.TemporaryDirectory(dir=path.parent) as work:  # built aside, then moved: processes may race
             built = Path(work) / path.name
-            for extra in (OPENMP, []):  # without OpenMP where the compiler has none (Apple's clang)
-                result = subprocess.run([compiler, *FLAGS, *extra, str(SOURCE), "-o", str(built)],
+            for variant in VARIANTS:
+                result = subprocess.run([compiler, *FLAGS, *variant, str(SOURCE), "-o", str(built)],
                                         capture_output=True, text=True)
                 if result.returncode == 0:
                     break
@@ -82,9 +99,11 @@ def _build() -> ctypes.CDLL:
             os.replace(built, path)
     library = ctypes.CDLL(str(path))
     for name in _FUNCTIONS.values():
-        function = getattr(library, name)
-        function.restype = None
-        function.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] + [ctypes.c_void_p] * 2 + [ctypes.c_int64] * 7
+        function = getattr(library, name, None)
+        if function is not None:
+            function.restype = None
+            function.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] + [ctypes.c_void_p] * 2 + [ctypes.c_int64] * 7
+    _dtypes = frozenset(dtype for dtype, name in _FUNCTIONS.items() if hasattr(library, name))
     return library
 
 
@@ -106,7 +125,7 @@ def applies(x: torch.Tensor, out: torch.Tensor) -> bool:
     return (
         not unavailable
         and x.device.type == "cpu"
-        and x.dtype in _FUNCTIONS
+        and x.dtype in (_dtypes if _library is not None else _FUNCTIONS)
         and torch._C._len_torch_dispatch_stack() == 0
         and x.stride(-1) == 1
         and out.stride(-1) == 1
@@ -148,8 +167,10 @@ def rotate(x: torch.Tensor, out: torch.Tensor, cos: torch.Tensor, sin: torch.Ten
     seen before costs a dict lookup and the call; from an int start the loop reads the tables where they are
     (a decoding step slices nothing)."""
     library = _loaded()
-    if library is None:
+    if library is None or x.dtype not in _dtypes:
         return False
+    if x.numel() == 0:
+        return True
     compute = compute_dtype(x.dtype)
     first = 0
     if isinstance(where, int) and cos.dtype == compute and cos.stride(-1) == 1 and cos.stride() == sin.stride():
