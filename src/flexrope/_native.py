@@ -44,6 +44,7 @@ GROUP = 4
 _FUNCTIONS = {torch.float32: "rotate_float32", torch.float64: "rotate_float64", torch.bfloat16: "rotate_bfloat16",
               torch.float16: "rotate_float16"}
 _dtypes: frozenset = frozenset()  # those the built library has (float16 needs the compiler's _Float16)
+built: Path | None = None  # the library this process loaded
 
 unavailable = sys.platform == "win32"  # cc and -march=native: Linux and macOS
 _library = None
@@ -77,7 +78,7 @@ def _cache() -> Path:
 
 
 def _build() -> ctypes.CDLL:
-    global _dtypes
+    global _dtypes, built
     compiler = _compiler()
     if compiler is None:
         raise RuntimeError("no C compiler found (set CC)")
@@ -97,7 +98,7 @@ def _build() -> ctypes.CDLL:
             else:
                 raise RuntimeError(f"{compiler} failed: {result.stderr.strip()[:500]}")
             os.replace(built, path)
-    library = ctypes.CDLL(str(path))
+    library, built = ctypes.CDLL(str(path)), path
     for name in _FUNCTIONS.values():
         function = getattr(library, name, None)
         if function is not None:
