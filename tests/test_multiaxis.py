@@ -197,3 +197,29 @@ def test_gradcheck_through_the_per_token_tables():
     q = torch.randn(2, 5, 3, 8, dtype=torch.float64, requires_grad=True)
     positions = torch.randint(0, 50, (3, 2, 5))
     assert torch.autograd.gradcheck(lambda q: rope(q, positions=positions), (q,))
+
+
+def test_a_call_at_the_last_calls_positions_reuses_its_tables_and_any_change_recomputes(monkeypatch):
+    """Every block of a diffusion transformer rotates at the same positions: the tables are built once. Reuse
+    is decided by value (the same grid lengths; equal positions on the host), so a changed, mutated or bad
+    position is never served stale tables."""
+    rope = MultiAxisRotaryEmbedding(16, axes={"y": 4, "x": 4}, layout="b (y x) h d", context_length=8)
+    fresh = MultiAxisRotaryEmbedding(16, axes={"y": 4, "x": 4}, layout="b (y x) h d", context_length=8)
+    built = []
+    real = rope._tables
+    monkeypatch.setattr(rope, "_tables", lambda *a, **k: built.append(1) or real(*a, **k))
+    q = torch.randn(2, 12, 3, 16)
+    want = fresh(q, y=3, x=4)
+    assert torch.equal(rope(q, y=3, x=4), want) and torch.equal(rope(q, y=3, x=4), want) and len(built) == 1
+    assert torch.equal(rope(q, y=4, x=3), fresh(q, y=4, x=3)) and len(built) == 2  # another grid
+    positions = {"y": torch.arange(12) % 5, "x": torch.arange(12) % 7}
+    want = fresh(q, positions=positions)
+    assert torch.equal(rope(q, positions=positions), want) and len(built) == 3
+    copied = {name: t.clone() for name, t in positions.items()}  # equal values, other tensors
+    assert torch.equal(rope(q, positions=copied), want) and len(built) == 3
+    positions["x"][5] = 0  # mutated in place after the call
+    assert torch.equal(rope(q, positions=positions), fresh(q, positions=positions)) and len(built) == 4
+    positions["x"][5] = 8  # past the axis's 8 positions: still an error
+    with pytest.raises(FlexRopeError, match="axis 'x'"):
+        rope(q, positions=positions)
+    assert torch.equal(rope(q[:1], y=3, x=4), fresh(q[:1], y=3, x=4))  # another batch length: no stale rows

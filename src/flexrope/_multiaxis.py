@@ -159,22 +159,27 @@ class MultiAxisRotaryEmbedding(nn.Module):
                               f"layout={layout!r}): {error}") from None
         self.head_dim, self.interleaved, self.layout_text = head_dim, bool(interleaved), layout
         self._rotation = Rotation(self.layout, self.rotary_dim, self.interleaved)
+        # the last call's per-token tables, reused by a call at the same positions (every block of a diffusion
+        # transformer, every step): (key, positions or None, cos, sin)
+        self._last: tuple | None = None
         self.register_buffer("inv_freq", inv, persistent=False)  # float64: angles are computed in float64
         self.register_buffer("pair_axis", torch.tensor(self.pair_axes, dtype=torch.long), persistent=False)
         self.register_buffer("limits", torch.tensor(list(self.context_length.values())), persistent=False)
-        # Each axis's own cos and sin (context length, its pairs), float32: a call gathers its tokens' rows
-        # instead of evaluating cos and sin per token. The same float64 angles rounded once, so the same bits.
+        # Each axis's own cos and sin (context length, 2, its pairs), float32, side by side: a call gathers its
+        # tokens' rows, one gather per axis for both, instead of evaluating cos and sin per token. The same
+        # float64 angles rounded once, so the same bits.
         order = [j for a in range(len(self.axes)) for j, b in enumerate(self.pair_axes) if b == a]
         self._channel_order = None if order == sorted(order) else torch.tensor(order).argsort()
         for a, name in enumerate(self.axes):
             pairs = [j for j, b in enumerate(self.pair_axes) if b == a]
             angles = torch.arange(self.context_length[name], dtype=torch.float64)[:, None] * inv[pairs]
-            self.register_buffer(f"cos_{name}", angles.cos().float(), persistent=False)
-            self.register_buffer(f"sin_{name}", angles.sin().float(), persistent=False)
+            self.register_buffer(f"cos_sin_{name}", torch.stack([angles.cos(), angles.sin()], 1).float(),
+                                 persistent=False)
 
     def _apply(self, fn, recurse=True):
         # a cast to another dtype leaves the frequencies in float64 and the tables in float32 (as in
         # RotaryEmbedding: half precision q and k are rotated in float32); devices move as usual
+        self._last = None
         before = {name: t for name, t in self.named_buffers(recurse=False) if t.dtype.is_floating_point}
         super()._apply(fn, recurse)
         for name, table in before.items():
@@ -287,21 +292,46 @@ class MultiAxisRotaryEmbedding(nn.Module):
         """Per-token cos and sin (..., s, r) in the seed format, or half width (..., s, r/2): each pair's angle
         is the position on its axis times its frequency, in float64, rounded once to float32 (the axes'
         tables), or kept in float64."""
-        if dtype != torch.float64:
-            halves = []
-            for prefix in ("cos", "sin"):
-                parts = [getattr(self, f"{prefix}_{name}")[positions[a]] for a, name in enumerate(self.axes)]
-                half = torch.cat(parts, dim=-1)
-                if self._channel_order is not None:
-                    half = half.index_select(-1, self._channel_order.to(half.device))
-                halves.append((torch.cat([half, half], dim=-1) if full_width else half).to(dtype))
-            return halves[0], halves[1]
+        if dtype != torch.float64:  # cos and sin are views of one (..., s, 2, r/2) gather (the kernels take them)
+            parts = [getattr(self, f"cos_sin_{name}").index_select(0, positions[a].flatten())
+                     for a, name in enumerate(self.axes)]
+            both = torch.cat(parts, dim=-1).unflatten(0, positions.shape[1:])
+            if self._channel_order is not None:
+                both = both.index_select(-1, self._channel_order.to(both.device))
+            cos, sin = both.to(dtype).unbind(-2)
+            return (torch.cat([cos, cos], dim=-1), torch.cat([sin, sin], dim=-1)) if full_width else (cos, sin)
         per_pair = positions.to(torch.float64).index_select(0, self.pair_axis.to(positions.device))
         angles = per_pair.movedim(0, -1) * self.inv_freq.to(positions.device)
         cos, sin = angles.cos().to(dtype), angles.sin().to(dtype)
         if not full_width:
             return cos, sin
         return torch.cat([cos, cos], dim=-1), torch.cat([sin, sin], dim=-1)
+
+    def _per_token(self, q: torch.Tensor, shape, positions, grid: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """Half-width per-token tables (1 or b, s, r/2) for q's call (the kernels read r/2 angles per token),
+        checked; those of the last call where its positions were the same: the same grid lengths, or on the
+        CPU, equal position values (compared on the host, where reading them costs no sync). Not inside a
+        caller's compiled graph, which traces the computation itself."""
+        table_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+        if torch.compiler.is_compiling():
+            return self._fresh(q, self._positions(shape.s, shape.b, positions, grid), table_dtype)
+        key, last = (tuple(sorted(grid.items())), shape.s, shape.b, q.device, table_dtype), self._last
+        if positions is None and last is not None and last[0] == key and last[1] is None:
+            return last[2], last[3]
+        positions = self._positions(shape.s, shape.b, positions, grid)
+        on_host = positions.device.type == "cpu"
+        if (last is not None and last[0] == key and last[1] is not None and on_host
+                and last[1].shape == positions.shape and torch.equal(last[1], positions)):
+            return last[2], last[3]
+        cos, sin = self._fresh(q, positions, table_dtype)
+        if grid or on_host:
+            self._last = (key, None if grid else positions.clone(), cos, sin)
+        return cos, sin
+
+    def _fresh(self, q: torch.Tensor, positions: torch.Tensor, table_dtype: torch.dtype):
+        self._check_range(positions)
+        cos, sin = self._tables(positions.to(q.device), table_dtype, full_width=False)
+        return (cos[None], sin[None]) if cos.ndim == 2 else (cos, sin)
 
     def forward(self, q: torch.Tensor, k: torch.Tensor | None = None, /, *, positions=None, **grid: int):
         """Rotate q (and k), each laid out as the module's layout.
@@ -323,13 +353,7 @@ class MultiAxisRotaryEmbedding(nn.Module):
                 if (k_shape.b, k_shape.s) != (shape.b, shape.s):
                     raise FlexRopeError(f"q has (b, s) = ({shape.b}, {shape.s}) but k has ({k_shape.b}, "
                                         f"{k_shape.s}): they share the positions")
-            positions = self._positions(shape.s, shape.b, positions, grid)
-            self._check_range(positions)
-            table_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
-            # half width: the kernels read r/2 angles per token, and the tables are as large as q's head
-            cos, sin = self._tables(positions.to(q.device), table_dtype, full_width=False)
-            if cos.ndim == 2:
-                cos, sin = cos[None], sin[None]
+            cos, sin = self._per_token(q, shape, positions, grid)
             cos, sin, where = per_token_tables(cos, sin, shape, None, 0)
             where = 0 if where is None else where
         except FlexRopeError as error:
