@@ -204,3 +204,26 @@ def test_empty_tensors_and_a_library_without_a_dtype(patch, monkeypatch):
     x = torch.randn(2, 3, 5, 8).to(torch.float16)
     fast, slow = _both(patch, lambda: compute_rope(x, cos, sin, offset=2))
     assert torch.equal(fast, slow)
+
+
+@pytest.mark.parametrize("interleaved", [False, True])
+def test_strided_views_and_expanded_inputs(patch, interleaved):
+    """Channels contiguous, everything else strided: a slice of a wider head dim, every other token, a
+    transposed batch, an expanded batch (out of place). In place, the elements outside the view stay as they
+    were."""
+    cos, sin = flexrope.precompute_rope_params(8, context_length=64)
+    base = torch.randn(3, 20, 5, 12)
+    cuts = [lambda t: t[:, 1::2, :, 2:10], lambda t: t.transpose(0, 2)[..., :8]]
+    kwargs = dict(interleaved=interleaved, offset=4)
+    expanded = base[:1, :9, :, :8].expand(4, 9, 5, 8)
+    fast, slow = _both(patch, lambda: compute_rope(expanded, cos, sin, "b s h d", **kwargs))
+    assert torch.equal(fast, slow)
+    for cut in cuts:
+        fast, slow = _both(patch, lambda: compute_rope(cut(base), cos, sin, "b s h d", **kwargs))
+        assert torch.equal(fast, slow)
+        whole = base.clone()
+        compute_rope(cut(whole), cos, sin, "b s h d", inplace=True, **kwargs)
+        assert torch.equal(cut(whole), slow)
+        outside = torch.ones_like(whole, dtype=torch.bool)
+        cut(outside).fill_(False)
+        assert torch.equal(whole[outside], base[outside])
