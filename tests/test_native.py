@@ -227,3 +227,12 @@ def test_strided_views_and_expanded_inputs(patch, interleaved):
         outside = torch.ones_like(whole, dtype=torch.bool)
         cut(outside).fill_(False)
         assert torch.equal(whole[outside], base[outside])
+
+
+def test_in_place_inside_inference_mode(patch):
+    """Inference tensors have no version counter to move: the loop's in-place call still works there."""
+    cos, sin = flexrope.precompute_rope_params(8, context_length=32)
+    with torch.inference_mode():
+        x = torch.randn(2, 3, 5, 8)
+        fast, slow = _both(patch, lambda: compute_rope(x.clone(), cos, sin, offset=1, inplace=True))
+    assert torch.equal(fast, slow)
