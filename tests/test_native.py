@@ -162,7 +162,7 @@ def test_no_compiler_turns_the_loop_off_with_one_warning(monkeypatch, tmp_path):
     monkeypatch.setattr(_native, "unavailable", False)
     cos, sin = flexrope.precompute_rope_params(8, context_length=32)
     x = torch.randn(2, 3, 9, 8)
-    with pytest.warns(RuntimeWarning, match="native CPU loop could not be built") as caught:
+    with pytest.warns(RuntimeWarning, match="C loop for CPU calls could not be built") as caught:
         out = compute_rope(x, cos, sin, offset=2)
     assert caught[0].filename == __file__
     assert _native.unavailable

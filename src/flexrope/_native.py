@@ -115,8 +115,8 @@ def _loaded() -> ctypes.CDLL | None:
             _library = _build()
         except (OSError, RuntimeError, subprocess.SubprocessError) as error:
             unavailable = True
-            warn(f"the native CPU loop could not be built ({error}); CPU calls use the other backends from now "
-                 f"on", RuntimeWarning)
+            warn(f"the C loop for CPU calls could not be built ({error}); CPU calls use the eager kernels from "
+                 f"now on", RuntimeWarning)
     return _library
 
 
