@@ -44,7 +44,7 @@ GROUP = 4
 _FUNCTIONS = {torch.float32: "rotate_float32", torch.float64: "rotate_float64", torch.bfloat16: "rotate_bfloat16",
               torch.float16: "rotate_float16"}
 _dtypes: frozenset = frozenset()  # those the built library has (float16 needs the compiler's _Float16)
-built: Path | None = None  # the library this process loaded
+library_path: Path | None = None  # the library this process loaded
 
 unavailable = sys.platform == "win32"  # cc and -march=native: Linux and macOS
 _library = None
@@ -77,8 +77,7 @@ def _cache() -> Path:
     raise RuntimeError(f"no writable directory for the built loop ({home} is not; set XDG_CACHE_HOME)")
 
 
-def _build() -> ctypes.CDLL:
-    global _dtypes, built
+def _build() -> tuple[ctypes.CDLL, Path]:
     compiler = _compiler()
     if compiler is None:
         raise RuntimeError("no C compiler found (set CC)")
@@ -89,30 +88,30 @@ def _build() -> ctypes.CDLL:
     path = _cache() / f"loop-{key.hexdigest()[:24]}.so"
     if not path.exists():
         with tempfile.TemporaryDirectory(dir=path.parent) as work:  # built aside, then moved: processes may race
-            built = Path(work) / path.name
+            staged = Path(work) / path.name
             for variant in VARIANTS:
-                result = subprocess.run([compiler, *FLAGS, *variant, str(SOURCE), "-o", str(built)],
+                result = subprocess.run([compiler, *FLAGS, *variant, str(SOURCE), "-o", str(staged)],
                                         capture_output=True, text=True)
                 if result.returncode == 0:
                     break
             else:
                 raise RuntimeError(f"{compiler} failed: {result.stderr.strip()[:500]}")
-            os.replace(built, path)
-    library, built = ctypes.CDLL(str(path)), path
+            os.replace(staged, path)
+    library = ctypes.CDLL(str(path))
     for name in _FUNCTIONS.values():
         function = getattr(library, name, None)
         if function is not None:
             function.restype = None
             function.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] + [ctypes.c_void_p] * 2 + [ctypes.c_int64] * 7
-    _dtypes = frozenset(dtype for dtype, name in _FUNCTIONS.items() if hasattr(library, name))
-    return library
+    return library, path
 
 
 def _loaded() -> ctypes.CDLL | None:
-    global _library, unavailable
+    global _library, library_path, _dtypes, unavailable
     if _library is None and not unavailable:
         try:
-            _library = _build()
+            _library, library_path = _build()
+            _dtypes = frozenset(dtype for dtype, name in _FUNCTIONS.items() if hasattr(_library, name))
         except (OSError, RuntimeError, subprocess.SubprocessError) as error:
             unavailable = True
             warn(f"the C loop for CPU calls could not be built ({error}); CPU calls use the eager kernels from "

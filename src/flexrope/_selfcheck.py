@@ -57,8 +57,8 @@ def run(tolerance: float = 1e-5) -> bool:
             pairing = "interleaved" if interleaved else "half-split"
             print(f"{layout:<12} {pairing:<12} {error:>10.2e}{mark}")
     print(f"\n{'all layouts agree with the reference' if ok else 'SOME CASES FAILED'} (tolerance {tolerance:g})")
-    if _native.built is not None:
-        print(f"CPU calls ran the C loop, built by your C compiler: {_native.built}")
+    if _native.library_path is not None:
+        print(f"CPU calls ran the C loop, built by your C compiler: {_native.library_path}")
     elif _native.unavailable:
         print("CPU calls ran the eager kernels: the C loop could not be built here (see the warning above)")
     print("Speed is measured against the memory floor by benchmarks/bench_rope.py (CPU) and")
