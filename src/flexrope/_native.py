@@ -6,7 +6,7 @@ at the cost of a copy. It is built on first use by the C compiler (``$CC``, else
 source, compiler and CPU), loaded with ``ctypes`` (which releases the GIL during the call). Its OpenMP library
 is the one torch has already loaded (the same soname), so large calls run on torch's own threads,
 ``torch.get_num_threads()`` of them, and never compete with torch's operations for cores (a thread pool of its
-own ran 20-40% slower next to them: torch's idle threads spin). A compiler without OpenMP builds a loop on one
+own ran 25-60% slower next to them: torch's idle threads spin). A compiler without OpenMP builds a loop on one
 thread. Building takes 0.3-1 s. A machine without a working compiler turns this backend off for the
 process, with one warning; the other backends run instead.
 """
