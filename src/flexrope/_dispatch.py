@@ -122,8 +122,8 @@ def _run_triton(layout, rotary_dim, interleaved, cos, sin, xs, wheres, row_start
         out, out_c = _canonical_out(layout, x, inplace)
         outs.append(out)
         positions = where if isinstance(where, torch.Tensor) else None
-        operands.append(_triton.Operand(layout.canonical(x), out_c, 0 if positions is not None else where, positions,
-                                        mode))
+        x_c = out_c if inplace else layout.canonical(x)
+        operands.append(_triton.Operand(x_c, out_c, 0 if positions is not None else where, positions, mode))
     ok = _triton.flag(xs[0].device)
     together = len(xs) == 2 and xs[0].dtype == xs[1].dtype and (
         operands[0].x.shape[:-3] == operands[1].x.shape[:-3])  # the same lead and batch lengths

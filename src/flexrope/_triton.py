@@ -181,20 +181,6 @@ def _merged(t: torch.Tensor) -> tuple[tuple[int, ...], tuple[int, ...]] | None:
     return None
 
 
-def _operand_args(op: Operand, x: tuple, out: tuple) -> list:
-    """The kernel's arguments for one operand, of (lead, b, h, s, d) geometries x and out."""
-    pos, p_sb, p_ss = op.positions, 0, 0
-    if pos is None:
-        pos = op.x  # a pointer the kernel never reads
-    elif op.mode == ROW_STARTS:
-        p_sb = pos.stride(0)
-    elif pos.ndim == 1:
-        p_ss = pos.stride(0)
-    else:
-        p_sb, p_ss = (pos.stride(0) if pos.shape[0] > 1 else 0), pos.stride(1)
-    return [op.x, op.out, pos, x[0][2], x[0][3], op.start, *x[1], *out[1], p_sb, p_ss]
-
-
 @functools.lru_cache(maxsize=None)
 def flag(device: torch.device) -> torch.Tensor:
     """A one-element int32 flag per device: 1 while every position read on the device was in range."""
@@ -221,39 +207,75 @@ def empty_in_memory_order(x: torch.Tensor) -> torch.Tensor:
     return out.permute([order.index(d) for d in range(x.ndim)])
 
 
-def launch(
-    operands: list[Operand], cos: torch.Tensor, sin: torch.Tensor, *, rotary_dim: int, interleaved: bool,
-    inverse: bool, inplace: bool, ok: torch.Tensor,
-) -> None:
-    """Rotate one or two operands (the same lead and batch lengths, dtype and device) in one launch."""
+def _plan(operands: list[Operand], cos: torch.Tensor, sin: torch.Tensor, rotary_dim: int, interleaved: bool,
+          inverse: bool, inplace: bool) -> tuple | None:
+    """What a launch needs besides its tensors and int starts, for one geometry: the kernel, the grid, the int
+    arguments around each operand's start, the compile-time constants, whether the tables need copying to
+    share strides. None where lead axes do not merge."""
     views = [(_merged(op.x), _merged(op.out)) for op in operands]
-    if any(x is None or out is None for x, out in views):  # rare: one launch per lead index
-        for op in operands:
-            for index in itertools.product(*(range(n) for n in op.x.shape[:-4])):
-                launch([op._replace(x=op.x[index], out=op.out[index])], cos, sin, rotary_dim=rotary_dim,
-                       interleaved=interleaved, inverse=inverse, inplace=inplace, ok=ok)
-        return
-    if cos.stride() != sin.stride():
-        cos, sin = cos.contiguous(), sin.contiguous()
+    if any(x is None or out is None for x, out in views):
+        return None
+    copy_tables = cos.stride() != sin.stride()
+    table_stride = cos.contiguous().stride() if copy_tables else cos.stride()
     (shape, stride), _ = views[0]
     half, tail = rotary_dim // 2, shape[4] - rotary_dim
-    seq_len = shape[3] if len(views) == 1 else max(views[0][0][0][3], views[1][0][0][3])
-    heads = shape[2] if len(views) == 1 else max(views[0][0][0][2], views[1][0][0][2])
+    seq_len = max(x[0][3] for x, _ in views)
+    heads = max(x[0][2] for x, _ in views)
     block_s, block_h, block_p = _blocks(half, heads, seq_len, stride[3] < stride[2])
-    args = [_operand_args(op, *view) for op, view in zip(operands, views)]
-    blocks = [-(-view[0][0][2] // block_h) for view in views]
+    blocks = [-(-x[0][2] // block_h) for x, _ in views]
     grid = (-(-seq_len // block_s), shape[0] * shape[1], sum(blocks))
-    shared = [cos, sin, ok, shape[1], cos.shape[0], cos.stride(0), cos.stride(1)]
+    head = [shape[1], cos.shape[0], *table_stride] + ([blocks[0]] if len(operands) == 2 else [])
+    around_start = []
+    for op, (x, out) in zip(operands, views):
+        pos, p_sb, p_ss = op.positions, 0, 0
+        if pos is not None and op.mode == ROW_STARTS:
+            p_sb = pos.stride(0)
+        elif pos is not None and pos.ndim == 1:
+            p_ss = pos.stride(0)
+        elif pos is not None:
+            p_sb, p_ss = (pos.stride(0) if pos.shape[0] > 1 else 0), pos.stride(1)
+        around_start.append(((x[0][2], x[0][3]), (*x[1], *out[1], p_sb, p_ss)))
     constants = dict(
         HALF=half, TAIL=tail, INTERLEAVED=interleaved, INVERSE=inverse, COPY_TAIL=tail > 0 and not inplace,
         COMPUTE=tl.float64 if operands[0].x.dtype == torch.float64 else tl.float32, ROUND_BF16=INTERPRETED,
         MODE=operands[0].mode, BLOCK_S=block_s, BLOCK_H=block_h, BLOCK_P=block_p,
         BLOCK_T=triton.next_power_of_2(max(tail, 1)), num_warps=NUM_WARPS, enable_fp_fusion=False,
     )
-    if len(operands) == 1:
-        _rope_one[grid](*shared, *args[0], **constants)
-    else:
-        _rope_two[grid](*shared, blocks[0], *args[0], *args[1], YMODE=operands[1].mode, **constants)
+    if len(operands) == 2:
+        constants["YMODE"] = operands[1].mode
+    return _rope_one if len(operands) == 1 else _rope_two, grid, head, around_start, constants, copy_tables
+
+
+_plans: dict[tuple, tuple | None] = {}
+
+
+def launch(
+    operands: list[Operand], cos: torch.Tensor, sin: torch.Tensor, *, rotary_dim: int, interleaved: bool,
+    inverse: bool, inplace: bool, ok: torch.Tensor,
+) -> None:
+    """Rotate one or two operands (the same lead and batch lengths, dtype and device) in one launch. A geometry
+    seen before costs a dict lookup: its plan holds everything but the tensors and the int starts."""
+    key = (*((op.x.shape, op.x.stride(), op.out.stride(), op.mode,
+              None if op.positions is None else (op.positions.shape, op.positions.stride())) for op in operands),
+           cos.shape, cos.stride(), sin.stride(), operands[0].x.dtype, rotary_dim, interleaved, inverse, inplace)
+    plan = _plans.get(key, False)
+    if plan is False:
+        if len(_plans) >= 1024:
+            _plans.clear()
+        plan = _plans[key] = _plan(operands, cos, sin, rotary_dim, interleaved, inverse, inplace)
+    if plan is None:  # rare: lead axes that do not merge, one launch per lead index
+        for op in operands:
+            for index in itertools.product(*(range(n) for n in op.x.shape[:-4])):
+                launch([op._replace(x=op.x[index], out=op.out[index])], cos, sin, rotary_dim=rotary_dim,
+                       interleaved=interleaved, inverse=inverse, inplace=inplace, ok=ok)
+        return
+    kernel, grid, head, around_start, constants, copy_tables = plan
+    if copy_tables:
+        cos, sin = cos.contiguous(), sin.contiguous()
+    args = [cos, sin, ok, *head]
+    for op, (before, after) in zip(operands, around_start):
+        args += [op.x, op.out, op.x if op.positions is None else op.positions, *before, op.start, *after]
+    kernel[grid](*args, **constants)
 
 
 @torch.library.custom_op("flexrope::rotate", mutates_args=())
