@@ -232,3 +232,17 @@ def test_in_place_write_is_seen_by_autograd(monkeypatch):
     compute_rope(y, cos, sin, inplace=True)
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         saved.sum().backward()
+
+
+def test_tables_of_different_strides_and_a_repeated_geometry(monkeypatch):
+    """sin laid out unlike cos (the launch copies both to shared strides), and the same geometry called again
+    at other positions (its cached plan, new starts and positions)."""
+    cos, sin = _tables(16)
+    sin_wide = torch.zeros(sin.shape[0], 2 * sin.shape[1], device=DEVICE)
+    sin_wide[:, ::2] = sin
+    odd_sin = sin_wide[:, ::2]  # the same values, column stride 2
+    x = torch.randn(2, 5, 3, 16, device=DEVICE)
+    for offset in (0, 9, torch.tensor([4, 11], device=DEVICE)):
+        fast, slow = _both(monkeypatch, lambda: compute_rope(x, cos, odd_sin, "b s h d", offset=offset))
+        assert torch.equal(fast, slow)
+        assert torch.equal(fast, compute_rope(x, cos, sin, "b s h d", offset=offset))
