@@ -162,7 +162,7 @@ def _run_each(layout, rotary_dim, interleaved, cos, sin, xs, wheres, row_starts,
             continue
         out = None
         if backend == "native":
-            out, out_c = _canonical_out(layout, x, inplace)
+            out, out_c = (x, x_c) if inplace else _canonical_out(layout, x, False)
             if _native.applies(x_c, out_c) and _native.rotate(x_c, out_c, cos, sin, where, rotary_dim=rotary_dim,
                                                                 interleaved=interleaved, inverse=inverse):
                 if inplace:  # written through a pointer: autograd must still see x change
