@@ -125,7 +125,7 @@ def applies(x: torch.Tensor, out: torch.Tensor) -> bool:
     return (
         not unavailable
         and x.device.type == "cpu"
-        and x.dtype in (_dtypes if _library is not None else _FUNCTIONS)
+        and x.dtype in _FUNCTIONS  # and in the built library: rotate says
         and torch._C._len_torch_dispatch_stack() == 0
         and x.stride(-1) == 1
         and out.stride(-1) == 1

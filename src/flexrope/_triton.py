@@ -216,7 +216,7 @@ def _plan(operands: list[Operand], cos: torch.Tensor, sin: torch.Tensor, rotary_
     if any(x is None or out is None for x, out in views):
         return None
     copy_tables = cos.stride() != sin.stride()
-    table_stride = cos.contiguous().stride() if copy_tables else cos.stride()
+    table_stride = (cos.shape[1], 1) if copy_tables else cos.stride()  # (L, width): contiguous strides
     (shape, stride), _ = views[0]
     half, tail = rotary_dim // 2, shape[4] - rotary_dim
     seq_len = max(x[0][3] for x, _ in views)
@@ -228,12 +228,13 @@ def _plan(operands: list[Operand], cos: torch.Tensor, sin: torch.Tensor, rotary_
     around_start = []
     for op, (x, out) in zip(operands, views):
         pos, p_sb, p_ss = op.positions, 0, 0
-        if pos is not None and op.mode == ROW_STARTS:
-            p_sb = pos.stride(0)
-        elif pos is not None and pos.ndim == 1:
-            p_ss = pos.stride(0)
-        elif pos is not None:
-            p_sb, p_ss = (pos.stride(0) if pos.shape[0] > 1 else 0), pos.stride(1)
+        if pos is not None:
+            if op.mode == ROW_STARTS:
+                p_sb = pos.stride(0)
+            elif pos.ndim == 1:
+                p_ss = pos.stride(0)
+            else:
+                p_sb, p_ss = (pos.stride(0) if pos.shape[0] > 1 else 0), pos.stride(1)
         around_start.append(((x[0][2], x[0][3]), (*x[1], *out[1], p_sb, p_ss)))
     constants = dict(
         HALF=half, TAIL=tail, INTERLEAVED=interleaved, INVERSE=inverse, COPY_TAIL=tail > 0 and not inplace,
