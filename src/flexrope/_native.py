@@ -38,7 +38,7 @@ VARIANTS = (["-march=native", "-fopenmp"], ["-march=native"], ["-fopenmp"], [])
 # From this many elements a call runs on torch.get_num_threads() threads.
 THREADED_MIN_ELEMENTS = 1 << 16
 # Rows rotated together where they share their angles along the dim outside the innermost one (the heads of
-# one position in "b h s d"): the tables are read once per group. Reading them once per row, bfloat16
+# one position in "b h s d"): the tables come from memory once per group. Reading them once per row, bfloat16
 # "b h s d" in place ran at 2.0x a copy (the tables are twice x's bytes per row). As in _loop.c.
 GROUP = 4
 _FUNCTIONS = {torch.float32: "rotate_float32", torch.float64: "rotate_float64", torch.bfloat16: "rotate_bfloat16",
