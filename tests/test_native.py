@@ -193,17 +193,44 @@ def test_an_unusable_cache_directory_builds_in_the_temporary_directory(monkeypat
     assert list((tmp_path / "tmp" / f"flexrope-{os.getuid()}").glob("loop-*.so"))
 
 
-def test_empty_tensors_and_a_library_without_a_dtype(patch, monkeypatch):
+def test_empty_tensors(patch):
     patch.setenv("FLEXROPE_BACKEND", "native")
     cos, sin = flexrope.precompute_rope_params(8, context_length=32)
     for shape in [(0, 2, 5, 8), (2, 0, 5, 8), (2, 3, 0, 8)]:
         x = torch.randn(shape)
         assert compute_rope(x, cos, sin).shape == shape
         assert compute_rope(x, cos, sin, inplace=True) is x
-    monkeypatch.setattr(_native, "_dtypes", frozenset({torch.float32}))  # built without _Float16
-    x = torch.randn(2, 3, 5, 8).to(torch.float16)
-    fast, slow = _both(patch, lambda: compute_rope(x, cos, sin, offset=2))
-    assert torch.equal(fast, slow)
+
+
+def _half_bits(t: torch.Tensor) -> torch.Tensor:
+    return t.view(torch.int16)
+
+
+def test_float16_conversions_are_torchs_on_every_half_and_at_every_rounding_boundary(patch):
+    """The loop converts float16 on the bits (no _Float16 needed): every one of the 65536 halves read, and
+    float32 results rounded to half at each midpoint between halves, one float ulp either side, past the
+    largest half, in the subnormals, NaN payloads, all as torch's own conversions give them."""
+    patch.setenv("FLEXROPE_BACKEND", "native")
+    every = torch.arange(-(1 << 15), 1 << 15, dtype=torch.int32).to(torch.int16).view(torch.float16)
+    # read: the angle 0 (cos 1, sin 0) gives (a * 1 - b * 0, b * 1 + a * 0) in float32: with b = 0, the
+    # first channel is a as the loop read it (a NaN quietened, as torch's float32 of it is)
+    x = torch.stack([every, torch.zeros_like(every)], dim=-1).reshape(1, 1, -1, 2)
+    cos, sin = torch.ones(x.shape[2], 1), torch.zeros(x.shape[2], 1)
+    first = compute_rope(x, cos, sin, rotary_dim=2)[..., 0].reshape(-1)
+    assert torch.equal(_half_bits(first), _half_bits(every.float().to(torch.float16)))
+    # written: x = (1, 1) and cos = v, sin = 0 give (v - 0, v + 0) in float32 (-0.0 + 0 is 0), rounded to half
+    finite = every.float()[every.isfinite()].unique()
+    midpoints = ((finite[:-1].double() + finite[1:].double()) / 2).float()
+    up, down = torch.tensor(float("inf")), torch.tensor(float("-inf"))
+    values = torch.cat([finite, midpoints, midpoints.nextafter(up), midpoints.nextafter(down),
+                        torch.randint(-(1 << 31), (1 << 31) - 1, (1 << 16,), generator=torch.Generator().manual_seed(0),
+                                      dtype=torch.int32).view(torch.float32),  # NaN payloads among them
+                        torch.tensor([65519.99, 65520.0, 1e10, float("inf"), float("nan"), 2.0**-25, 1e-45, -0.0])])
+    x = torch.ones(1, 1, values.numel(), 2, dtype=torch.float16)
+    out = compute_rope(x, values[:, None], torch.zeros(values.numel(), 1), rotary_dim=2)
+    zero = torch.zeros_like(values)
+    assert torch.equal(_half_bits(out[..., 0].reshape(-1)), _half_bits((values - zero).to(torch.float16)))
+    assert torch.equal(_half_bits(out[..., 1].reshape(-1)), _half_bits((values + zero).to(torch.float16)))
 
 
 @pytest.mark.parametrize("interleaved", [False, True])

@@ -43,7 +43,6 @@ THREADED_MIN_ELEMENTS = 1 << 16
 GROUP = 4
 _FUNCTIONS = {torch.float32: "rotate_float32", torch.float64: "rotate_float64", torch.bfloat16: "rotate_bfloat16",
               torch.float16: "rotate_float16"}
-_dtypes: frozenset = frozenset()  # those the built library has (float16 needs the compiler's _Float16)
 library_path: Path | None = None  # the library this process loaded
 
 unavailable = sys.platform == "win32"  # cc and -march=native: Linux and macOS
@@ -99,19 +98,17 @@ def _build() -> tuple[ctypes.CDLL, Path]:
             os.replace(staged, path)
     library = ctypes.CDLL(str(path))
     for name in _FUNCTIONS.values():
-        function = getattr(library, name, None)
-        if function is not None:
-            function.restype = None
-            function.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] + [ctypes.c_void_p] * 2 + [ctypes.c_int64] * 7
+        function = getattr(library, name)
+        function.restype = None
+        function.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] + [ctypes.c_void_p] * 2 + [ctypes.c_int64] * 7
     return library, path
 
 
 def _loaded() -> ctypes.CDLL | None:
-    global _library, library_path, _dtypes, unavailable
+    global _library, library_path, unavailable
     if _library is None and not unavailable:
         try:
             _library, library_path = _build()
-            _dtypes = frozenset(dtype for dtype, name in _FUNCTIONS.items() if hasattr(_library, name))
         except (OSError, RuntimeError, subprocess.SubprocessError) as error:
             unavailable = True
             warn(f"the C loop for CPU calls could not be built ({error}); CPU calls use the eager kernels from "
@@ -125,7 +122,7 @@ def applies(x: torch.Tensor, out: torch.Tensor) -> bool:
     return (
         not unavailable
         and x.device.type == "cpu"
-        and x.dtype in _FUNCTIONS  # and in the built library: rotate says
+        and x.dtype in _FUNCTIONS
         and torch._C._len_torch_dispatch_stack() == 0
         and x.stride(-1) == 1
         and out.stride(-1) == 1
@@ -167,7 +164,7 @@ def rotate(x: torch.Tensor, out: torch.Tensor, cos: torch.Tensor, sin: torch.Ten
     seen before costs a dict lookup and the call; from an int start the loop reads the tables where they are
     (a decoding step slices nothing)."""
     library = _loaded()
-    if library is None or x.dtype not in _dtypes:
+    if library is None:
         return False
     if x.numel() == 0:
         return True
