@@ -163,8 +163,8 @@ def _run_each(layout, rotary_dim, interleaved, cos, sin, xs, wheres, row_starts,
         out = None
         if backend == "native":
             out, out_c = (x, x_c) if inplace else _canonical_out(layout, x, False)
-            if _native.applies(x_c, out_c) and _native.rotate(x_c, out_c, cos, sin, where, rotary_dim=rotary_dim,
-                                                                interleaved=interleaved, inverse=inverse):
+            if _native.rotate(x_c, out_c, cos, sin, where, rotary_dim=rotary_dim, interleaved=interleaved,
+                              inverse=inverse):
                 if inplace:  # written through a pointer: autograd must still see x change
                     torch.autograd.graph.increment_version(x)
                 outs.append(out)
@@ -238,7 +238,8 @@ def rope(rotation: Rotation, cos: torch.Tensor, sin: torch.Tensor, operands: lis
     if inplace:
         for x_, _ in operands:
             _check_inplace(x_)
-    backend = choose(x, inplace=inplace, numel=max(x_.numel() for x_, _ in operands))
+    numel = x.numel() if len(operands) == 1 else max(x_.numel() for x_, _ in operands)
+    backend = choose(x, inplace=inplace, numel=numel)
     if len(operands) == 1 and isinstance(operands[0][1], int):  # the common call, without the lists below
         grad = x.requires_grad
         if backend == "small" and not (grad or cos.requires_grad or sin.requires_grad):

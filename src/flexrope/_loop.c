@@ -110,10 +110,12 @@ static inline uint16_t f16_store(float f) {
                        (size_t)(channels - rotary) * sizeof(T));                                            \
     }
 
-/* rotate(x, out, cos, sin, ndim, sizes, strides, tile, group, rotary, channels, interleaved, sign, threads)
+/* rotate(x, out, cos, sin, plan), the plan being one array of a geometry's integers (made once per geometry,
+   so that a call passes five arguments): ndim, tile, group, rotary, channels, interleaved, sign, threads,
+   then sizes, x_strides, out_strides and table_strides, four arrays of ndim.
 
    The rows are the dims `sizes` (ndim >= 1, memory order, outermost first) with the strides of x, out and
-   the tables (x_strides, out_strides, table_strides: three arrays of ndim). The innermost dim is cut into
+   the tables. The innermost dim is cut into
    tiles of `tile` rows and, where `group` is GROUP (ndim >= 2, the tables' stride 0 on dim ndim - 2, as on
    the heads of "b h s d"), that dim into groups of GROUP indices; a unit of work is one tile at one group of
    outer indices. Rows that share their angles are rotated GROUP at a time, so the tables come from memory
@@ -124,10 +126,11 @@ static inline uint16_t f16_store(float f) {
    for cores. sign is 1, or -1 to rotate by the negated angles. */
 #define GROUP 4
 #define DEFINE_ROTATE(NAME, T, C, LOAD, STORE)                                                                 \
-    void NAME(const T *x, T *out, const C *cos, const C *sin, int64_t ndim, const int64_t *sizes,             \
-              const int64_t *strides, int64_t tile, int64_t group, int64_t rotary, int64_t channels,         \
-              int64_t interleaved, int64_t sign, int64_t threads) {                                          \
-        const int64_t *x_strides = strides, *out_strides = strides + ndim, *table_strides = strides + 2 * ndim; \
+    void NAME(const T *x, T *out, const C *cos, const C *sin, const int64_t *plan) {                          \
+        const int64_t ndim = plan[0], tile = plan[1], group = plan[2], rotary = plan[3], channels = plan[4];   \
+        const int64_t interleaved = plan[5], sign = plan[6], threads = plan[7];                               \
+        const int64_t *sizes = plan + 8, *x_strides = sizes + ndim, *out_strides = x_strides + ndim;          \
+        const int64_t *table_strides = out_strides + ndim;                                                  \
         const int64_t inner = ndim - 1, half = rotary / 2;                                                  \
         const int64_t x_in = x_strides[inner], out_in = out_strides[inner], table_in = table_strides[inner]; \
         const int64_t mids = group > 1 ? sizes[inner - 1] : 1, per_mid = (mids + group - 1) / group;       \

@@ -23,6 +23,7 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -100,7 +101,7 @@ def _build() -> tuple[ctypes.CDLL, Path]:
     for name in _FUNCTIONS.values():
         function = getattr(library, name)
         function.restype = None
-        function.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] + [ctypes.c_void_p] * 2 + [ctypes.c_int64] * 7
+        function.argtypes = [ctypes.c_void_p] * 5
     return library, path
 
 
@@ -116,30 +117,16 @@ def _loaded() -> ctypes.CDLL | None:
     return _library
 
 
-def applies(x: torch.Tensor, out: torch.Tensor) -> bool:
-    """Whether the loop can rotate ``x`` into ``out`` (canonical views): CPU tensors with values (no fake
-    tensors or modes that must see eager operations), contiguous channels."""
-    return (
-        not unavailable
-        and x.device.type == "cpu"
-        and x.dtype in _FUNCTIONS
-        and torch._C._len_torch_dispatch_stack() == 0
-        and x.stride(-1) == 1
-        and out.stride(-1) == 1
-    )
-
-
 def _plan(x: torch.Tensor, out: torch.Tensor, table: torch.Tensor, rotary_dim: int, interleaved: bool,
-          inverse: bool, threads: int) -> tuple:
-    """The loop's arguments after the four data pointers, for one geometry: the rows (x's dims but the
-    channels, in memory order, unit dims dropped) with the strides of x, out and the tables."""
+          inverse: bool, threads: int) -> tuple[Callable, torch.Tensor, int]:
+    """The loop for x's dtype, its plan (the array of integers _loop.c reads) and the plan's address, for one
+    geometry: the rows (x's dims but the channels, in memory order, unit dims dropped) with the strides of x,
+    out and the tables."""
     order = memory_order(x)[:-1]
     table_strides = [0] * (x.ndim - table.ndim) + [0 if size == 1 else stride
                                                    for size, stride in zip(table.shape, table.stride())]
     dims = [d for d in order if x.shape[d] != 1] or [0]  # unit dims move no pointer
     sizes = [x.shape[d] for d in dims]
-    geometry = torch.tensor([*sizes, *(strides[d] for strides in (x.stride(), out.stride(), table_strides)
-                                       for d in dims)], dtype=torch.int64)
     # rows that share their angles along the innermost dim go in groups there (contiguous rows); else along
     # the dim outside it, where they share them there
     group = GROUP if (len(sizes) >= 2 and table_strides[dims[-1]] != 0 and table_strides[dims[-2]] == 0
@@ -149,8 +136,10 @@ def _plan(x: torch.Tensor, out: torch.Tensor, table: torch.Tensor, rotary_dim: i
     # a unit of work is a run of the innermost dim at one group of outer indices; where there are fewer of
     # those than threads, a run is a tile of the innermost dim
     tile = sizes[-1] if outer >= threads else -(-sizes[-1] // threads)
-    return (geometry, len(sizes), geometry.data_ptr(), geometry.data_ptr() + 8 * len(sizes), tile, group,
-            rotary_dim, x.shape[-1], int(interleaved), -1 if inverse else 1, threads)
+    plan = torch.tensor([len(sizes), tile, group, rotary_dim, x.shape[-1], int(interleaved), -1 if inverse else 1,
+                         threads, *sizes, *(strides[d] for strides in (x.stride(), out.stride(), table_strides)
+                                             for d in dims)], dtype=torch.int64)
+    return getattr(_library, _FUNCTIONS[x.dtype]), plan, plan.data_ptr()
 
 
 _plans: dict[tuple, tuple] = {}
@@ -160,30 +149,31 @@ def rotate(x: torch.Tensor, out: torch.Tensor, cos: torch.Tensor, sin: torch.Ten
            rotary_dim: int, interleaved: bool, inverse: bool) -> bool:
     """Write the rotation of canonical view ``x`` into canonical view ``out`` (which may be ``x``) by the angles
     of the tables ``cos``, ``sin`` (context, >= r/2) at ``where`` (an int start, or int64 positions (s,) or
-    (b, s)), negated where ``inverse``. False, writing nothing, where the loop could not be built. A geometry
-    seen before costs a dict lookup and the call; from an int start the loop reads the tables where they are
-    (a decoding step slices nothing)."""
-    library = _loaded()
-    if library is None:
+    (b, s)), negated where ``inverse``. False, writing nothing, where the loop does not apply: tensors off the
+    CPU or without values (fake tensors, or a dispatch mode that must see eager operations), channels not
+    contiguous, or a loop that could not be built. A geometry seen before costs a dict lookup and the call;
+    from an int start the loop reads the tables where they are (a decoding step slices nothing)."""
+    x_stride, out_stride = x.stride(), out.stride()
+    if not (x.is_cpu and x.dtype in _FUNCTIONS and x_stride[-1] == 1 and out_stride[-1] == 1
+            and torch._C._len_torch_dispatch_stack() == 0) or _loaded() is None:
         return False
     if x.numel() == 0:
         return True
-    compute = compute_dtype(x.dtype)
-    first = 0
-    if isinstance(where, int) and cos.dtype == compute and cos.stride(-1) == 1 and cos.stride() == sin.stride():
-        first = where * cos.stride(0) * cos.element_size()  # rows where.. of the whole tables, by their strides
+    compute, table_stride, first = compute_dtype(x.dtype), cos.stride(), 0
+    if isinstance(where, int) and cos.dtype == compute and table_stride[-1] == 1 and table_stride == sin.stride():
+        first = where * table_stride[0] * cos.element_size()  # rows where.. of the whole tables, by their strides
     else:
         cos, sin = (as_dtype(angles_at(t, where, x.shape[-2], rotary_dim // 2), compute) for t in (cos, sin))
         if cos.stride(-1) != 1 or cos.stride() != sin.stride():  # the loop reads both through one set of strides
             cos, sin = cos.contiguous(), sin.contiguous()
+        table_stride = cos.stride()
     threads = torch.get_num_threads()
-    key = (x.shape, x.stride(), out.stride(), cos.shape, cos.stride(), x.dtype, rotary_dim, interleaved, inverse,
-           threads)
+    key = (x.shape, x_stride, out_stride, cos.shape, table_stride, x.dtype, rotary_dim, interleaved, inverse, threads)
     plan = _plans.get(key)
     if plan is None:
         if len(_plans) >= 256:
             _plans.clear()
         plan = _plans[key] = _plan(x, out, cos, rotary_dim, interleaved, inverse, threads)
-    getattr(library, _FUNCTIONS[x.dtype])(x.data_ptr(), out.data_ptr(), cos.data_ptr() + first,
-                                          sin.data_ptr() + first, *plan[1:])
+    function, _, address = plan
+    function(x.data_ptr(), out.data_ptr(), cos.data_ptr() + first, sin.data_ptr() + first, address)
     return True
