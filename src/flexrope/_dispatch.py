@@ -100,40 +100,36 @@ def _canonical_out(layout: Layout, x: torch.Tensor, inplace: bool) -> tuple[torc
 def _run_triton(layout, rotary_dim, interleaved, cos, sin, xs, wheres, row_starts, *, inplace, inverse, backend):
     from . import _triton
 
-    modes = [_triton.START if not isinstance(w, torch.Tensor) else _triton.ROW_STARTS if rs else _triton.POSITIONS
-             for w, rs in zip(wheres, row_starts)]
-    # positions the kernel reads on x's device (CPU positions for CUDA x are copied there)
-    wheres = [w.to(x.device) if isinstance(w, torch.Tensor) and w.device != x.device else w
-              for x, w in zip(xs, wheres)]
-    if torch.compiler.is_compiling():
-        outs = []
-        for x, where, mode in zip(xs, wheres, modes):
-            positions = where if isinstance(where, torch.Tensor) else None
-            start = 0 if positions is not None else where
-            out_c, ok = _triton.rotate_op(layout.canonical(x), cos, sin, positions, start,
-                                          mode, rotary_dim, interleaved, inverse)
+    device, compiling, operands, outs = xs[0].device, torch.compiler.is_compiling(), [], []
+    for x, where, rows in zip(xs, wheres, row_starts):
+        if isinstance(where, torch.Tensor):  # read by the kernel on x's device (CPU positions are copied there)
+            positions, start = where if where.device == device else where.to(device), 0
+            mode = _triton.ROW_STARTS if rows else _triton.POSITIONS
+        else:
+            positions, start, mode = None, where, _triton.START
+        if compiling:  # the kernel as an operator of the caller's graph
+            out_c, ok = _triton.rotate_op(layout.canonical(x), cos, sin, positions, start, mode, rotary_dim,
+                                          interleaved, inverse)
             if positions is not None:
                 torch._assert_async(ok, f"flexrope: positions hold a position < 0 or >= {cos.shape[0]}")
             out = layout.from_canonical(out_c)
             outs.append(x.copy_(out) if inplace else out)
-        return tuple(outs)
-    outs, operands = [], []
-    for x, where, mode in zip(xs, wheres, modes):
+            continue
         out, out_c = _canonical_out(layout, x, inplace)
         outs.append(out)
-        positions = where if isinstance(where, torch.Tensor) else None
-        x_c = out_c if inplace else layout.canonical(x)
-        operands.append(_triton.Operand(x_c, out_c, 0 if positions is not None else where, positions, mode))
-    ok = _triton.flag(xs[0].device)
-    together = len(xs) == 2 and xs[0].dtype == xs[1].dtype and (
+        operands.append(_triton.Operand(out_c if inplace else layout.canonical(x), out_c, start, positions, mode))
+    if compiling:
+        return tuple(outs)
+    ok = _triton.flag(device)
+    together = len(operands) == 2 and xs[0].dtype == xs[1].dtype and (
         operands[0].x.shape[:-3] == operands[1].x.shape[:-3])  # the same lead and batch lengths
-    for group in [operands] if together or len(xs) == 1 else [[op] for op in operands]:
+    for group in [operands] if together or len(operands) == 1 else [[op] for op in operands]:
         _triton.launch(group, cos, sin, rotary_dim=rotary_dim, interleaved=interleaved, inverse=inverse,
                        inplace=inplace, ok=ok)
     if inplace:  # written by the kernel: autograd must still see x change
         for x in xs:
             torch.autograd.graph.increment_version(x)
-    if any(mode != _triton.START for mode in modes):
+    if any(op.positions is not None for op in operands):
         _check_flag(ok, cos.shape[0])
     return tuple(outs)
 
