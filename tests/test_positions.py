@@ -97,6 +97,28 @@ def test_offsets_of_every_integer_dtype_do_not_overflow(dtype):
     assert torch.equal(flexrope.compute_rope(x, cos, sin, offset=torch.tensor([100], dtype=dtype)), expected)
 
 
+@pytest.mark.parametrize("seq_len", [3, 100])  # few values read as a list, many by torch.aminmax
+@pytest.mark.parametrize("dtype", [torch.int8, torch.int64])
+def test_position_values_past_either_end_are_errors_however_many(seq_len, dtype):
+    table_len = 120
+    cos, sin = flexrope.precompute_rope_params(16, context_length=table_len)
+    x = torch.randn(2, 1, seq_len, 16)
+    positions = torch.arange(seq_len)
+    for bad, match in ((-1, "hold position -1: positions must be >= 0"),
+                       (table_len, f"reach position {table_len}, past the table's {table_len} positions")):
+        wrong = positions.clone()
+        wrong[seq_len // 2] = bad
+        with pytest.raises(FlexRopeError, match=match):
+            flexrope.compute_rope(x, cos, sin, positions=wrong.to(dtype))
+    # row starts: row i holds starts[i] .. starts[i] + s - 1, the last of which must be in the table
+    fits = table_len - seq_len
+    flexrope.compute_rope(x, cos, sin, offset=torch.tensor([0, fits], dtype=dtype))
+    with pytest.raises(FlexRopeError, match=f"offset \\+ arange\\({seq_len}\\) reach position {table_len}, past"):
+        flexrope.compute_rope(x, cos, sin, offset=torch.tensor([0, fits + 1], dtype=dtype))
+    with pytest.raises(FlexRopeError, match="offset \\+ arange.* hold position -1"):
+        flexrope.compute_rope(x, cos, sin, offset=torch.tensor([-1, 0], dtype=dtype))
+
+
 def test_numpy_integers_are_ints():
     np = pytest.importorskip("numpy")
     cos, sin = flexrope.precompute_rope_params(16, context_length=32)

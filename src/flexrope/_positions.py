@@ -97,13 +97,28 @@ def _described(where: Where, seq_len: int) -> str:
     return f"offset + arange({seq_len})" if isinstance(where, RowStarts) else "positions"
 
 
+# Up to this many values, the lowest and highest are found on the host from a list (a decoding step: one
+# or a few positions), which costs a fraction of the torch operations' dispatch.
+FEW_VALUES = 64
+
+
+def _value_range(values: torch.Tensor) -> tuple[int, int]:
+    if values.numel() <= FEW_VALUES:
+        listed = values.reshape(-1).tolist()
+        return min(listed), max(listed)
+    low, high = torch.aminmax(values.long())
+    return int(low), int(high)
+
+
 def check_values(where: Where, seq_len: int, table_len: int) -> None:
     """Raise FlexRopeError for a position held in a tensor that is negative or past the table, reading the
     values on the host (a sync on an accelerator): never clamped, never wrapped."""
-    positions = position_tensor(where, seq_len)
-    if isinstance(positions, int) or positions.numel() == 0 or positions.device.type == "meta":
+    values = where.starts if isinstance(where, RowStarts) else where
+    if isinstance(values, int) or values.numel() == 0 or values.device.type == "meta" or seq_len == 0:
         return
-    low, high = (int(v) for v in torch.aminmax(positions))
+    low, high = _value_range(values)
+    if isinstance(where, RowStarts):  # row i holds starts[i] .. starts[i] + s - 1
+        high += seq_len - 1
     what = _described(where, seq_len)
     if low < 0:
         raise FlexRopeError(f"{what} hold position {low}: positions must be >= 0")
