@@ -81,8 +81,9 @@ def test_the_c_loop_allocates_the_output_alone_and_in_place_nothing(monkeypatch,
         flexrope.compute_rope(x.clone(), cos, sin, layout, inplace=True)  # the loop built, the geometry planned
         assert allocated_bytes(lambda: flexrope.compute_rope(x, cos, sin, layout)) == x_bytes
         assert allocated_bytes(lambda: flexrope.compute_rope(x, cos, sin, layout, inplace=True)) == 0
-        # positions in a tensor: the loop reads their rows of the tables, gathered (s rows of r/2, cos and sin)
-        positions = torch.arange(512).flip(0)
-        gathered = allocated_bytes(lambda: flexrope.compute_rope(x, cos, sin, layout, positions=positions,
-                                                                 inplace=True))
-        assert gathered <= 2 * 512 * 64 * 4 + 16 * 1024
+        # positions and row starts in tensors: the loop reads them, and the tables at them, where they are; the
+        # values' check takes two scalars (their least and greatest) where there are many
+        for where in (dict(positions=torch.arange(512).flip(0)), dict(positions=torch.arange(1024).view(2, 512) % 500),
+                      dict(offset=torch.tensor([0, 0]))):
+            flexrope.compute_rope(x.clone(), cos, sin, layout, inplace=True, **where)  # the geometry planned
+            assert allocated_bytes(lambda: flexrope.compute_rope(x, cos, sin, layout, inplace=True, **where)) <= 16

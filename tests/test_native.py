@@ -64,7 +64,10 @@ def test_dtypes_on_several_threads_equal_eager_bitwise(patch, dtype, interleaved
     x = torch.randn(shape).to(dtype)
     assert x.numel() >= _native.THREADED_MIN_ELEMENTS
     lengths = {"h": 4} if "(h d)" in layout else {}
-    wheres = (dict(offset=5), dict(offset=torch.tensor([0, 200])), dict(offset=9, inverse=True))
+    generator = torch.Generator().manual_seed(0)
+    wheres = (dict(offset=5), dict(offset=torch.tensor([0, 200])), dict(offset=9, inverse=True),
+              dict(positions=torch.randint(0, 512, (300,), generator=generator)),
+              dict(positions=torch.randint(0, 512, (2, 300), generator=generator), inverse=True))
     for where in wheres:
         fast, slow = _both(patch, lambda: compute_rope(x, cos, sin, layout, interleaved=interleaved, **where,
                                                        **lengths))
@@ -80,11 +83,12 @@ def test_dtypes_on_several_threads_equal_eager_bitwise(patch, dtype, interleaved
 @pytest.mark.parametrize("interleaved", [False, True])
 def test_rows_sharing_angles_rotated_in_groups_with_a_remainder(patch, layout, shape, interleaved):
     """7 heads: one group of 4 rows that share their angles and 3 rotated one by one, whether the heads are
-    the dim outside the innermost ("b h s d") or the innermost ("b s h d"); per-row offsets (tables that vary
-    with the batch row) and partial rotary (the tail copied for each row of a group)."""
+    the dim outside the innermost ("b h s d") or the innermost ("b s h d"); per-row offsets and positions
+    (angles that vary with the batch row) and partial rotary (the tail copied for each row of a group)."""
     cos, sin = flexrope.precompute_rope_params(16, context_length=64, rotary_dim=12)
     x = torch.randn(shape).to(torch.bfloat16)
-    for where in (dict(offset=3), dict(offset=torch.tensor([0, 20, 40]))):
+    positions = torch.randint(0, 64, (3, 9), generator=torch.Generator().manual_seed(0))
+    for where in (dict(offset=3), dict(offset=torch.tensor([0, 20, 40])), dict(positions=positions)):
         kwargs = dict(interleaved=interleaved, rotary_dim=12, **where)
         fast, slow = _both(patch, lambda: compute_rope(x, cos, sin, layout, **kwargs))
         y = x.clone()

@@ -151,20 +151,20 @@ def _run_each(layout, rotary_dim, interleaved, cos, sin, xs, wheres, row_starts,
     for x, where, rows in zip(xs, wheres, row_starts):
         x_c = layout.canonical(x)
         seq_len = x_c.shape[-2]
+        out = None
+        if backend == "native":
+            out, out_c = (x, x_c) if inplace else _canonical_out(layout, x, False)
+            if _native.rotate(x_c, out_c, cos, sin, RowStarts(where) if rows else where, rotary_dim=rotary_dim,
+                              interleaved=interleaved, inverse=inverse):
+                if inplace:  # written through a pointer: autograd must still see x change
+                    torch.autograd.graph.increment_version(x)
+                outs.append(out)
+                continue
         if not isinstance(where, int):
             where = position_tensor(RowStarts(where) if rows else where, seq_len)
         if backend == "small":
             outs.append(_small(layout, x, x_c, cos, sin, where, rotary_dim, interleaved, inverse))
             continue
-        out = None
-        if backend == "native":
-            out, out_c = (x, x_c) if inplace else _canonical_out(layout, x, False)
-            if _native.rotate(x_c, out_c, cos, sin, where, rotary_dim=rotary_dim, interleaved=interleaved,
-                              inverse=inverse):
-                if inplace:  # written through a pointer: autograd must still see x change
-                    torch.autograd.graph.increment_version(x)
-                outs.append(out)
-                continue
         half = rotary_dim // 2
         c, s = angles_at(cos, where, seq_len, half), angles_at(sin, where, seq_len, half)
         if inverse:

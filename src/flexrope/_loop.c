@@ -110,29 +110,33 @@ static inline uint16_t f16_store(float f) {
                        (size_t)(channels - rotary) * sizeof(T));                                            \
     }
 
-/* rotate(x, out, cos, sin, plan), the plan being one array of a geometry's integers (made once per geometry,
-   so that a call passes five arguments): ndim, tile, group, rotary, channels, interleaved, sign, threads,
-   then sizes, x_strides, out_strides and table_strides, four arrays of ndim.
+/* rotate(x, out, cos, sin, plan, positions), the plan being one array of a geometry's integers (made once per
+   geometry, so that a call passes six arguments): ndim, tile, group, rotary, channels, interleaved, sign,
+   threads, table_row, then sizes, x_strides, out_strides, table_strides and positions_strides, five arrays of
+   ndim.
 
    The rows are the dims `sizes` (ndim >= 1, memory order, outermost first) with the strides of x, out and
-   the tables. The innermost dim is cut into
-   tiles of `tile` rows and, where `group` is GROUP (ndim >= 2, the tables' stride 0 on dim ndim - 2, as on
-   the heads of "b h s d"), that dim into groups of GROUP indices; a unit of work is one tile at one group of
-   outer indices. Rows that share their angles are rotated GROUP at a time, so the tables come from memory
-   once per GROUP rows (once per row, bfloat16 "b h s d" ran at 2x a copy: the tables are twice x's bytes
-   per row).
+   the tables. A row's angles are the tables' at the sum of its indices times table_strides, plus, where
+   `positions` is given (int64 values, checked by the caller), table_row times the value at the sum of its
+   indices times positions_strides: positions (b, s) or (s,), or the first position of each row of b (row
+   starts, with table_strides advancing along s). The innermost dim is cut into tiles of `tile` rows and,
+   where `group` is GROUP (ndim >= 2, the angles the same along dim ndim - 2, as on the heads of "b h s d"),
+   that dim into groups of GROUP indices; a unit of work is one tile at one group of outer indices. Rows that
+   share their angles are rotated GROUP at a time, so the tables come from memory once per GROUP rows (once
+   per row, bfloat16 "b h s d" ran at 2x a copy: the tables are twice x's bytes per row).
    The units are shared among `threads` OpenMP threads: those of torch's own pool where the library is built
    with -fopenmp (the process has loaded torch's libgomp), so the loop and torch's operations never compete
    for cores. sign is 1, or -1 to rotate by the negated angles. */
 #define GROUP 4
 #define DEFINE_ROTATE(NAME, T, C, LOAD, STORE)                                                                 \
-    void NAME(const T *x, T *out, const C *cos, const C *sin, const int64_t *plan) {                          \
+    void NAME(const T *x, T *out, const C *cos, const C *sin, const int64_t *plan, const int64_t *positions) { \
         const int64_t ndim = plan[0], tile = plan[1], group = plan[2], rotary = plan[3], channels = plan[4];   \
-        const int64_t interleaved = plan[5], sign = plan[6], threads = plan[7];                               \
-        const int64_t *sizes = plan + 8, *x_strides = sizes + ndim, *out_strides = x_strides + ndim;          \
-        const int64_t *table_strides = out_strides + ndim;                                                  \
+        const int64_t interleaved = plan[5], sign = plan[6], threads = plan[7], table_row = plan[8];          \
+        const int64_t *sizes = plan + 9, *x_strides = sizes + ndim, *out_strides = x_strides + ndim;          \
+        const int64_t *table_strides = out_strides + ndim, *positions_strides = table_strides + ndim;       \
         const int64_t inner = ndim - 1, half = rotary / 2;                                                  \
         const int64_t x_in = x_strides[inner], out_in = out_strides[inner], table_in = table_strides[inner]; \
+        const int64_t positions_in = positions_strides[inner];                                              \
         const int64_t mids = group > 1 ? sizes[inner - 1] : 1, per_mid = (mids + group - 1) / group;       \
         const int64_t x_mid = group > 1 ? x_strides[inner - 1] : 0;                                         \
         const int64_t out_mid = group > 1 ? out_strides[inner - 1] : 0;                                     \
@@ -147,6 +151,7 @@ static inline uint16_t f16_store(float f) {
             const int64_t count = sizes[inner] - first < tile ? sizes[inner] - first : tile;               \
             int64_t rest = unit % outer, rows = 1;                                                          \
             int64_t x_at = first * x_in, out_at = first * out_in, table_at = first * table_in;              \
+            int64_t positions_at = first * positions_in;                                                    \
             for (int64_t d = inner - 1; d >= 0; --d) {                                                     \
                 int64_t i;                                                                                  \
                 if (d == inner - 1 && group > 1) {                                                          \
@@ -160,22 +165,27 @@ static inline uint16_t f16_store(float f) {
                 x_at += i * x_strides[d];                                                                   \
                 out_at += i * out_strides[d];                                                               \
                 table_at += i * table_strides[d];                                                           \
+                positions_at += i * positions_strides[d];                                                   \
             }                                                                                               \
             int64_t row = 0;                                                                                \
             if (rows == GROUP) /* GROUP indices of the grouped dim at each index of the innermost */         \
                 for (; row < count; ++row)                                                                  \
                     ROWS(T, C, LOAD, STORE, GROUP, x_at + row * x_in, out_at + row * out_in,                \
-                         table_at + row * table_in, x_mid, out_mid)                                         \
-            else if (table_in == 0) /* the innermost rows share their angles */                            \
+                         ANGLES_AT(row), x_mid, out_mid)                                                    \
+            else if (table_in == 0 && positions_in == 0) /* the innermost rows share their angles */         \
                 for (; row + GROUP <= count; row += GROUP)                                                  \
-                    ROWS(T, C, LOAD, STORE, GROUP, x_at + row * x_in, out_at + row * out_in, table_at,      \
+                    ROWS(T, C, LOAD, STORE, GROUP, x_at + row * x_in, out_at + row * out_in, ANGLES_AT(0),  \
                          x_in, out_in)                                                                      \
             for (; row < count; ++row)                                                                      \
                 for (int64_t r = 0; r < rows; ++r)                                                          \
                     ROWS(T, C, LOAD, STORE, 1, x_at + row * x_in + r * x_mid,                               \
-                         out_at + row * out_in + r * out_mid, table_at + row * table_in, 0, 0)              \
+                         out_at + row * out_in + r * out_mid, ANGLES_AT(row), 0, 0)                         \
         }                                                                                                   \
     }
+
+/* Where in the tables the angles of the unit's row `row` (along the innermost dim) are. */
+#define ANGLES_AT(row)                                                                                        \
+    (table_at + (row) * table_in + (positions ? positions[positions_at + (row) * positions_in] * table_row : 0))
 
 DEFINE_ROTATE(rotate_float32, float, float, IDENTITY, IDENTITY)
 DEFINE_ROTATE(rotate_float64, double, double, IDENTITY, IDENTITY)

@@ -29,7 +29,7 @@ import torch
 
 from ._errors import warn
 from ._pairs import as_dtype, compute_dtype, memory_order
-from ._positions import angles_at
+from ._positions import RowStarts, Where, angles_at, position_tensor
 
 SOURCE = Path(__file__).with_name("_loop.c")
 FLAGS = ["-O3", "-ffp-contract=off", "-shared", "-fPIC"]  # no contraction: the other backends' rounding
@@ -101,7 +101,7 @@ def _build() -> tuple[ctypes.CDLL, Path]:
     for name in _FUNCTIONS.values():
         function = getattr(library, name)
         function.restype = None
-        function.argtypes = [ctypes.c_void_p] * 5
+        function.argtypes = [ctypes.c_void_p] * 6
     return library, path
 
 
@@ -117,63 +117,90 @@ def _loaded() -> ctypes.CDLL | None:
     return _library
 
 
-def _plan(x: torch.Tensor, out: torch.Tensor, table: torch.Tensor, rotary_dim: int, interleaved: bool,
-          inverse: bool, threads: int) -> tuple[Callable, torch.Tensor, int]:
+def _plan(x: torch.Tensor, out: torch.Tensor, table_strides: list[int], positions_strides: list[int],
+          table_row: int, rotary_dim: int, interleaved: bool, inverse: bool, threads: int
+          ) -> tuple[Callable, torch.Tensor, int]:
     """The loop for x's dtype, its plan (the array of integers _loop.c reads) and the plan's address, for one
     geometry: the rows (x's dims but the channels, in memory order, unit dims dropped) with the strides of x,
-    out and the tables."""
+    out, the tables and the positions along each dim of x."""
     order = memory_order(x)[:-1]
-    table_strides = [0] * (x.ndim - table.ndim) + [0 if size == 1 else stride
-                                                   for size, stride in zip(table.shape, table.stride())]
     dims = [d for d in order if x.shape[d] != 1] or [0]  # unit dims move no pointer
     sizes = [x.shape[d] for d in dims]
+    varies = [table_strides[d] != 0 or positions_strides[d] != 0 for d in dims]  # the angles, along each dim
     # rows that share their angles along the innermost dim go in groups there (contiguous rows); else along
     # the dim outside it, where they share them there
-    group = GROUP if (len(sizes) >= 2 and table_strides[dims[-1]] != 0 and table_strides[dims[-2]] == 0
-                      and sizes[-2] >= GROUP) else 1
+    group = GROUP if len(sizes) >= 2 and varies[-1] and not varies[-2] and sizes[-2] >= GROUP else 1
     outer = math.prod(sizes[:-2]) * -(-sizes[-2] // group) if len(sizes) >= 2 else 1
     threads = threads if x.numel() >= THREADED_MIN_ELEMENTS else 1
     # a unit of work is a run of the innermost dim at one group of outer indices; where there are fewer of
     # those than threads, a run is a tile of the innermost dim
     tile = sizes[-1] if outer >= threads else -(-sizes[-1] // threads)
     plan = torch.tensor([len(sizes), tile, group, rotary_dim, x.shape[-1], int(interleaved), -1 if inverse else 1,
-                         threads, *sizes, *(strides[d] for strides in (x.stride(), out.stride(), table_strides)
-                                             for d in dims)], dtype=torch.int64)
+                         threads, table_row, *sizes,
+                         *(strides[d] for strides in (x.stride(), out.stride(), table_strides, positions_strides)
+                           for d in dims)], dtype=torch.int64)
     return getattr(_library, _FUNCTIONS[x.dtype]), plan, plan.data_ptr()
+
+
+def _aligned(t: torch.Tensor, ndim: int) -> list[int]:
+    """The strides of ``t`` over the last dims of an ``ndim``-dim tensor, 0 where t has none or broadcasts."""
+    return [0] * (ndim - t.ndim) + [0 if size == 1 else stride for size, stride in zip(t.shape, t.stride())]
 
 
 _plans: dict[tuple, tuple] = {}
 
 
-def rotate(x: torch.Tensor, out: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, where: int | torch.Tensor, *,
+def rotate(x: torch.Tensor, out: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, where: Where, *,
            rotary_dim: int, interleaved: bool, inverse: bool) -> bool:
-    """Write the rotation of canonical view ``x`` into canonical view ``out`` (which may be ``x``) by the angles
-    of the tables ``cos``, ``sin`` (context, >= r/2) at ``where`` (an int start, or int64 positions (s,) or
-    (b, s)), negated where ``inverse``. False, writing nothing, where the loop does not apply: tensors off the
-    CPU or without values (fake tensors, or a dispatch mode that must see eager operations), channels not
-    contiguous, or a loop that could not be built. A geometry seen before costs a dict lookup and the call;
-    from an int start the loop reads the tables where they are (a decoding step slices nothing)."""
+    """Write the rotation of canonical view ``x`` (*lead, b, h, s, d) into canonical view ``out`` (which may be
+    ``x``) by the angles of the tables ``cos``, ``sin`` (context, >= r/2) at ``where`` (an int start, positions
+    (s,) or (b, s), or RowStarts; their values already checked), negated where ``inverse``. False, writing
+    nothing, where the loop does not apply: tensors off the CPU or without values (fake tensors, or a dispatch
+    mode that must see eager operations), channels not contiguous, or a loop that could not be built.
+
+    The loop reads the tables where they are, at the positions where they are: a geometry seen before costs a
+    dict lookup and the call. Tables of another dtype than the computation's (or whose strides differ) are
+    converted, their rows at the positions first."""
     x_stride, out_stride = x.stride(), out.stride()
     if not (x.is_cpu and x.dtype in _FUNCTIONS and x_stride[-1] == 1 and out_stride[-1] == 1
             and torch._C._len_torch_dispatch_stack() == 0) or _loaded() is None:
         return False
     if x.numel() == 0:
         return True
-    compute, table_stride, first = compute_dtype(x.dtype), cos.stride(), 0
-    if isinstance(where, int) and cos.dtype == compute and table_stride[-1] == 1 and table_stride == sin.stride():
-        first = where * table_stride[0] * cos.element_size()  # rows where.. of the whole tables, by their strides
+    compute, table_stride, first, positions = compute_dtype(x.dtype), cos.stride(), 0, None
+    converted = not (cos.dtype == compute and table_stride[-1] == 1 and table_stride == sin.stride())
+    if not converted:
+        if isinstance(where, int):
+            first = where * table_stride[0] * cos.element_size()  # rows where.. of the whole tables
+        else:
+            positions = (where.starts if isinstance(where, RowStarts) else where).to("cpu", torch.int64)
+        geometry = (table_stride, type(where), positions is not None and (positions.shape, positions.stride()))
     else:
+        where = position_tensor(where, x.shape[-2])
         cos, sin = (as_dtype(angles_at(t, where, x.shape[-2], rotary_dim // 2), compute) for t in (cos, sin))
         if cos.stride(-1) != 1 or cos.stride() != sin.stride():  # the loop reads both through one set of strides
             cos, sin = cos.contiguous(), sin.contiguous()
-        table_stride = cos.stride()
+        geometry = (cos.shape, cos.stride(), None)
     threads = torch.get_num_threads()
-    key = (x.shape, x_stride, out_stride, cos.shape, table_stride, x.dtype, rotary_dim, interleaved, inverse, threads)
+    key = (x.shape, x_stride, out_stride, geometry, x.dtype, rotary_dim, interleaved, inverse, threads)
     plan = _plans.get(key)
     if plan is None:
         if len(_plans) >= 256:
             _plans.clear()
-        plan = _plans[key] = _plan(x, out, cos, rotary_dim, interleaved, inverse, threads)
+        seq_dim, ndim = x.ndim - 2, x.ndim
+        table_strides, positions_strides, row = [0] * ndim, [0] * ndim, cos.stride(0)
+        if converted:  # the rows of each token, over x's dims
+            table_strides, row = _aligned(cos, ndim), 0
+        elif positions is None or isinstance(where, RowStarts):  # rows start.., along s
+            table_strides[seq_dim] = row
+        if isinstance(where, RowStarts):
+            positions_strides[seq_dim - 2] = _aligned(positions, 1)[0]
+        elif positions is not None:  # (s,) or (b, s), over the b and s dims
+            aligned = _aligned(positions, 2)
+            positions_strides[seq_dim - 2], positions_strides[seq_dim] = aligned
+        plan = _plans[key] = _plan(x, out, table_strides, positions_strides, row, rotary_dim, interleaved, inverse,
+                                   threads)
     function, _, address = plan
-    function(x.data_ptr(), out.data_ptr(), cos.data_ptr() + first, sin.data_ptr() + first, address)
+    function(x.data_ptr(), out.data_ptr(), cos.data_ptr() + first, sin.data_ptr() + first, address,
+             None if positions is None else positions.data_ptr())
     return True
