@@ -2,6 +2,7 @@
 and out of place, on one thread or several, and steps aside cleanly where it cannot be built."""
 
 import os
+import platform
 import tempfile
 import warnings
 
@@ -197,6 +198,30 @@ def test_an_unusable_cache_directory_builds_in_the_temporary_directory(monkeypat
     assert list((tmp_path / "tmp" / f"flexrope-{os.getuid()}").glob("loop-*.so"))
 
 
+@pytest.mark.parametrize("variant", [[], ["-mno-f16c"]])
+def test_baseline_builds_equal_eager_bitwise(monkeypatch, tmp_path, variant):
+    """The loop as compilers without -march=native build it (nor OpenMP), and float16 without the CPU's
+    conversion instructions (F16C, which -march=native turns on where the CPU has them): on the bits."""
+    if variant and platform.machine() not in ("x86_64", "AMD64"):
+        pytest.skip("F16C is an x86 extension")
+    monkeypatch.setattr(_native, "VARIANTS", (["-march=native", *variant],) if variant else ([],))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    for name, value in (("_library", None), ("_plans", {}), ("library_path", _native.library_path)):
+        monkeypatch.setattr(_native, name, value)  # the process's own loop again after the test
+    cos, sin = flexrope.precompute_rope_params(64, context_length=64)
+    for dtype in (torch.float16, torch.bfloat16, torch.float32):
+        for layout, shape in (("b h s d", (2, 5, 40, 64)), ("b s h d", (2, 40, 5, 64))):
+            x = torch.randn(shape).to(dtype)
+            for interleaved in (False, True):
+                for where in (dict(offset=3), dict(positions=torch.randint(0, 64, (2, 40)))):
+                    kwargs = dict(interleaved=interleaved, **where)
+                    monkeypatch.setenv("FLEXROPE_BACKEND", "native")
+                    fast = compute_rope(x, cos, sin, layout, **kwargs)
+                    monkeypatch.setenv("FLEXROPE_BACKEND", "eager")
+                    assert torch.equal(fast, compute_rope(x, cos, sin, layout, **kwargs))
+    assert _native.library_path.parent == tmp_path / "flexrope"  # built with the variant, and ran
+
+
 def test_empty_tensors(patch):
     patch.setenv("FLEXROPE_BACKEND", "native")
     cos, sin = flexrope.precompute_rope_params(8, context_length=32)
@@ -210,19 +235,20 @@ def _half_bits(t: torch.Tensor) -> torch.Tensor:
     return t.view(torch.int16)
 
 
-def test_float16_conversions_are_torchs_on_every_half_and_at_every_rounding_boundary(patch):
-    """The loop converts float16 on the bits (no _Float16 needed): every one of the 65536 halves read, and
-    float32 results rounded to half at each midpoint between halves, one float ulp either side, past the
-    largest half, in the subnormals, NaN payloads, all as torch's own conversions give them."""
+@pytest.mark.parametrize("pairs", [1, 16])  # one pair per token: element by element; 16: eight at a time (F16C)
+def test_float16_conversions_are_torchs_on_every_half_and_at_every_rounding_boundary(patch, pairs):
+    """Every one of the 65536 halves read, and float32 results rounded to half at each midpoint between
+    halves, one float ulp either side, past the largest half, in the subnormals, NaN payloads, all as torch's
+    own conversions give them."""
     patch.setenv("FLEXROPE_BACKEND", "native")
     every = torch.arange(-(1 << 15), 1 << 15, dtype=torch.int32).to(torch.int16).view(torch.float16)
     # read: the angle 0 (cos 1, sin 0) gives (a * 1 - b * 0, b * 1 + a * 0) in float32: with b = 0, the
-    # first channel is a as the loop read it (a NaN quietened, as torch's float32 of it is)
-    x = torch.stack([every, torch.zeros_like(every)], dim=-1).reshape(1, 1, -1, 2)
-    cos, sin = torch.ones(x.shape[2], 1), torch.zeros(x.shape[2], 1)
-    first = compute_rope(x, cos, sin, rotary_dim=2)[..., 0].reshape(-1)
+    # first channel of each pair is a as the loop read it (a NaN quietened, as torch's float32 of it is)
+    x = torch.cat([every.view(-1, pairs), torch.zeros(every.numel() // pairs, pairs, dtype=torch.float16)], dim=-1)
+    ones, zeros = torch.ones(x.shape[0], pairs), torch.zeros(x.shape[0], pairs)
+    first = compute_rope(x[None, None], ones, zeros, rotary_dim=2 * pairs)[0, 0, :, :pairs].reshape(-1)
     assert torch.equal(_half_bits(first), _half_bits(every.float().to(torch.float16)))
-    # written: x = (1, 1) and cos = v, sin = 0 give (v - 0, v + 0) in float32 (-0.0 + 0 is 0), rounded to half
+    # written: x = 1 and cos = v, sin = 0 give (v - 0, v + 0) in float32 (-0.0 + 0 is 0), rounded to half
     finite = every.float()[every.isfinite()].unique()
     midpoints = ((finite[:-1].double() + finite[1:].double()) / 2).float()
     up, down = torch.tensor(float("inf")), torch.tensor(float("-inf"))
@@ -230,11 +256,12 @@ def test_float16_conversions_are_torchs_on_every_half_and_at_every_rounding_boun
                         torch.randint(-(1 << 31), (1 << 31) - 1, (1 << 16,), generator=torch.Generator().manual_seed(0),
                                       dtype=torch.int32).view(torch.float32),  # NaN payloads among them
                         torch.tensor([65519.99, 65520.0, 1e10, float("inf"), float("nan"), 2.0**-25, 1e-45, -0.0])])
-    x = torch.ones(1, 1, values.numel(), 2, dtype=torch.float16)
-    out = compute_rope(x, values[:, None], torch.zeros(values.numel(), 1), rotary_dim=2)
+    values = torch.cat([values, torch.zeros(-values.numel() % pairs)]).view(-1, pairs)
+    x = torch.ones(1, 1, values.shape[0], 2 * pairs, dtype=torch.float16)
+    out = compute_rope(x, values, torch.zeros_like(values), rotary_dim=2 * pairs)[0, 0]
     zero = torch.zeros_like(values)
-    assert torch.equal(_half_bits(out[..., 0].reshape(-1)), _half_bits((values - zero).to(torch.float16)))
-    assert torch.equal(_half_bits(out[..., 1].reshape(-1)), _half_bits((values + zero).to(torch.float16)))
+    assert torch.equal(_half_bits(out[:, :pairs]), _half_bits((values - zero).to(torch.float16)))
+    assert torch.equal(_half_bits(out[:, pairs:]), _half_bits((values + zero).to(torch.float16)))
 
 
 @pytest.mark.parametrize("interleaved", [False, True])
