@@ -24,8 +24,8 @@ def main() -> None:
     for offset in (2_000, 20_000, 100_000):
         plain = RotaryEmbedding(128, context_length=offset + 1)
         with torch.no_grad():
-            t_dynamic, t_plain = harness.compare(lambda: dynamic(q, k, offset=offset), lambda: plain(q, k, offset=offset),
-                                                 rounds=7, number=200)
+            t_dynamic, t_plain = harness.compare(lambda: dynamic(q, k, offset=offset),
+                                                 lambda: plain(q, k, offset=offset), rounds=7, number=200)
             t_dynamic, t_plain = t_dynamic * 1e6, t_plain * 1e6
         print(f"{offset:>8} {t_dynamic:>11.1f} {t_plain:>12.1f} {t_dynamic / t_plain:>6.2f}")
 

@@ -275,15 +275,16 @@ def sweep(rows: list[str]) -> None:
              ((8, 4096, 32, 128), torch.bfloat16, "b h s d"), ((8, 4096, 32, 128), torch.bfloat16, "s b h d")]
     tensors = [laid_out(*shape, layout, dtype) for shape, dtype, layout in cases]
     floors = [gpu_ms(x.clone, calls=10) for x in tensors]
-    rows.append("| elements | warps | least heads | " + " | ".join(f"{l} {str(d)[6:]}" for _, d, l in cases) + " |")
+    columns = " | ".join(f"{layout} {str(dtype)[6:]}" for _, dtype, layout in cases)
+    rows.append(f"| elements | warps | least heads | {columns} |")
     rows.append("|---|---|---|" + "---|" * len(cases))
     best = None
     for elements, warps, heads in [(2048, 4, 4), (4096, 4, 1), (4096, 4, 4), (4096, 8, 4), (8192, 4, 8),
                                    (8192, 8, 8), (16384, 8, 8)]:
         _triton.ELEMENTS_PER_PROGRAM, _triton.NUM_WARPS, _triton.HEADS_PER_PROGRAM = elements, warps, heads
         _triton._blocks.cache_clear()
-        ratios = [gpu_ms(lambda x=x, l=l: compute_rope(x, cos, sin, l), calls=10) / f
-                  for x, f, (_, _, l) in zip(tensors, floors, cases)]
+        ratios = [gpu_ms(lambda x=x, layout=layout: compute_rope(x, cos, sin, layout), calls=10) / f
+                  for x, f, (_, _, layout) in zip(tensors, floors, cases)]
         rows.append(f"| {elements} | {warps} | {heads} | " + " | ".join(f"{r:.3f}" for r in ratios) + " |")
         print(rows[-1], flush=True)
         if best is None or sum(ratios) < best[0]:

@@ -16,6 +16,11 @@ import flexrope
 from flexrope import presets
 
 
+def row(case: str, ours: float, one_d: float, peer: float) -> str:
+    """Seconds as ms: the multi-axis call, the 1-D call on the same tensor, their ratio, the peer's call."""
+    return f"{case:<28} {ours * 1e3:>14.2f} {one_d * 1e3:>8.2f} {ours / one_d:>6.2f} {peer * 1e3:>13.2f}"
+
+
 def main() -> None:
     from diffusers.models.embeddings import apply_rotary_emb
     from diffusers.models.transformers.transformer_flux import FluxPosEmbed
@@ -38,7 +43,7 @@ def main() -> None:
                                           rounds=21, number=5)
             peer, _ = harness.compare(lambda: apply_rotary_emb(x.transpose(1, 2), embed(ids), use_real=True,
                                                     use_real_unbind_dim=-1), lambda: None, rounds=3, number=2)
-            print(f"{'flux ' + name:<28} {ours * 1e3:>14.2f} {one_d * 1e3:>8.2f} {ours / one_d:>6.2f} {peer * 1e3:>13.2f}")
+            print(row("flux " + name, ours, one_d, peer))
             # Wan: 21 x 30 x 52 patches
             f, y, w = 21, 30, 52
             x = torch.randn(1, f * y * w, 12, 128).to(dtype)
@@ -58,7 +63,7 @@ def main() -> None:
                                           lambda: flexrope.compute_rope(x, cos1d, sin1d, "b s h d", interleaved=True),
                                           rounds=21, number=5)
             peer, _ = harness.compare(diffusers_wan, lambda: None, rounds=3, number=2)
-            print(f"{'wan ' + name:<28} {ours * 1e3:>14.2f} {one_d * 1e3:>8.2f} {ours / one_d:>6.2f} {peer * 1e3:>13.2f}")
+            print(row("wan " + name, ours, one_d, peer))
 
 
 if __name__ == "__main__":

@@ -47,7 +47,8 @@ def test_matches_float64_loop_in_every_layout(case, interleaved):
     b, _, s, _ = canonical.shape
     expected = reference.rope_loop(canonical, _positions(b, s), interleaved=interleaved)
     torch.testing.assert_close(
-        einops.rearrange(rotated, _inverse(pattern), **lengths), expected, atol=reference.tolerance(torch.float64), rtol=0
+        einops.rearrange(rotated, _inverse(pattern), **lengths), expected, atol=reference.tolerance(torch.float64),
+        rtol=0,
     )
 
 
@@ -79,7 +80,7 @@ def test_scores_depend_only_on_relative_position(m, n, shift, d, interleaved, la
     cos, sin = _tables(d, length=512, dtype=torch.float64)
     gen = torch.Generator().manual_seed(d)
     shape = {"b h s d": (1, 1, 1, d), "b s h d": (1, 1, 1, d), "s b h d": (1, 1, 1, d), "s d": (1, d)}[layout]
-    q, k = torch.randn(shape, generator=gen, dtype=torch.float64), torch.randn(shape, generator=gen, dtype=torch.float64)
+    q, k = (torch.randn(shape, generator=gen, dtype=torch.float64) for _ in range(2))
 
     def score(i, j):
         rq = compute_rope(q, cos, sin, layout, offset=i, interleaved=interleaved)

@@ -80,7 +80,7 @@ def test_pixtral_matches_transformers(dtype):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_qwen2_vl_vision_matches_transformers(dtype):
-    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("transformers")
     from transformers.models.qwen2_vl import configuration_qwen2_vl, modeling_qwen2_vl
 
     config = configuration_qwen2_vl.Qwen2VLVisionConfig(embed_dim=256, num_heads=4)
