@@ -222,6 +222,25 @@ def test_baseline_builds_equal_eager_bitwise(monkeypatch, tmp_path, variant):
     assert _native.library_path.parent == tmp_path / "flexrope"  # built with the variant, and ran
 
 
+@pytest.mark.parametrize("theta, rotary_dim, first", [(10_000.0, 128, 0), (500_000.0, 128, 1_000_000),
+                                                      (3.7e6, 64, 123_456_789)])
+def test_tables_of_a_range_of_positions_are_the_tensor_operations_bits(monkeypatch, theta, rotary_dim, first):
+    """The library's float64 cos and sin (dynamic NTK's rows at each step) against torch's, both rounded once to
+    float32: bitwise (the libraries' float64 results differ by at most an ulp, which float32 rounding hides)."""
+    inv_freq = theta ** -(torch.arange(0, rotary_dim, 2, dtype=torch.float64) / rotary_dim)
+    positions = range(first, first + 20_000)
+    cos, sin = _native.tables(inv_freq, positions)
+    angles = torch.arange(positions.start, positions.stop, dtype=torch.float64)[:, None] * inv_freq
+    assert torch.equal(cos, angles.cos().float()) and torch.equal(sin, angles.sin().float())
+    # tables_at, which dynamic NTK calls, takes them from the library on the CPU in float32
+    from flexrope._tables import tables_at
+
+    calls = []
+    monkeypatch.setattr(_native, "tables", lambda *args, real=_native.tables: calls.append(args) or real(*args))
+    one = tables_at(inv_freq, range(first + 7, first + 8), dtype=torch.float32, device=torch.device("cpu"))
+    assert len(calls) == 1 and torch.equal(one[0], cos[7:8]) and torch.equal(one[1], sin[7:8])
+
+
 def test_empty_tensors(patch):
     patch.setenv("FLEXROPE_BACKEND", "native")
     cos, sin = flexrope.precompute_rope_params(8, context_length=32)

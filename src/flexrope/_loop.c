@@ -9,6 +9,7 @@
    (in place): iteration j reads and writes only its own pair, so there is no dependence between iterations,
    which `ivdep` tells the vectoriser. */
 
+#include <math.h>
 #include <stdint.h>
 #include <string.h>
 
@@ -237,3 +238,17 @@ DEFINE_ROTATE(rotate_float32, float, float, IDENTITY, IDENTITY, ROWS)
 DEFINE_ROTATE(rotate_float64, double, double, IDENTITY, IDENTITY, ROWS)
 DEFINE_ROTATE(rotate_bfloat16, uint16_t, float, bf16_load, bf16_store, ROWS)
 DEFINE_ROTATE(rotate_float16, uint16_t, float, f16_load, f16_store, F16_ROWS)
+
+/* tables_float32(inv_freq, n, first, rows, cos, sin): the half-width float32 tables of the positions first ..
+   first + rows - 1 (rows x n each, row-major): the float64 angles position * inv_freq[i], their cos and sin
+   each rounded once to float32, as tables_at's tensor operations compute them (the same bits on 32 million
+   angles), in one call: dynamic NTK computes the angles of a decoding step's position on every call. */
+void tables_float32(const double *inv_freq, int64_t n, int64_t first, int64_t rows, float *cos_out,
+                    float *sin_out) {
+    for (int64_t r = 0; r < rows; ++r)
+        for (int64_t i = 0; i < n; ++i) {
+            const double angle = (double)(first + r) * inv_freq[i];
+            cos_out[r * n + i] = (float)cos(angle);
+            sin_out[r * n + i] = (float)sin(angle);
+        }
+}

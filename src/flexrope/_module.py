@@ -18,9 +18,9 @@ from ._tables import check_rotary_dim, precompute_rope_params, tables_at
 
 def _rows(where: Where, seq_len: int) -> tuple[torch.Tensor | range, int | torch.Tensor]:
     """The positions whose angles a call reads, and where each token finds its own among them."""
+    if isinstance(where, int):
+        return range(where, where + seq_len), 0
     positions = position_tensor(where, seq_len)
-    if isinstance(positions, int):
-        return range(positions, positions + seq_len), 0
     return positions.flatten(), torch.arange(positions.numel(), device=positions.device).view(positions.shape)
 
 
@@ -150,19 +150,20 @@ class RotaryEmbedding(nn.Module):
         if self._dynamic and reach > self._plain_limit:
             # dynamic NTK past L0: the frequencies of this very length, at the rows this call reads alone
             inv_freq, attention_factor = frequencies(self._recipe, self.rotary_dim, self.theta_base, reach)
-            groups: dict[tuple, tuple] = {}  # operands at the same int positions (q and k at a step) share rows
-            for x, length, where in operands:
-                key = (where, length) if isinstance(where, int) else (id(x),)
-                groups.setdefault(key, (where, length, []))[2].append(x)
-            out, table = {}, self.cos
-            for where, length, xs in groups.values():
+            table = self.cos
+            (_, length, where), *others = operands
+            if isinstance(where, int) and all(other[1:] == (length, where) for other in others):
+                groups = [(where, length, [x for x, _, _ in operands])]  # q and k at a step share their rows
+            else:
+                groups = [(where, length, [x]) for x, length, where in operands]
+            out = []
+            for where, length, xs in groups:
                 rows, local = _rows(where, length)
                 cos, sin = tables_at(inv_freq, rows, dtype=table.dtype, device=table.device,
                                      attention_factor=attention_factor)
-                rotated = rope(self._rotation, cos, sin, [(x, local) for x in xs], inplace=False,
-                               table_len=cos.shape[0], inverse=inverse, positions_checked=True)
-                out.update({id(x): y for x, y in zip(xs, rotated)})
-            return tuple(out[id(x)] for x, _, _ in operands)
+                out += rope(self._rotation, cos, sin, [(x, local) for x in xs], inplace=False,
+                            table_len=cos.shape[0], inverse=inverse, positions_checked=True)
+            return tuple(out)
         cos, sin = self.cos, self.sin
         if short is not None and reach <= short:
             cos, sin = self.short_cos, self.short_sin

@@ -90,7 +90,7 @@ def _build() -> tuple[ctypes.CDLL, Path]:
         with tempfile.TemporaryDirectory(dir=path.parent) as work:  # built aside, then moved: processes may race
             staged = Path(work) / path.name
             for variant in VARIANTS:
-                result = subprocess.run([compiler, *FLAGS, *variant, str(SOURCE), "-o", str(staged)],
+                result = subprocess.run([compiler, *FLAGS, *variant, str(SOURCE), "-o", str(staged), "-lm"],
                                         capture_output=True, text=True)
                 if result.returncode == 0:
                     break
@@ -102,6 +102,8 @@ def _build() -> tuple[ctypes.CDLL, Path]:
         function = getattr(library, name)
         function.restype = None
         function.argtypes = [ctypes.c_void_p] * 6
+    library.tables_float32.restype = None
+    library.tables_float32.argtypes = [ctypes.c_void_p] + [ctypes.c_int64] * 3 + [ctypes.c_void_p] * 2
     return library, path
 
 
@@ -204,3 +206,17 @@ def rotate(x: torch.Tensor, out: torch.Tensor, cos: torch.Tensor, sin: torch.Ten
     function(x.data_ptr(), out.data_ptr(), cos.data_ptr() + first, sin.data_ptr() + first, address,
              None if positions is None else positions.data_ptr())
     return True
+
+
+def tables(inv_freq: torch.Tensor, positions: range) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Half-width float32 cos and sin tables (len(positions), n) of a range of positions, from float64
+    ``inv_freq`` (n,) on the CPU, in one call of the C library; None where that does not apply (the library
+    not built, a dispatch mode or torch.compile that must see tensor operations)."""
+    if (positions.step != 1 or inv_freq.dtype != torch.float64 or not inv_freq.is_cpu
+            or torch._C._len_torch_dispatch_stack() != 0 or torch.compiler.is_compiling() or _loaded() is None):
+        return None
+    inv_freq = inv_freq.contiguous()
+    cos, sin = torch.empty(2, len(positions), inv_freq.numel()).unbind(0)
+    _library.tables_float32(inv_freq.data_ptr(), inv_freq.numel(), positions.start, len(positions), cos.data_ptr(),
+                            sin.data_ptr())
+    return cos, sin

@@ -12,6 +12,7 @@ import math
 
 import torch
 
+from . import _native
 from ._errors import FlexRopeError
 from ._scaling import frequencies, parse_scaling
 
@@ -71,10 +72,14 @@ def tables_at(
     """Half-width cos and sin tables (N, r/2) of the N ``positions`` (a tensor or a range) alone, from float64
     ``inv_freq``, times ``attention_factor``: the rows a call reads, where a whole table would be wasted
     (dynamic NTK). The fewest operations: a decoding step calls this every time."""
+    if isinstance(positions, range) and device.type == "cpu" and dtype == torch.float32 and attention_factor == 1.0:
+        tables = _native.tables(inv_freq, positions)  # the same bits, in one call rather than six operations
+        if tables is not None:
+            return tables
     work = _float64_device(device)
     inv_freq = inv_freq if inv_freq.device == work else inv_freq.to(work)
     if isinstance(positions, range) and len(positions) == 1:  # a decoding step: one product, exact as the outer
-        angles = (inv_freq * float(positions[0]))[None]
+        angles = inv_freq.mul(float(positions[0])).unsqueeze(0)
     else:
         if isinstance(positions, range):
             positions = torch.arange(positions.start, positions.stop, device=work)
