@@ -55,7 +55,7 @@ def main():
     print(header)
     print(f"x of (b h s d) = {shape}; ratios to x.clone() (out of place) or out.copy_(x) (in place), timed in the "
           f"same run\n")
-    results, notes = harness.run(shape, rounds=rounds, number=3)
+    results, notes = harness.run(shape, dtypes=(torch.float32, torch.bfloat16, torch.float16), rounds=rounds, number=3)
     results += harness.decode_latency(rounds=rounds, number=200)
     text = harness.table(results)
     print(text)

@@ -15,7 +15,7 @@ from typing import Callable
 
 import torch
 
-from flexrope import compute_rope, precompute_rope_params
+from flexrope import RotaryEmbedding, compute_rope, precompute_rope_params
 
 LAYOUT_SHAPES = {"b h s d": "bhsd", "b s h d": "bshd", "s b h d": "sbhd"}
 
@@ -120,11 +120,11 @@ def run(
                 pairing = "interleaved" if interleaved else "half-split"
                 case = f"{layout} {pairing} {dtype_name}"
                 candidates = {
-                    "flexrope": lambda x=x, i=interleaved, l=layout: compute_rope(x, cos, sin, l, interleaved=i),
+                    "flexrope": lambda x=x, i=interleaved, lay=layout: compute_rope(x, cos, sin, lay, interleaved=i),
                 }
                 work = x.clone()
-                candidates["flexrope inplace"] = lambda w=work, i=interleaved, l=layout: compute_rope(
-                    w, cos, sin, l, interleaved=i, inplace=True)
+                candidates["flexrope inplace"] = lambda w=work, i=interleaved, lay=layout: compute_rope(
+                    w, cos, sin, lay, interleaved=i, inplace=True)
                 candidates.update({name: (lambda f=f, x=x: f(x)) for name, f in
                                    peer_table.get((layout, interleaved), {}).items()})
                 out = torch.empty_like(x)
@@ -140,15 +140,20 @@ def run(
 
 
 def decode_latency(*, rounds: int = 7, number: int = 200) -> list[Result]:
-    """One decoding step, (1, 32, 1, 128) at position 100, float32: flexrope against the seed's formula.
+    """One decoding step, (1, 32, 1, 128) at position 100, float32: flexrope (the position as an int, as a
+    tensor, and the module with q and k of 8 heads at a tensor offset, as a KV-cache loop passes it) against
+    the seed's formula.
 
     Latency this small drifts with the machine, so every candidate and the floor are timed round-robin in
     each round, and each reports its median."""
     cos, sin = precompute_rope_params(128, context_length=4096)
-    x = torch.randn(1, 32, 1, 128)
+    x, k, position = torch.randn(1, 32, 1, 128), torch.randn(1, 8, 1, 128), torch.tensor([100])
+    rope = RotaryEmbedding(128, context_length=4096)
     candidates = {
         "flexrope": lambda: compute_rope(x, cos, sin, offset=100),
         "flexrope b s h d": lambda: compute_rope(x.transpose(1, 2), cos, sin, "b s h d", offset=100),
+        "flexrope positions tensor": lambda: compute_rope(x, cos, sin, positions=position),
+        "flexrope module q+k": lambda: rope(x, k, offset=position),
         "seed formula": lambda: seed_rope(x, cos, sin, offset=100),
         "x.clone()": x.clone,
     }
