@@ -241,6 +241,21 @@ def test_tables_of_a_range_of_positions_are_the_tensor_operations_bits(monkeypat
     assert len(calls) == 1 and torch.equal(one[0], cos[7:8]) and torch.equal(one[1], sin[7:8])
 
 
+def test_positions_read_through_their_strides_in_any_integer_dtype(patch):
+    """Positions (b, s) that are a transposed view, every other element of row starts, int32 and uint8: the loop
+    reads each through its strides (or an int64 copy), as the eager kernels index them."""
+    cos, sin = flexrope.precompute_rope_params(16, context_length=64)
+    x = torch.randn(3, 4, 9, 16)
+    generator = torch.Generator().manual_seed(0)
+    wheres = [dict(positions=torch.randint(0, 64, (9, 3), generator=generator).t()),
+              dict(positions=torch.randint(0, 64, (9,), generator=generator).to(torch.int32)),
+              dict(positions=torch.randint(0, 64, (3, 9), generator=generator).to(torch.uint8)),
+              dict(offset=torch.tensor([0, 99, 20, 99, 40])[::2])]
+    for where in wheres:
+        fast, slow = _both(patch, lambda: compute_rope(x, cos, sin, **where))
+        assert torch.equal(fast, slow)
+
+
 def test_empty_tensors(patch):
     patch.setenv("FLEXROPE_BACKEND", "native")
     cos, sin = flexrope.precompute_rope_params(8, context_length=32)
