@@ -5,9 +5,10 @@
    bits are theirs. Built with -ffp-contract=off, so no multiply-add is fused.
 
    x and out are viewed as rows (every dim but the channels, in x's memory order) of `channels` contiguous
-   elements; the tables as rows of rotary/2 contiguous angles, strides 0 where they broadcast. out may be x
-   (in place): iteration j reads and writes only its own pair, so there is no dependence between iterations,
-   which `ivdep` tells the vectoriser. */
+   elements; the tables as rows of rotary/2 contiguous angles, found through strides (0 where they broadcast)
+   and, where the caller has positions in a tensor, through those positions. out may be x (in place):
+   iteration j reads and writes only its own pair, so there is no dependence between iterations, which
+   `ivdep` tells the vectoriser. */
 
 #include <math.h>
 #include <stdint.h>

@@ -8,7 +8,8 @@ is the one torch has already loaded (the same soname), so large calls run on tor
 ``torch.get_num_threads()`` of them, and never compete with torch's operations for cores (a thread pool of its
 own ran 25-60% slower next to them: torch's idle threads spin). A compiler without OpenMP builds a loop on one
 thread. Building takes 0.3-1 s. A machine without a working compiler turns this backend off for the
-process, with one warning; the other backends run instead.
+process, with one warning; the other backends run instead. The library also computes the float32 tables of a
+range of positions (dynamic NTK's rows at each decoding step) in one call.
 """
 
 from __future__ import annotations
