@@ -213,8 +213,8 @@ def tables(inv_freq: torch.Tensor, positions: range) -> tuple[torch.Tensor, torc
     """Half-width float32 cos and sin tables (len(positions), n) of a range of positions, from float64
     ``inv_freq`` (n,) on the CPU, in one call of the C library; None where that does not apply (the library
     not built, a dispatch mode or torch.compile that must see tensor operations)."""
-    if (positions.step != 1 or inv_freq.dtype != torch.float64 or not inv_freq.is_cpu
-            or torch._C._len_torch_dispatch_stack() != 0 or torch.compiler.is_compiling() or _loaded() is None):
+    if (torch.compiler.is_compiling() or positions.step != 1 or inv_freq.dtype != torch.float64
+            or not inv_freq.is_cpu or torch._C._len_torch_dispatch_stack() != 0 or _loaded() is None):
         return None
     inv_freq = inv_freq.contiguous()
     cos, sin = torch.empty(2, len(positions), inv_freq.numel()).unbind(0)
