@@ -265,10 +265,17 @@ def speed(shapes, rows: list[str]) -> None:
                 print(rows[-1], flush=True)
 
 
-def sweep(rows: list[str]) -> None:
-    """Elements, warps and least heads per program, out of place: keep the fastest overall."""
+def use_blocks(elements: int, warps: int, heads: int) -> None:
+    """Launch with these block settings from now on: the launch plans cached per geometry are made again."""
     from flexrope import _triton
 
+    _triton.ELEMENTS_PER_PROGRAM, _triton.NUM_WARPS, _triton.HEADS_PER_PROGRAM = elements, warps, heads
+    _triton._blocks.cache_clear()
+    _triton._plans.clear()
+
+
+def sweep(rows: list[str]) -> None:
+    """Elements, warps and least heads per program, out of place: keep the fastest overall."""
     cos, sin = flexrope.precompute_rope_params(128, context_length=8192)
     cos, sin = cos.cuda(), sin.cuda()
     cases = [((8, 4096, 32, 128), torch.float32, "b s h d"), ((8, 4096, 32, 128), torch.bfloat16, "b s h d"),
@@ -281,16 +288,14 @@ def sweep(rows: list[str]) -> None:
     best = None
     for elements, warps, heads in [(2048, 4, 4), (4096, 4, 1), (4096, 4, 4), (4096, 8, 4), (8192, 4, 8),
                                    (8192, 8, 8), (16384, 8, 8)]:
-        _triton.ELEMENTS_PER_PROGRAM, _triton.NUM_WARPS, _triton.HEADS_PER_PROGRAM = elements, warps, heads
-        _triton._blocks.cache_clear()
+        use_blocks(elements, warps, heads)
         ratios = [gpu_ms(lambda x=x, layout=layout: compute_rope(x, cos, sin, layout), calls=10) / f
                   for x, f, (_, _, layout) in zip(tensors, floors, cases)]
         rows.append(f"| {elements} | {warps} | {heads} | " + " | ".join(f"{r:.3f}" for r in ratios) + " |")
         print(rows[-1], flush=True)
         if best is None or sum(ratios) < best[0]:
             best = (sum(ratios), elements, warps, heads)
-    _triton.ELEMENTS_PER_PROGRAM, _triton.NUM_WARPS, _triton.HEADS_PER_PROGRAM = best[1:]
-    _triton._blocks.cache_clear()
+    use_blocks(*best[1:])
     rows.append(f"\nfastest: {best[1]} elements, {best[2]} warps, at least {best[3]} heads (used below)\n")
     print(rows[-1], flush=True)
 
