@@ -77,8 +77,14 @@ def test_positions_past_context_length_raise_naming_the_limit():
     with pytest.raises(FlexRopeError, match=r"past the table's 16 positions") as info:
         rope(_randn(1, 1, 4, 8), offset=13)
     assert "RotaryEmbedding(layout='b h s d', head_dim=8) on q of shape (1, 1, 4, 8)" in str(info.value)
-    with pytest.raises(FlexRopeError, match=r"reach position 16"):
+    with pytest.raises(FlexRopeError, match=r"on q of shape \(1, 1, 2, 8\): positions reach position 16"):
         rope(_randn(1, 1, 2, 8), positions=torch.tensor([3, 16]))
+    # position values in tensors too, naming the tensor whose positions they are
+    q, k = _randn(1, 4, 1, 8), _randn(1, 2, 1, 8)
+    with pytest.raises(FlexRopeError, match=r"on q of shape \(1, 4, 1, 8\): offset \+ arange\(1\) reach position 16"):
+        rope(q, k, offset=torch.tensor([16]))
+    with pytest.raises(FlexRopeError, match=r"on k of shape \(1, 2, 1, 8\): positions hold position -1"):
+        rope(q, k, offset=3, k_positions=torch.tensor([[-1]]))
 
 
 def test_bad_layout_fails_at_construction():

@@ -34,7 +34,8 @@ from ._dtensor import DTENSOR_MODULE, check_shards, dtensor_class, from_local
 from ._errors import FlexRopeError
 from ._layout import Layout
 from ._pairs import over_pairs
-from ._positions import RowStarts, Where, angles_at, assert_values_async, check_values, position_tensor
+from ._positions import (RowStarts, Where, angles_at, assert_values_async, check_values, position_tensor,
+                         values_on_host)
 
 BACKENDS = ("auto", "triton", "native", "compiled", "eager")
 
@@ -267,10 +268,10 @@ def rope(rotation: Rotation, cos: torch.Tensor, sin: torch.Tensor, operands: lis
 def _check_values(layout: Layout, x: torch.Tensor, where: Where, table_len: int) -> None:
     """Position values: on the host where they live there, queued on the device where a read would sync."""
     seq_len = layout.canonical(x).shape[-2]
-    if x.is_cuda or torch.compiler.is_compiling():
-        assert_values_async(where, seq_len, table_len)
-    else:
+    if values_on_host(x):
         check_values(where, seq_len, table_len)
+    else:
+        assert_values_async(where, seq_len, table_len)
 
 
 def _rope_dtensor(rotation, cos, sin, x, where, *, inplace, table_len, inverse, positions_checked):

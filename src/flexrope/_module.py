@@ -10,7 +10,7 @@ from torch import nn
 from ._dispatch import Rotation, rope
 from ._errors import FlexRopeError
 from ._functional import bound, checked_positions, parse
-from ._positions import RowStarts, Where, check_values, position_tensor
+from ._positions import RowStarts, Where, check_values, position_tensor, values_on_host
 from ._hf_config import settings_from_hf_config
 from ._scaling import frequencies, parse_scaling, softmax_scale_factor
 from ._tables import check_rotary_dim, precompute_rope_params, tables_at
@@ -168,7 +168,7 @@ class RotaryEmbedding(nn.Module):
         if short is not None and reach <= short:
             cos, sin = self.short_cos, self.short_sin
         return rope(self._rotation, cos, sin, [(x, where) for x, _, where in operands], inplace=False,
-                    table_len=cos.shape[0], inverse=inverse)
+                    table_len=cos.shape[0], inverse=inverse, positions_checked=values_on_host(operands[0][0]))
 
     @classmethod
     def from_hf_config(cls, config, *, layer_type: str | None = None, layout: str = "b h s d",
@@ -209,7 +209,10 @@ class RotaryEmbedding(nn.Module):
         try:
             shape = bound(self.layout, x)
             if not self._dynamic:
-                return shape.s, checked_positions(x, shape, self.cos, positions, offset)
+                where = checked_positions(x, shape, self.cos, positions, offset)
+                if not isinstance(where, int) and values_on_host(x):  # (on a GPU: on the device, in the call)
+                    check_values(where, shape.s, self.cos.shape[0])  # here, to say whose positions they are
+                return shape.s, where
             # dynamic NTK exists to run past the original length: any position >= 0, its rows computed per call
             where = checked_positions(x, shape, self.cos, positions, offset, table_len=sys.maxsize)
             check_values(where, shape.s, sys.maxsize)

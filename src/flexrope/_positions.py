@@ -110,6 +110,13 @@ def _value_range(values: torch.Tensor) -> tuple[int, int]:
     return int(low), int(high)
 
 
+def values_on_host(x: torch.Tensor) -> bool:
+    """Whether the position values of a call on ``x`` are checked on the host by :func:`check_values`; on a
+    GPU and in a compiled graph a read would sync, and :func:`assert_values_async` (or the kernel) checks them
+    on the device."""
+    return not (x.is_cuda or torch.compiler.is_compiling())
+
+
 def check_values(where: Where, seq_len: int, table_len: int) -> None:
     """Raise FlexRopeError for a position held in a tensor that is negative or past the table, reading the
     values on the host (a sync on an accelerator): never clamped, never wrapped."""
