@@ -208,13 +208,14 @@ class RotaryEmbedding(nn.Module):
         """The sequence length of ``x`` and where its tokens are, checked."""
         try:
             shape = bound(self.layout, x)
+            cos = self.cos
             if not self._dynamic:
-                where = checked_positions(x, shape, self.cos, positions, offset)
+                where = checked_positions(x, shape, cos, positions, offset)
                 if not isinstance(where, int) and values_on_host(x):  # (on a GPU: on the device, in the call)
-                    check_values(where, shape.s, self.cos.shape[0])  # here, to say whose positions they are
+                    check_values(where, shape.s, cos.shape[0])  # here, to say whose positions they are
                 return shape.s, where
             # dynamic NTK exists to run past the original length: any position >= 0, its rows computed per call
-            where = checked_positions(x, shape, self.cos, positions, offset, table_len=sys.maxsize)
+            where = checked_positions(x, shape, cos, positions, offset, table_len=sys.maxsize)
             check_values(where, shape.s, sys.maxsize)
             return shape.s, where
         except FlexRopeError as error:

@@ -104,7 +104,8 @@ FEW_VALUES = 64
 
 def _value_range(values: torch.Tensor) -> tuple[int, int]:
     if values.numel() <= FEW_VALUES:
-        listed = values.reshape(-1).tolist()
+        listed = values.tolist()  # positions are 1-D or 2-D
+        listed = listed if values.ndim < 2 else [value for row in listed for value in row]
         return min(listed), max(listed)
     low, high = torch.aminmax(values.long())
     return int(low), int(high)
