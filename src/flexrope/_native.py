@@ -176,7 +176,9 @@ def rotate(x: torch.Tensor, out: torch.Tensor, cos: torch.Tensor, sin: torch.Ten
         if isinstance(where, int):
             first = where * table_stride[0] * cos.element_size()  # rows where.. of the whole tables
         else:
-            positions = (where.starts if isinstance(where, RowStarts) else where).to("cpu", torch.int64)
+            positions = where.starts if isinstance(where, RowStarts) else where
+            if positions.dtype != torch.int64 or not positions.is_cpu:
+                positions = positions.to("cpu", torch.int64)
         geometry = (table_stride, type(where), positions is not None and (positions.shape, positions.stride()))
     else:
         where = position_tensor(where, x.shape[-2])
