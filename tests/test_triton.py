@@ -246,3 +246,38 @@ def test_tables_of_different_strides_and_a_repeated_geometry(monkeypatch):
         fast, slow = _both(monkeypatch, lambda: compute_rope(x, cos, odd_sin, "b s h d", offset=offset))
         assert torch.equal(fast, slow)
         assert torch.equal(fast, compute_rope(x, cos, sin, "b s h d", offset=offset))
+
+
+@pytest.mark.parametrize("backend", ["triton", "native"])
+def test_offsets_past_two_to_the_31_elements(monkeypatch, backend):
+    """A view whose tokens lie 2^30 elements apart: the third token is 2^31 elements past the first, which an
+    int32 offset cannot reach (the kernel's offsets wrapped, and it wrote outside x). Only the pages of the
+    three tokens are touched; the 4 GB of storage are address space."""
+    if backend == "native" and DEVICE != "cpu":
+        pytest.skip("the C loop runs CPU tensors")
+    try:
+        storage = torch.empty(2**31 + 16, dtype=torch.float16, device=DEVICE)
+    except RuntimeError as error:  # a machine that cannot reserve the address space
+        pytest.skip(f"no 4 GB of storage: {error}")
+    x = storage.as_strided((1, 1, 3, 8), (0, 0, 2**30, 1))
+    x.copy_(torch.randn(1, 1, 3, 8, generator=torch.Generator().manual_seed(0)).half())
+    cos, sin = _tables()
+    _backend(monkeypatch, "eager")
+    expected = compute_rope(x, cos, sin, offset=1)
+    _backend(monkeypatch, backend)
+    assert torch.equal(compute_rope(x, cos, sin, offset=1), expected)
+    assert compute_rope(x, cos, sin, offset=1, inplace=True) is x and torch.equal(x, expected)
+
+
+def test_channel_offsets_past_two_to_the_31_elements(monkeypatch):
+    """Channels 2^30 elements apart (the channels outermost in a huge tensor): offsets of the fourth channel
+    reach 3 * 2^30, computed in int64 (only pages of the touched elements are used)."""
+    try:
+        storage = torch.empty(3 * 2**30 + 16, dtype=torch.float16, device=DEVICE)
+    except RuntimeError as error:
+        pytest.skip(f"no 6 GB of storage: {error}")
+    x = storage.as_strided((1, 1, 2, 4), (0, 0, 1, 2**30))
+    x.copy_(torch.randn(1, 1, 2, 4, generator=torch.Generator().manual_seed(0)).half())
+    cos, sin = _tables(4)
+    fast, slow = _both(monkeypatch, lambda: compute_rope(x, cos, sin, offset=1))
+    assert torch.equal(fast, slow)

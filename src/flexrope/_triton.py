@@ -61,35 +61,42 @@ def _rotate_operand(
     x_sl, x_sb, x_sh, x_ss, x_sd, o_sl, o_sb, o_sh, o_ss, o_sd, p_sb, p_ss, t_row, t_col,
     HALF: tl.constexpr, TAIL: tl.constexpr, INTERLEAVED: tl.constexpr, MODE: tl.constexpr,
     INVERSE: tl.constexpr, COPY_TAIL: tl.constexpr, COMPUTE: tl.constexpr, ROUND_BF16: tl.constexpr,
-    BLOCK_S: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_T: tl.constexpr,
+    WIDE: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_T: tl.constexpr,
 ):
-    lead, b = pid_lb // B, pid_lb % B
-    s = pid_s * BLOCK_S + tl.arange(0, BLOCK_S)
+    # offsets in int64: a tensor of 2^31 elements or more (a long context) has int32 strides whose products with
+    # an index do not fit in int32 (they wrapped, and the kernel wrote out of x); the channels' offsets too where
+    # a channel stride times the head dim reaches 2^31 (WIDE: the channels outermost in a huge tensor)
+    lead, b = (pid_lb // B).to(tl.int64), (pid_lb % B).to(tl.int64)
+    s = (pid_s * BLOCK_S + tl.arange(0, BLOCK_S)).to(tl.int64)
     token = s < S
     if MODE == 1:
         p = tl.load(pos_ptr + b * p_sb + s * p_ss, mask=token, other=0).to(tl.int64)
     elif MODE == 2:
         p = tl.load(pos_ptr + b * p_sb).to(tl.int64) + s
     else:
-        p = start + s.to(tl.int64)
+        p = start + s
     if MODE != 0:
         bad = token & ((p < 0) | (p >= table_len))
         tl.store(ok_ptr + s * 0, tl.zeros_like(s), mask=bad)
         token = token & ~bad
     j = tl.arange(0, BLOCK_P)
+    if WIDE:
+        j = j.to(tl.int64)
     angles = token[:, None] & (j < HALF)[None, :]
     cos = tl.load(cos_ptr + p[:, None] * t_row + j[None, :] * t_col, mask=angles, other=0.0).to(COMPUTE)
     sin = tl.load(sin_ptr + p[:, None] * t_row + j[None, :] * t_col, mask=angles, other=0.0).to(COMPUTE)
     if INVERSE:
         sin = -sin
     cos, sin = cos[:, None, :], sin[:, None, :]
-    h = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
+    h = (pid_h * BLOCK_H + tl.arange(0, BLOCK_H)).to(tl.int64)
     rows = token[:, None] & (h < H)[None, :]
     x_row = x_ptr + lead * x_sl + b * x_sb + s[:, None] * x_ss + h[None, :] * x_sh
     o_row = out_ptr + lead * o_sl + b * o_sb + s[:, None] * o_ss + h[None, :] * o_sh
     if INTERLEAVED:
         # one contiguous load of the 2 * HALF channels, split into the pairs' first and second channels
         c = tl.arange(0, 2 * BLOCK_P)
+        if WIDE:
+            c = c.to(tl.int64)
         mask = rows[:, :, None] & (c < 2 * HALF)[None, None, :]
         pairs = tl.load(x_row[:, :, None] + c[None, None, :] * x_sd, mask=mask, other=0.0)
         a, b2 = tl.split(tl.reshape(pairs.to(COMPUTE), (BLOCK_S, BLOCK_H, BLOCK_P, 2)))
@@ -98,13 +105,17 @@ def _rotate_operand(
         tl.store(o_row[:, :, None] + c[None, None, :] * o_sd, stored, mask=mask)
     else:
         mask = rows[:, :, None] & (j < HALF)[None, None, :]
-        first_x, first_o = x_row[:, :, None] + j[None, None, :] * x_sd, o_row[:, :, None] + j[None, None, :] * o_sd
-        a = tl.load(first_x, mask=mask, other=0.0).to(COMPUTE)
-        b2 = tl.load(first_x + HALF * x_sd, mask=mask, other=0.0).to(COMPUTE)
-        tl.store(first_o, _stored(a * cos - b2 * sin, out_ptr.dtype.element_ty, ROUND_BF16), mask=mask)
-        tl.store(first_o + HALF * o_sd, _stored(b2 * cos + a * sin, out_ptr.dtype.element_ty, ROUND_BF16), mask=mask)
+        first, second = j[None, None, :], (j + HALF)[None, None, :]
+        a = tl.load(x_row[:, :, None] + first * x_sd, mask=mask, other=0.0).to(COMPUTE)
+        b2 = tl.load(x_row[:, :, None] + second * x_sd, mask=mask, other=0.0).to(COMPUTE)
+        tl.store(o_row[:, :, None] + first * o_sd, _stored(a * cos - b2 * sin, out_ptr.dtype.element_ty, ROUND_BF16),
+                 mask=mask)
+        tl.store(o_row[:, :, None] + second * o_sd, _stored(b2 * cos + a * sin, out_ptr.dtype.element_ty, ROUND_BF16),
+                 mask=mask)
     if COPY_TAIL:
         t = tl.arange(0, BLOCK_T)
+        if WIDE:
+            t = t.to(tl.int64)
         mask = rows[:, :, None] & (t < TAIL)[None, None, :]
         tail = tl.load(x_row[:, :, None] + (2 * HALF + t)[None, None, :] * x_sd, mask=mask)
         tl.store(o_row[:, :, None] + (2 * HALF + t)[None, None, :] * o_sd, tail, mask=mask)
@@ -117,13 +128,13 @@ def _rope_one(
     x_sl, x_sb, x_sh, x_ss, x_sd, o_sl, o_sb, o_sh, o_ss, o_sd, p_sb, p_ss,
     HALF: tl.constexpr, TAIL: tl.constexpr, INTERLEAVED: tl.constexpr, INVERSE: tl.constexpr,
     COPY_TAIL: tl.constexpr, COMPUTE: tl.constexpr, ROUND_BF16: tl.constexpr, MODE: tl.constexpr,
-    BLOCK_S: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_T: tl.constexpr,
+    WIDE: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_T: tl.constexpr,
 ):
     """One tensor: fewer arguments than the pair kernel, which makes each launch cheaper on the host."""
     _rotate_operand(
         tl.program_id(0), tl.program_id(1), tl.program_id(2), x_ptr, out_ptr, cos_ptr, sin_ptr, pos_ptr, ok_ptr,
         B, H, S, start, table_len, x_sl, x_sb, x_sh, x_ss, x_sd, o_sl, o_sb, o_sh, o_ss, o_sd, p_sb, p_ss,
-        t_row, t_col, HALF, TAIL, INTERLEAVED, MODE, INVERSE, COPY_TAIL, COMPUTE, ROUND_BF16, BLOCK_S, BLOCK_H,
+        t_row, t_col, HALF, TAIL, INTERLEAVED, MODE, INVERSE, COPY_TAIL, COMPUTE, ROUND_BF16, WIDE, BLOCK_S, BLOCK_H,
         BLOCK_P, BLOCK_T,
     )
 
@@ -137,7 +148,7 @@ def _rope_two(
     y_sl, y_sb, y_sh, y_ss, y_sd, yo_sl, yo_sb, yo_sh, yo_ss, yo_sd, yp_sb, yp_ss,
     HALF: tl.constexpr, TAIL: tl.constexpr, INTERLEAVED: tl.constexpr, INVERSE: tl.constexpr,
     COPY_TAIL: tl.constexpr, COMPUTE: tl.constexpr, ROUND_BF16: tl.constexpr, MODE: tl.constexpr,
-    YMODE: tl.constexpr,
+    YMODE: tl.constexpr, WIDE: tl.constexpr,
     BLOCK_S: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_T: tl.constexpr,
 ):
     """Two tensors (q and k): the programs past the first one's heads take the second one's."""
@@ -146,14 +157,16 @@ def _rope_two(
         _rotate_operand(
             pid_s, pid_lb, pid_h, x_ptr, out_ptr, cos_ptr, sin_ptr, pos_ptr, ok_ptr, B, H, S, start, table_len,
             x_sl, x_sb, x_sh, x_ss, x_sd, o_sl, o_sb, o_sh, o_ss, o_sd, p_sb, p_ss, t_row, t_col,
-            HALF, TAIL, INTERLEAVED, MODE, INVERSE, COPY_TAIL, COMPUTE, ROUND_BF16, BLOCK_S, BLOCK_H, BLOCK_P, BLOCK_T,
+            HALF, TAIL, INTERLEAVED, MODE, INVERSE, COPY_TAIL, COMPUTE, ROUND_BF16, WIDE, BLOCK_S, BLOCK_H, BLOCK_P,
+            BLOCK_T,
         )
     else:
         _rotate_operand(
             pid_s, pid_lb, pid_h - q_blocks, y_ptr, yout_ptr, cos_ptr, sin_ptr, ypos_ptr, ok_ptr, B, YH, YS,
             ystart, table_len,
             y_sl, y_sb, y_sh, y_ss, y_sd, yo_sl, yo_sb, yo_sh, yo_ss, yo_sd, yp_sb, yp_ss, t_row, t_col,
-            HALF, TAIL, INTERLEAVED, YMODE, INVERSE, COPY_TAIL, COMPUTE, ROUND_BF16, BLOCK_S, BLOCK_H, BLOCK_P, BLOCK_T,
+            HALF, TAIL, INTERLEAVED, YMODE, INVERSE, COPY_TAIL, COMPUTE, ROUND_BF16, WIDE, BLOCK_S, BLOCK_H, BLOCK_P,
+            BLOCK_T,
         )
 
 
@@ -239,6 +252,7 @@ def _plan(operands: list[Operand], cos: torch.Tensor, sin: torch.Tensor, rotary_
     constants = dict(
         HALF=half, TAIL=tail, INTERLEAVED=interleaved, INVERSE=inverse, COPY_TAIL=tail > 0 and not inplace,
         COMPUTE=tl.float64 if operands[0].x.dtype == torch.float64 else tl.float32, ROUND_BF16=INTERPRETED,
+        WIDE=any(shape[4] * stride[4] >= 2**31 for pair in views for shape, stride in pair),
         MODE=operands[0].mode, BLOCK_S=block_s, BLOCK_H=block_h, BLOCK_P=block_p,
         BLOCK_T=triton.next_power_of_2(max(tail, 1)), num_warps=NUM_WARPS, enable_fp_fusion=False,
     )
