@@ -82,10 +82,16 @@ def test_dtypes_on_several_threads_equal_eager_bitwise(patch, dtype, interleaved
 @pytest.mark.parametrize("layout, shape", [("b h s d", (3, 7, 9, 16)), ("b s h d", (3, 9, 7, 16)),
                                            ("s b h d", (9, 3, 7, 16))])
 @pytest.mark.parametrize("interleaved", [False, True])
-def test_rows_sharing_angles_rotated_in_groups_with_a_remainder(patch, layout, shape, interleaved):
+@pytest.mark.parametrize("short_tiles", [False, True])
+def test_rows_sharing_angles_rotated_in_groups_with_a_remainder(patch, monkeypatch, layout, shape, interleaved,
+                                                                short_tiles):
     """7 heads: one group of 4 rows that share their angles and 3 rotated one by one, whether the heads are
     the dim outside the innermost ("b h s d") or the innermost ("b s h d"); per-row offsets and positions
-    (angles that vary with the batch row) and partial rotary (the tail copied for each row of a group)."""
+    (angles that vary with the batch row) and partial rotary (the tail copied for each row of a group). With
+    short tiles, "b h s d" walks its 9 tokens as a tile of 8 and a tile of 1, every group through each."""
+    if short_tiles:
+        monkeypatch.setattr(_native, "TABLE_TILE_BYTES", 1)
+        monkeypatch.setattr(_native, "_plans", {})
     cos, sin = flexrope.precompute_rope_params(16, context_length=64, rotary_dim=12)
     x = torch.randn(shape).to(torch.bfloat16)
     positions = torch.randint(0, 64, (3, 9), generator=torch.Generator().manual_seed(0))

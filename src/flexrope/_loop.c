@@ -123,7 +123,9 @@ static inline uint16_t f16_store(float f) {
    indices times positions_strides: positions (b, s) or (s,), or the first position of each row of b (row
    starts, with table_strides advancing along s). The innermost dim is cut into tiles of `tile` rows and,
    where `group` is GROUP (ndim >= 2, the angles the same along dim ndim - 2, as on the heads of "b h s d"),
-   that dim into groups of GROUP indices; a unit of work is one tile at one group of outer indices. Rows that
+   that dim into groups of GROUP indices; a unit of work is one tile at one group of outer indices, and the
+   units go tile by tile (every group of outer indices at the first tile, then at the next), so that where
+   the caller makes tiles short, the rows of every group read a tile's table rows from the nearest caches. Rows that
    share their angles are rotated GROUP at a time, so the tables come from memory once per GROUP rows (once
    per row, bfloat16 "b h s d" ran at 2x a copy: the tables are twice x's bytes per row).
    The units are shared among `threads` OpenMP threads: those of torch's own pool where the library is built

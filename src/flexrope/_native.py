@@ -43,6 +43,11 @@ THREADED_MIN_ELEMENTS = 1 << 16
 # one position in "b h s d"): the tables come from memory once per group. Reading them once per row, bfloat16
 # "b h s d" in place ran at 2.0x a copy (the tables are twice x's bytes per row). As in _loop.c.
 GROUP = 4
+# Grouped rows walk the innermost dim (the tokens of "b h s d") in tiles whose table rows, at most this many
+# bytes of cos and sin, stay in the nearest caches while every group of the dim outside it (all the heads) is
+# rotated by them. With a whole sequence per group, the tables came back from far caches or memory once per
+# group: bfloat16 "b h s d" in place ran 1.6x slower than "b s h d", whose heads share each table row in turn.
+TABLE_TILE_BYTES = 32 * 1024
 _FUNCTIONS = {torch.float32: "rotate_float32", torch.float64: "rotate_float64", torch.bfloat16: "rotate_bfloat16",
               torch.float16: "rotate_float16"}
 library_path: Path | None = None  # the library this process loaded
@@ -136,8 +141,11 @@ def _plan(x: torch.Tensor, out: torch.Tensor, table_strides: list[int], position
     outer = math.prod(sizes[:-2]) * -(-sizes[-2] // group) if len(sizes) >= 2 else 1
     threads = threads if x.numel() >= THREADED_MIN_ELEMENTS else 1
     # a unit of work is a run of the innermost dim at one group of outer indices; where there are fewer of
-    # those than threads, a run is a tile of the innermost dim
+    # those than threads, a run is a tile of the innermost dim, and grouped rows take short tiles (the loop
+    # runs every group of outer indices through one tile before the next tile)
     tile = sizes[-1] if outer >= threads else -(-sizes[-1] // threads)
+    if group > 1:
+        tile = min(tile, max(8, TABLE_TILE_BYTES // (rotary_dim * compute_dtype(x.dtype).itemsize)))
     plan = torch.tensor([len(sizes), tile, group, rotary_dim, x.shape[-1], int(interleaved), -1 if inverse else 1,
                          threads, table_row, *sizes,
                          *(strides[d] for strides in (x.stride(), out.stride(), table_strides, positions_strides)
