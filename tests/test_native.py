@@ -304,6 +304,49 @@ def test_float16_conversions_are_torchs_on_every_half_and_at_every_rounding_boun
     assert torch.equal(_half_bits(out[:, pairs:]), _half_bits((values + zero).to(torch.float16)))
 
 
+def _same_bfloat16(got: torch.Tensor, want: torch.Tensor) -> bool:
+    """The same bits, except that a NaN may be any NaN (torch's own conversion writes 0x7fc0 on one code path
+    and 0xffff on another)."""
+    nan = want.isnan()
+    return torch.equal(got.isnan(), nan) and torch.equal(got[~nan].view(torch.int16), want[~nan].view(torch.int16))
+
+
+@pytest.mark.parametrize("interleaved", [False, True])  # side by side, the loop reads a pair as one 32-bit word
+def test_bfloat16_pairs_read_and_rounded_as_torch_in_both_pairings(patch, interleaved):
+    """Every one of the 65536 bfloat16 values as the first and as the second channel of a pair (with every
+    other value as its partner, at random angles), and float32 results rounded to bfloat16 at each midpoint,
+    one float ulp either side, past the largest, among the subnormals and NaN payloads: float32 products and
+    sums rounded once to bfloat16, as torch computes them."""
+    patch.setenv("FLEXROPE_BACKEND", "native")
+    pairs, generator = 16, torch.Generator().manual_seed(0)
+
+    def rotated(a, b, cos, sin):  # pairs (a, b) of rows of 16 pairs each
+        x = torch.stack([a, b], -1).flatten(-2) if interleaved else torch.cat([a, b], -1)
+        out = compute_rope(x[None, None], cos, sin, rotary_dim=2 * pairs, interleaved=interleaved)[0, 0]
+        return (out[:, 0::2], out[:, 1::2]) if interleaved else (out[:, :pairs], out[:, pairs:])
+
+    every = torch.arange(-(1 << 15), 1 << 15, dtype=torch.int32).to(torch.int16).view(torch.bfloat16)
+    a, b = every.view(-1, pairs), every[torch.randperm(every.numel(), generator=generator)].view(-1, pairs)
+    cos, sin = torch.rand(2, *a.shape, generator=generator) * 2 - 1
+    first, second = rotated(a, b, cos, sin)
+    assert _same_bfloat16(first, (a.float() * cos - b.float() * sin).bfloat16())
+    assert _same_bfloat16(second, (b.float() * cos + a.float() * sin).bfloat16())
+    first, second = rotated(b, a, cos, sin)
+    assert _same_bfloat16(second, (a.float() * cos + b.float() * sin).bfloat16())
+    # written: x = 1, cos = v and sin = 0 give (v - 0, v + 0) in float32, rounded to bfloat16
+    finite = every.float()[every.isfinite()].unique()
+    midpoints = ((finite[:-1].double() + finite[1:].double()) / 2).float()
+    up, down = torch.tensor(float("inf")), torch.tensor(float("-inf"))
+    values = torch.cat([finite, midpoints, midpoints.nextafter(up), midpoints.nextafter(down),
+                        torch.randint(-(1 << 31), (1 << 31) - 1, (1 << 16,), generator=generator,
+                                      dtype=torch.int32).view(torch.float32),  # NaN payloads among them
+                        torch.tensor([3.3961e38, 3.4e38, 1e39, float("inf"), float("nan"), 1e-45, -0.0])])
+    values = torch.cat([values, torch.zeros(-values.numel() % pairs)]).view(-1, pairs)
+    ones, zero = torch.ones(values.shape, dtype=torch.bfloat16), torch.zeros_like(values)
+    first, second = rotated(ones, ones, values, zero)
+    assert _same_bfloat16(first, (values - zero).bfloat16()) and _same_bfloat16(second, (values + zero).bfloat16())
+
+
 @pytest.mark.parametrize("interleaved", [False, True])
 def test_strided_views_and_expanded_inputs(patch, interleaved):
     """Channels contiguous, everything else strided: a slice of a wider head dim, every other token, a

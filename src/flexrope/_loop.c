@@ -14,12 +14,13 @@
 #include <stdint.h>
 #include <string.h>
 
-static inline float bf16_load(uint16_t v) {
-    uint32_t u = (uint32_t)v << 16;
+static inline float float_bits(uint32_t u) {
     float f;
     memcpy(&f, &u, sizeof f);
     return f;
 }
+
+static inline float bf16_load(uint16_t v) { return float_bits((uint32_t)v << 16); }
 
 /* float32 -> bfloat16, rounding to nearest even (torch's rule); NaN stays NaN */
 static inline uint16_t bf16_store(float f) {
@@ -88,29 +89,57 @@ static inline uint16_t f16_store(float f) {
         }                                                                                                   \
     }
 
-#define PAIRING(T, C, LOAD, STORE, G, n)                                                                      \
+/* Pairs side by side (interleaved): channels 2j and 2j + 1. */
+#define SIDE_BY_SIDE(T, C, LOAD, STORE, G, n) PAIRS(T, C, LOAD, STORE, G, n, 2 * j, 2 * j + 1)
+
+/* bfloat16 pairs side by side: a pair is one 32-bit word whose low half is its first channel (little-endian),
+   so each channel is the word shifted or masked, already the float32 bits: no shuffles of a stride-2 loop
+   (which ran 1.2x slower than the half-split pairs). */
+#if __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
+#define BF16_WORDS(T, C, LOAD, STORE, G, n)                                                                   \
+    for (int64_t g = 0; g < (G); ++g) {                                                                     \
+        const uint16_t *xg = xr + g * x_step;                                                               \
+        uint16_t *og = o + g * out_step;                                                                    \
+        _Pragma("GCC ivdep") for (int64_t j = 0; j < (n); ++j) {                                              \
+            const float cj = c[j], sj = s[j] * (float)sign;                                                 \
+            uint32_t word;                                                                                  \
+            memcpy(&word, xg + 2 * j, sizeof word);                                                         \
+            const float a = float_bits(word << 16), b = float_bits(word & 0xffff0000u);                    \
+            const float ca = a * cj, sb = b * sj, cb = b * cj, sa = a * sj;                                 \
+            word = (uint32_t)bf16_store(ca - sb) | (uint32_t)bf16_store(cb + sa) << 16;                    \
+            memcpy(og + 2 * j, &word, sizeof word);                                                         \
+        }                                                                                                   \
+    }
+#else
+#define BF16_WORDS SIDE_BY_SIDE
+#endif
+
+#define PAIRING(SIDE_BY_SIDE_PAIRS, T, C, LOAD, STORE, G, n)                                                  \
     if (interleaved)                                                                                        \
-        PAIRS(T, C, LOAD, STORE, G, n, 2 * j, 2 * j + 1)                                                    \
+        SIDE_BY_SIDE_PAIRS(T, C, LOAD, STORE, G, n)                                                         \
     else                                                                                                    \
         PAIRS(T, C, LOAD, STORE, G, n, j, j + (n))
 
 /* G rows whose angles are the tables' at table_at: the first at x + x_at (its result at out + out_at), the
-   next ones step_x (step_out) further; the channels past `rotary` are copied out of place. */
-#define ROWS(T, C, LOAD, STORE, G, x_at, out_at, table_at, step_x, step_out)                                  \
+   next ones step_x (step_out) further; the channels past `rotary` are copied out of place. Their side-by-side
+   pairs are rotated by SIDE_BY_SIDE_PAIRS. */
+#define ROWS_PAIRED(SIDE_BY_SIDE_PAIRS, T, C, LOAD, STORE, G, x_at, out_at, table_at, step_x, step_out)       \
     {                                                                                                       \
         const C *c = cos + (table_at), *s = sin + (table_at);                                               \
         const T *xr = x + (x_at);                                                                           \
         T *o = out + (out_at);                                                                              \
         const int64_t x_step = (step_x), out_step = (step_out);                                             \
         if (half == 64)                                                                                     \
-            PAIRING(T, C, LOAD, STORE, G, 64)                                                               \
+            PAIRING(SIDE_BY_SIDE_PAIRS, T, C, LOAD, STORE, G, 64)                                           \
         else                                                                                                \
-            PAIRING(T, C, LOAD, STORE, G, half)                                                             \
+            PAIRING(SIDE_BY_SIDE_PAIRS, T, C, LOAD, STORE, G, half)                                         \
         if (o != xr && rotary < channels)                                                                   \
             for (int64_t g = 0; g < (G); ++g)                                                               \
                 memcpy(o + g * out_step + rotary, xr + g * x_step + rotary,                                 \
                        (size_t)(channels - rotary) * sizeof(T));                                            \
     }
+#define ROWS(...) ROWS_PAIRED(SIDE_BY_SIDE, __VA_ARGS__)
+#define BF16_ROWS(...) ROWS_PAIRED(BF16_WORDS, __VA_ARGS__)
 
 /* rotate(x, out, cos, sin, plan, positions), the plan being one array of a geometry's integers (made once per
    geometry, so that a call passes six arguments): ndim, tile, group, rotary, channels, interleaved, sign,
@@ -239,7 +268,7 @@ static inline void float_to_f16(const float *f, uint16_t *h, int64_t n) {
 
 DEFINE_ROTATE(rotate_float32, float, float, IDENTITY, IDENTITY, ROWS)
 DEFINE_ROTATE(rotate_float64, double, double, IDENTITY, IDENTITY, ROWS)
-DEFINE_ROTATE(rotate_bfloat16, uint16_t, float, bf16_load, bf16_store, ROWS)
+DEFINE_ROTATE(rotate_bfloat16, uint16_t, float, bf16_load, bf16_store, BF16_ROWS)
 DEFINE_ROTATE(rotate_float16, uint16_t, float, f16_load, f16_store, F16_ROWS)
 
 /* tables_float32(inv_freq, n, first, rows, cos, sin): the half-width float32 tables of the positions first ..
