@@ -103,6 +103,22 @@ def test_rows_sharing_angles_rotated_in_groups_with_a_remainder(patch, monkeypat
         assert torch.equal(fast, slow) and torch.equal(y, slow)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("layout", ["b h s d", "b s h d"])
+@pytest.mark.parametrize("head_dim, rotary_dim", [(18, 18), (40, 26), (64, 54), (64, 40)])
+def test_half_precision_pair_counts_past_the_vector_width(patch, dtype, layout, head_dim, rotary_dim):
+    """9, 13, 27 and 20 pairs per row: whole vectors of pairs (eight at a time for float16's conversions) and
+    the rest one by one, in both pairings, with a pass-through tail, in place and out of place."""
+    cos, sin = flexrope.precompute_rope_params(head_dim, context_length=64, rotary_dim=rotary_dim)
+    x = torch.randn(2, 5, 11, head_dim).to(dtype)
+    for interleaved in (False, True):
+        kwargs = dict(interleaved=interleaved, rotary_dim=rotary_dim, offset=7)
+        fast, slow = _both(patch, lambda: compute_rope(x, cos, sin, layout, **kwargs))
+        y = x.clone()
+        compute_rope(y, cos, sin, layout, inplace=True, **kwargs)
+        assert torch.equal(fast, slow) and torch.equal(y, slow)
+
+
 @pytest.mark.parametrize("shape, layout", [((1, 1, 37, 8), "b h s d"), ((5, 1, 3, 8), "b s h d"), ((1, 1, 1, 8),
                                                                                                  "b h s d")])
 def test_work_shared_among_more_threads_than_outer_rows(patch, shape, layout):
