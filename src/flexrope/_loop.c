@@ -272,22 +272,33 @@ static inline void float_to_f16(const float *f, uint16_t *h, int64_t n) {
         }                                                                                                   \
     }
 
-/* float16 pairs side by side: the G rows' 2n channels converted into a float32 buffer, rotated there as
-   float32 pairs side by side, converted back (row by row, each conversion right before its rotation, took
-   1.19 ms in place where this takes 0.80, (4, 1024, 32, 128) "b s h d"). */
+/* float16 pairs side by side: four pairs (eight channels) at a time in one register. A channel's partner is
+   its neighbour (a swap within each pair), and each angle goes to both channels of its pair, the sine negated
+   for the first: (a c + b (-s), b c + a s), the roundings of (a c - b s, b c + a s). The angles are spread so
+   once for the G rows. Through a float32 buffer of the rows, in place took 1.3x as long. */
 #define F16C_SIDE_BY_SIDE(T, C, LOAD, STORE, G, n)                                                            \
     {                                                                                                       \
-        float buffer[(G) * 2 * (n)];                                                                        \
-        for (int64_t g = 0; g < (G); ++g)                                                                   \
-            f16_to_float(xr + g * x_step, buffer + g * 2 * (n), 2 * (n));                                   \
-        {                                                                                                   \
-            const float *xr = buffer; /* in place on the buffer */                                         \
-            float *o = buffer;                                                                              \
-            const int64_t x_step = 2 * (n), out_step = 2 * (n);                                             \
-            SIDE_BY_SIDE(float, float, IDENTITY, IDENTITY, G, n)                                            \
+        float spread_c[2 * (n)], spread_s[2 * (n)];                                                         \
+        for (int64_t j = 0; j < (n); ++j) {                                                                 \
+            spread_c[2 * j] = spread_c[2 * j + 1] = c[j];                                                   \
+            spread_s[2 * j + 1] = s[j] * (float)sign;                                                       \
+            spread_s[2 * j] = -spread_s[2 * j + 1];                                                         \
         }                                                                                                   \
-        for (int64_t g = 0; g < (G); ++g)                                                                   \
-            float_to_f16(buffer + g * 2 * (n), o + g * out_step, 2 * (n));                                  \
+        for (int64_t g = 0; g < (G); ++g) {                                                                 \
+            const uint16_t *xg = xr + g * x_step;                                                           \
+            uint16_t *og = o + g * out_step;                                                                \
+            int64_t j = 0;                                                                                  \
+            for (; j + 8 <= 2 * (n); j += 8) {                                                              \
+                const __m256 v = f16x8_load(xg + j), partners = _mm256_permute_ps(v, 0xb1);                 \
+                f16x8_store(og + j, _mm256_add_ps(_mm256_mul_ps(v, _mm256_loadu_ps(spread_c + j)),          \
+                                                  _mm256_mul_ps(partners, _mm256_loadu_ps(spread_s + j))));  \
+            }                                                                                               \
+            for (; j < 2 * (n); j += 2) {                                                                   \
+                const float a = f16_load(xg[j]), b = f16_load(xg[j + 1]);                                   \
+                og[j] = f16_store(a * spread_c[j] + b * spread_s[j]);                                       \
+                og[j + 1] = f16_store(b * spread_c[j + 1] + a * spread_s[j + 1]);                           \
+            }                                                                                               \
+        }                                                                                                   \
     }
 #define F16_ROWS(...) ROWS_PAIRED(F16C_SIDE_BY_SIDE, F16C_HALVES, __VA_ARGS__)
 #else
