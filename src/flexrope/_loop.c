@@ -233,22 +233,6 @@ static inline void f16x8_store(uint16_t *h, __m256 f) {
     _mm_storeu_si128((__m128i *)h, _mm256_cvtps_ph(f, _MM_FROUND_TO_NEAREST_INT));
 }
 
-static inline void f16_to_float(const uint16_t *h, float *f, int64_t n) {
-    int64_t j = 0;
-    for (; j + 8 <= n; j += 8)
-        _mm256_storeu_ps(f + j, f16x8_load(h + j));
-    for (; j < n; ++j)
-        f[j] = f16_load(h[j]);
-}
-
-static inline void float_to_f16(const float *f, uint16_t *h, int64_t n) {
-    int64_t j = 0;
-    for (; j + 8 <= n; j += 8)
-        f16x8_store(h + j, _mm256_loadu_ps(f + j));
-    for (; j < n; ++j)
-        h[j] = f16_store(f[j]);
-}
-
 /* float16 pairs of halves with those instructions (what torch's own conversions use, so the same bits): eight
    pairs converted, rotated and converted back at a time, the products and sums rounded as on every path
    (multiplies and adds by intrinsics are never contracted); the last n % 8 on the bits. Element by element on
