@@ -281,3 +281,43 @@ def test_channel_offsets_past_two_to_the_31_elements(monkeypatch):
     cos, sin = _tables(4)
     fast, slow = _both(monkeypatch, lambda: compute_rope(x, cos, sin, offset=1))
     assert torch.equal(fast, slow)
+
+
+def test_programs_of_many_token_and_head_blocks(monkeypatch):
+    """Blocks of two elements' worth: q and k (other lengths and head counts) each cut into many blocks of
+    tokens and of heads, the token blocks and batch rows sharing the grid's first axis."""
+    from flexrope import _triton
+
+    monkeypatch.setattr(_triton, "ELEMENTS_PER_PROGRAM", 16)
+    monkeypatch.setattr(_triton, "HEADS_PER_PROGRAM", 1)
+    monkeypatch.setattr(_triton, "_plans", {})
+    _triton._blocks.cache_clear()
+    try:
+        rope = RotaryEmbedding(8, layout="b s h d", context_length=32).to(DEVICE)
+        q, k = torch.randn(3, 7, 5, 8, device=DEVICE), torch.randn(3, 11, 2, 8, device=DEVICE)
+        fast, slow = _both(monkeypatch, lambda: rope(q, k, offset=torch.tensor([1, 6, 9], device=DEVICE), k_offset=2))
+        assert _triton._blocks(4, 5, 11, False)[:2] == (1, 2)  # 11 token blocks, 3 head blocks for q, 1 for k
+    finally:
+        _triton._blocks.cache_clear()
+    assert all(torch.equal(a, b) for a, b in zip(fast, slow))
+
+
+def test_a_batch_of_more_rows_than_a_grid_axis_of_65535(monkeypatch):
+    """70,000 rows (windows of a batch of images, say): the grid's second axis, which CUDA limits to 65535,
+    holds head blocks only; the rows go along the first, with the token blocks."""
+    from flexrope import _triton
+
+    grids = []
+
+    class Recorded:
+        def __getitem__(self, grid):
+            grids.append(grid)
+            return lambda *args, **kwargs: None
+
+    monkeypatch.setattr(_triton, "_rope_one", Recorded())
+    monkeypatch.setattr(_triton, "_plans", {})
+    _backend(monkeypatch, "triton")
+    cos, sin = _tables()
+    compute_rope(torch.zeros(70_000, 2, 3, 8, device=DEVICE), cos, sin, "b h s d")
+    (grid,) = grids
+    assert grid == (70_000, 1) and max(grid[1:]) <= 65535

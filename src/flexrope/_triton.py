@@ -123,7 +123,7 @@ def _rotate_operand(
 
 @triton.jit
 def _rope_one(
-    cos_ptr, sin_ptr, ok_ptr, B, table_len, t_row, t_col,
+    cos_ptr, sin_ptr, ok_ptr, B, table_len, t_row, t_col, s_blocks,
     x_ptr, out_ptr, pos_ptr, H, S, start,
     x_sl, x_sb, x_sh, x_ss, x_sd, o_sl, o_sb, o_sh, o_ss, o_sd, p_sb, p_ss,
     HALF: tl.constexpr, TAIL: tl.constexpr, INTERLEAVED: tl.constexpr, INVERSE: tl.constexpr,
@@ -131,8 +131,9 @@ def _rope_one(
     WIDE: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_T: tl.constexpr,
 ):
     """One tensor: fewer arguments than the pair kernel, which makes each launch cheaper on the host."""
+    pid = tl.program_id(0)
     _rotate_operand(
-        tl.program_id(0), tl.program_id(1), tl.program_id(2), x_ptr, out_ptr, cos_ptr, sin_ptr, pos_ptr, ok_ptr,
+        pid % s_blocks, pid // s_blocks, tl.program_id(1), x_ptr, out_ptr, cos_ptr, sin_ptr, pos_ptr, ok_ptr,
         B, H, S, start, table_len, x_sl, x_sb, x_sh, x_ss, x_sd, o_sl, o_sb, o_sh, o_ss, o_sd, p_sb, p_ss,
         t_row, t_col, HALF, TAIL, INTERLEAVED, MODE, INVERSE, COPY_TAIL, COMPUTE, ROUND_BF16, WIDE, BLOCK_S, BLOCK_H,
         BLOCK_P, BLOCK_T,
@@ -141,7 +142,7 @@ def _rope_one(
 
 @triton.jit
 def _rope_two(
-    cos_ptr, sin_ptr, ok_ptr, B, table_len, t_row, t_col, q_blocks,
+    cos_ptr, sin_ptr, ok_ptr, B, table_len, t_row, t_col, s_blocks, q_blocks,
     x_ptr, out_ptr, pos_ptr, H, S, start,
     x_sl, x_sb, x_sh, x_ss, x_sd, o_sl, o_sb, o_sh, o_ss, o_sd, p_sb, p_ss,
     y_ptr, yout_ptr, ypos_ptr, YH, YS, ystart,
@@ -152,7 +153,7 @@ def _rope_two(
     BLOCK_S: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_T: tl.constexpr,
 ):
     """Two tensors (q and k): the programs past the first one's heads take the second one's."""
-    pid_s, pid_lb, pid_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    pid_s, pid_lb, pid_h = tl.program_id(0) % s_blocks, tl.program_id(0) // s_blocks, tl.program_id(1)
     if pid_h < q_blocks:
         _rotate_operand(
             pid_s, pid_lb, pid_h, x_ptr, out_ptr, cos_ptr, sin_ptr, pos_ptr, ok_ptr, B, H, S, start, table_len,
@@ -235,9 +236,11 @@ def _plan(operands: list[Operand], cos: torch.Tensor, sin: torch.Tensor, rotary_
     seq_len = max(x[0][3] for x, _ in views)
     heads = max(x[0][2] for x, _ in views)
     block_s, block_h, block_p = _blocks(half, heads, seq_len, stride[3] < stride[2])
-    blocks = [-(-x[0][2] // block_h) for x, _ in views]
-    grid = (-(-seq_len // block_s), shape[0] * shape[1], sum(blocks))
-    head = [shape[1], cos.shape[0], *table_stride] + ([blocks[0]] if len(operands) == 2 else [])
+    blocks, s_blocks = [-(-x[0][2] // block_h) for x, _ in views], -(-seq_len // block_s)
+    # token blocks and (lead, b) rows share the first axis of the grid (2^31 - 1 programs; the second and third
+    # allow 65535 on CUDA, fewer than the rows of a batch of windows), token blocks fastest; head blocks second
+    grid = (s_blocks * shape[0] * shape[1], sum(blocks))
+    head = [shape[1], cos.shape[0], *table_stride, s_blocks] + ([blocks[0]] if len(operands) == 2 else [])
     around_start = []
     for op, (x, out) in zip(operands, views):
         pos, p_sb, p_ss = op.positions, 0, 0
