@@ -69,10 +69,8 @@ def choose(x: torch.Tensor, *, inplace: bool, numel: int) -> str:
     native, compiled, eager or small."""
     requested = requested_backend()
     cuda, compiling = x.is_cuda, torch.compiler.is_compiling()
-    if requested == "auto" and not (cuda or compiling):  # the CPU, eagerly: the C loop wherever it builds
-        if not _native.unavailable:
-            return "native"
-        return "small" if not inplace and numel <= _eager.SMALL_ELEMENTS else "eager"
+    if requested == "auto" and not (cuda or compiling or _native.unavailable):
+        return "native"  # the CPU, eagerly: the C loop wherever it builds (else, as forced eager, below)
     if requested == "triton":
         if not TRITON_INSTALLED:
             raise FlexRopeError("FLEXROPE_BACKEND=triton but triton is not installed (or torch is older than 2.4): "

@@ -158,9 +158,9 @@ static inline uint16_t f16_store(float f) {
    where `group` is GROUP (ndim >= 2, the angles the same along dim ndim - 2, as on the heads of "b h s d"),
    that dim into groups of GROUP indices; a unit of work is one tile at one group of outer indices, and the
    units go tile by tile (every group of outer indices at the first tile, then at the next), so that where
-   the caller makes tiles short, the rows of every group read a tile's table rows from the nearest caches. Rows that
-   share their angles are rotated GROUP at a time, so the tables come from memory once per GROUP rows (once
-   per row, bfloat16 "b h s d" ran at 2x a copy: the tables are twice x's bytes per row).
+   the caller makes tiles short, the rows of every group read a tile's table rows from the nearest caches.
+   Rows that share their angles are rotated GROUP at a time, so the tables come from memory once per GROUP
+   rows (once per row, bfloat16 "b h s d" ran at 2x a copy: the tables are twice x's bytes per row).
    The units are shared among `threads` OpenMP threads: those of torch's own pool where the library is built
    with -fopenmp (the process has loaded torch's libgomp), so the loop and torch's operations never compete
    for cores. sign is 1, or -1 to rotate by the negated angles. */

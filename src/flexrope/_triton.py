@@ -255,7 +255,7 @@ def _plan(operands: list[Operand], cos: torch.Tensor, sin: torch.Tensor, rotary_
     constants = dict(
         HALF=half, TAIL=tail, INTERLEAVED=interleaved, INVERSE=inverse, COPY_TAIL=tail > 0 and not inplace,
         COMPUTE=tl.float64 if operands[0].x.dtype == torch.float64 else tl.float32, ROUND_BF16=INTERPRETED,
-        WIDE=any(shape[4] * stride[4] >= 2**31 for pair in views for shape, stride in pair),
+        WIDE=any(sizes[4] * strides[4] >= 2**31 for pair in views for sizes, strides in pair),
         MODE=operands[0].mode, BLOCK_S=block_s, BLOCK_H=block_h, BLOCK_P=block_p,
         BLOCK_T=triton.next_power_of_2(max(tail, 1)), num_warps=NUM_WARPS, enable_fp_fusion=False,
     )
