@@ -130,3 +130,30 @@ def settings_from_hf_config(config, layer_type: str | None = None) -> dict:
         "scaling": scaling,
         "qk_head_dim": head_dim + qk_nope if qk_nope is not None else head_dim,
     }
+
+
+_TEXT_KEYS = ("text_config", "decoder", "generator")  # where composite configs keep their text model's
+
+
+def text_config(config):
+    """The config of the text model: a multimodal config's ``text_config`` (as ``get_text_config()`` finds it),
+    else the config itself. ``AutoConfig.from_pretrained`` returns the composite config of a vision-language
+    checkpoint, whose rotary settings live in its text part."""
+    if isinstance(config, dict):
+        for key in _TEXT_KEYS:
+            if isinstance(config.get(key), dict):
+                return text_config(config[key])
+        return config
+    getter = getattr(config, "get_text_config", None)
+    if callable(getter):
+        try:
+            sub = getter(decoder=True)
+        except (TypeError, ValueError):  # ambiguous or an older signature: look at the names ourselves
+            sub = None
+        if sub is not None and sub is not config:
+            return text_config(sub)
+    for key in _TEXT_KEYS:
+        sub = config_value(config, key)
+        if sub is not None and not isinstance(sub, (str, int, float, bool)):
+            return text_config(sub)
+    return config
