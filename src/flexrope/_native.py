@@ -24,6 +24,7 @@ import platform
 import shlex
 import shutil
 import stat
+import struct
 import subprocess
 import sys
 import tempfile
@@ -156,6 +157,29 @@ def _declare(library: ctypes.CDLL) -> None:
 _held: list[int] = []  # descriptors of the loaded libraries: their /proc names are never reused for another
 
 
+def _whole(fd: int) -> bool:
+    """Whether an ELF file holds every byte its headers point to: mapping a library cut short (a build or a copy
+    interrupted) kills the process with SIGBUS when the loader touches its missing pages. Other files (Mach-O,
+    garbage) are left to the loader, which refuses what it cannot read."""
+    size, header = os.fstat(fd).st_size, os.pread(fd, 64, 0)
+    if header[:4] != b"\x7fELF" or len(header) < 52 or header[4] not in (1, 2):
+        return True
+    order, wide = "<" if header[5] == 1 else ">", header[4] == 2
+    if wide and len(header) < 64:
+        return False
+    phoff, shoff = struct.unpack_from(order + ("QQ" if wide else "II"), header, 32 if wide else 28)
+    phentsize, phnum, shentsize, shnum = struct.unpack_from(order + "HHHH", header, 54 if wide else 42)
+    if phoff + phnum * phentsize > size or shoff + shnum * shentsize > size:
+        return False
+    table = os.pread(fd, phnum * phentsize, phoff)
+    for i in range(phnum):  # each segment's bytes in the file: p_offset and p_filesz
+        offset, length = (struct.unpack_from(order + "QxxxxxxxxxxxxxxxxQ", table, i * phentsize + 8) if wide else
+                          struct.unpack_from(order + "IxxxxxxxxI", table, i * phentsize + 4))
+        if offset + length > size:
+            return False
+    return True
+
+
 def _load(path: Path) -> ctypes.CDLL:
     """The library at ``path``, its directory and itself checked (_checked) first; on Linux, loaded through the
     descriptor that was checked. FileNotFoundError where there is none, _Broken where it does not load or lacks a
@@ -165,6 +189,9 @@ def _load(path: Path) -> ctypes.CDLL:
         fd = _checked(path, "regular file", directory)
     finally:
         os.close(directory)
+    if not _whole(fd):
+        os.close(fd)
+        raise _Broken(f"{path} is cut short")
     checked = f"/proc/self/fd/{fd}"
     if not os.path.exists(checked):  # no /proc: the path, if it is still the file that was checked
         checked = str(path)
@@ -213,15 +240,20 @@ def _load_or_build(compiler: list[str], path: Path) -> ctypes.CDLL:
         raise RuntimeError(f"{error}, even once built again") from None
 
 
-def _build() -> tuple[ctypes.CDLL, Path]:
-    compiler = _compiler()
-    if compiler is None:
-        raise RuntimeError("no C compiler found (set CC)")
+def _name(compiler: list[str]) -> str:
+    """The library's file name: one per source, compiler, recipe and CPU."""
     source = SOURCE.read_bytes()
     version = subprocess.run([*compiler, "--version"], capture_output=True, text=True, check=True).stdout
     recipe = repr((FLAGS, VARIANTS)).encode()
     key = hashlib.sha256(b"\0".join([source, version.encode(), recipe, _cpu().encode()]))
-    name = f"loop-{key.hexdigest()[:24]}.so"
+    return f"loop-{key.hexdigest()[:24]}.so"
+
+
+def _build() -> tuple[ctypes.CDLL, Path]:
+    compiler = _compiler()
+    if compiler is None:
+        raise RuntimeError("no C compiler found (set CC)")
+    name = _name(compiler)
     try:
         path = _cache(name) / name
         return _load_or_build(compiler, path), path
@@ -229,13 +261,13 @@ def _build() -> tuple[ctypes.CDLL, Path]:
         refused = str(error)
     except OSError:  # no cache directory to be had: built for this process alone
         refused = None
-    work = Path(tempfile.mkdtemp(prefix="flexrope-"))  # a fresh directory of this user's, mode 0700
-    atexit.register(shutil.rmtree, work, ignore_errors=True)
     try:
+        work = Path(tempfile.mkdtemp(prefix="flexrope-"))  # a fresh directory of this user's, mode 0700
+        atexit.register(shutil.rmtree, work, ignore_errors=True)
         library = _load_or_build(compiler, work / name)
     except (OSError, RuntimeError, subprocess.SubprocessError, _Refused) as error:
-        raise RuntimeError(f"{refused}, so nothing was loaded from there; building in {work} failed too: {error}"
-                           if refused else str(error)) from None
+        raise RuntimeError(f"{refused}, so nothing was loaded from there, and building in a private temporary "
+                           f"directory failed too: {error}" if refused else str(error)) from None
     if refused:
         warn(f"the C loop was not loaded from the cache: {refused}, so someone else could have put code there. It "
              f"was built for this process alone in {work} instead. Make the cache yours alone (owned by you, mode "
