@@ -120,7 +120,8 @@ def _refused_and_private(private, monkeypatch, refused: str) -> None:
     assert len(messages) == 1 and refused in messages[0] and "was not loaded from the cache" in messages[0], messages
     assert caught[0].filename == __file__
     work = _native.library_path.parent
-    assert work.parent == private["temp"] and work.name.startswith("flexrope-") and work != private["temp"]
+    assert work.parent == private["temp"] and work.name.startswith("flexrope-")
+    assert work.name != f"flexrope-{os.getuid()}"  # a fresh directory, not the shared fallback
     status = work.lstat()
     assert stat.S_ISDIR(status.st_mode) and stat.S_IMODE(status.st_mode) == 0o700
     with warnings.catch_warnings():
@@ -313,8 +314,14 @@ def test_a_compiler_command_with_arguments_builds_the_loop(private, monkeypatch)
     """CC="ccache gcc" and the like: a real build, through a launcher (env) in front of the compiler."""
     monkeypatch.setenv("CC", f"env {shutil.which('cc') or shutil.which('gcc')}")
     monkeypatch.setattr(_native, "_compile", REAL_COMPILE)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        assert _native._loaded() is not None
-        _calls_equal_eager(monkeypatch)
+    umask = os.umask(0o002)  # the compiler would leave its output writable by the group
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            assert _native._loaded() is not None
+    finally:
+        os.umask(umask)
+    _calls_equal_eager(monkeypatch)
     assert _native.library_path.parent == private["home"]
+    assert stat.S_IMODE(private["home"].stat().st_mode) == 0o700
+    assert stat.S_IMODE(_native.library_path.stat().st_mode) & 0o022 == 0
