@@ -325,3 +325,14 @@ def test_a_compiler_command_with_arguments_builds_the_loop(private, monkeypatch)
     assert _native.library_path.parent == private["home"]
     assert stat.S_IMODE(private["home"].stat().st_mode) == 0o700
     assert stat.S_IMODE(_native.library_path.stat().st_mode) & 0o022 == 0
+
+
+def test_the_self_check_builds_the_loop_and_says_where(private, capsys):
+    """``python -m flexrope`` pre-builds the loop: it is in the cache afterwards, and the output says where."""
+    from flexrope import _selfcheck
+
+    assert _selfcheck.run()
+    built = private["home"] / private["name"]
+    assert built.is_file() and private["compiled"] == [built]
+    out = capsys.readouterr().out
+    assert f"built by your C compiler: {built}\n(cached there: later processes load it without building)" in out

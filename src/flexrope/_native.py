@@ -1,15 +1,30 @@
 """The native backend: the rotation as one C loop (``_loop.c``), for CPU calls in place and out of place.
 
 The loop reads each element of x once and writes each result once, in place without any scratch, so it runs
-at the cost of a copy. It is built on first use by the C compiler (``$CC``, else ``cc``) with
-``-O3 -march=native -ffp-contract=off -fopenmp``, cached under ``$XDG_CACHE_HOME/flexrope`` (one file per
-source, compiler and CPU), loaded with ``ctypes`` (which releases the GIL during the call). Its OpenMP library
-is the one torch has already loaded (the same soname), so large calls run on torch's own threads,
-``torch.get_num_threads()`` of them, and never compete with torch's operations for cores (a thread pool of its
-own ran 25-60% slower next to them: torch's idle threads spin). A compiler without OpenMP builds a loop on one
-thread. Building takes 0.3-1 s. A machine without a working compiler turns this backend off for the
-process, with one warning; the other backends run instead. The library also computes the float32 tables of a
-range of positions (dynamic NTK's rows at each decoding step) in one call.
+at the cost of a copy. It is built on first use by the C compiler (``$CC``, split as a shell would, e.g.
+``CC="ccache gcc"``; else ``cc``) with ``-O3 -march=native -ffp-contract=off -fopenmp`` and loaded with ``ctypes``
+(which releases the GIL during the call). Its OpenMP library is the one torch has already loaded (the same
+soname), so large calls run on torch's own threads, ``torch.get_num_threads()`` of them, and never compete with
+torch's operations for cores (a thread pool of its own ran 25-60% slower next to them: torch's idle threads
+spin). A compiler without OpenMP builds a loop on one thread. The first build takes about 2 s on a 2-core x86_64
+machine (1.9-2.3 s in five cold builds, nearly all of it ``cc``; 8-11 s on the same machine while other work kept
+its cores busy); later processes load the built file in about 2 ms. A machine without a working compiler turns
+this backend off for the process, with one warning; the other backends run instead. The library also computes
+the float32 tables of a range of positions (dynamic NTK's rows at each decoding step) in one call.
+
+Whatever library sits in the cache runs inside the process, so the cache is trusted only where nobody else could
+have written it. It is ``$XDG_CACHE_HOME/flexrope`` (a relative ``XDG_CACHE_HOME`` is ignored, as the XDG spec
+says: ``~/.cache/flexrope``), else, where that cannot be created or written and holds no build,
+``<tempdir>/flexrope-<uid>``; one file per source, compiler, flags and CPU. The directory is created with mode
+0700. Before anything is loaded, the directory and the file are opened without following symbolic links and
+checked through those descriptors: a directory and a regular file, owned by this user, not writable by its
+group or others; the file is then loaded through the descriptor that was checked (``/proc/self/fd``), so it
+cannot be swapped in between. A cache that fails is never loaded from: one warning names it and what was wrong,
+and the loop is built for this process alone in a fresh private directory (``tempfile.mkdtemp``, removed at
+exit). Builds are written aside in a private directory next to the file, made unwritable by others, then
+renamed into place, so no process ever sees a part of one. A library that is cut short (which the loader
+would map and die on), does not load or lacks a function is built again once; if that fails too, the backend
+is off for the process with one warning.
 """
 
 from __future__ import annotations
