@@ -177,10 +177,10 @@ def _whole(fd: int) -> bool:
     interrupted) kills the process with SIGBUS when the loader touches its missing pages. Other files (Mach-O,
     garbage) are left to the loader, which refuses what it cannot read."""
     size, header = os.fstat(fd).st_size, os.pread(fd, 64, 0)
-    if header[:4] != b"\x7fELF" or len(header) < 52 or header[4] not in (1, 2):
+    if header[:4] != b"\x7fELF" or len(header) < 6 or header[4] not in (1, 2):
         return True
     order, wide = "<" if header[5] == 1 else ">", header[4] == 2
-    if wide and len(header) < 64:
+    if len(header) < (64 if wide else 52):
         return False
     phoff, shoff = struct.unpack_from(order + ("QQ" if wide else "II"), header, 32 if wide else 28)
     phentsize, phnum, shentsize, shnum = struct.unpack_from(order + "HHHH", header, 54 if wide else 42)
