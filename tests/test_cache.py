@@ -327,10 +327,11 @@ def test_a_compiler_command_with_arguments_builds_the_loop(private, monkeypatch)
     assert stat.S_IMODE(_native.library_path.stat().st_mode) & 0o022 == 0
 
 
-def test_the_self_check_builds_the_loop_and_says_where(private, capsys):
+def test_the_self_check_builds_the_loop_and_says_where(private, monkeypatch, capsys):
     """``python -m flexrope`` pre-builds the loop: it is in the cache afterwards, and the output says where."""
     from flexrope import _selfcheck
 
+    monkeypatch.setattr(_selfcheck, "SHAPE", {"b": 2, "h": 8, "s": 16, "d": 8})  # the build is what is tested
     assert _selfcheck.run()
     built = private["home"] / private["name"]
     assert built.is_file() and private["compiled"] == [built]
