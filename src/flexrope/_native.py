@@ -1,25 +1,45 @@
 """The native backend: the rotation as one C loop (``_loop.c``), for CPU calls in place and out of place.
 
 The loop reads each element of x once and writes each result once, in place without any scratch, so it runs
-at the cost of a copy. It is built on first use by the C compiler (``$CC``, else ``cc``) with
-``-O3 -march=native -ffp-contract=off -fopenmp``, cached under ``$XDG_CACHE_HOME/flexrope`` (one file per
-source, compiler and CPU), loaded with ``ctypes`` (which releases the GIL during the call). Its OpenMP library
-is the one torch has already loaded (the same soname), so large calls run on torch's own threads,
-``torch.get_num_threads()`` of them, and never compete with torch's operations for cores (a thread pool of its
-own ran 25-60% slower next to them: torch's idle threads spin). A compiler without OpenMP builds a loop on one
-thread. Building takes 0.3-1 s. A machine without a working compiler turns this backend off for the
-process, with one warning; the other backends run instead. The library also computes the float32 tables of a
-range of positions (dynamic NTK's rows at each decoding step) in one call.
+at the cost of a copy. It is built on first use by the C compiler (``$CC``, split as a shell would, e.g.
+``CC="ccache gcc"``; else ``cc``) with ``-O3 -march=native -ffp-contract=off -fopenmp`` and loaded with ``ctypes``
+(which releases the GIL during the call). Its OpenMP library is the one torch has already loaded (the same
+soname), so large calls run on torch's own threads, ``torch.get_num_threads()`` of them, and never compete with
+torch's operations for cores (a thread pool of its own ran 25-60% slower next to them: torch's idle threads
+spin). A compiler without OpenMP builds a loop on one thread. The first build takes about 2 s on a 2-core x86_64
+machine (1.9-2.3 s in five cold builds, nearly all of it ``cc``; 8-11 s on the same machine while other work kept
+its cores busy); later processes load the built file in about 2 ms. A machine without a working compiler turns
+this backend off for the process, with one warning; the other backends run instead. The library also computes
+the float32 tables of a range of positions (dynamic NTK's rows at each decoding step) in one call.
+
+Whatever library sits in the cache runs inside the process, so the cache is trusted only where nobody else could
+have written it. It is ``$XDG_CACHE_HOME/flexrope`` (a relative ``XDG_CACHE_HOME`` is ignored, as the XDG spec
+says: ``~/.cache/flexrope``), else, where that cannot be created or written and holds no build,
+``<tempdir>/flexrope-<uid>``; one file per source, compiler, flags and CPU. The directory is created with mode
+0700. Before anything is loaded, the directory and the file are opened without following symbolic links and
+checked through those descriptors: a directory and a regular file, owned by this user, not writable by its
+group or others; the file is then loaded through the descriptor that was checked (``/proc/self/fd``), so it
+cannot be swapped in between. A cache that fails is never loaded from: one warning names it and what was wrong,
+and the loop is built for this process alone in a fresh private directory (``tempfile.mkdtemp``, removed at
+exit). Builds are written aside in a private directory next to the file, made unwritable by others, then
+renamed into place, so no process ever sees a part of one. A library that is cut short (which the loader
+would map and die on), does not load or lacks a function is built again once; if that fails too, the backend
+is off for the process with one warning.
 """
 
 from __future__ import annotations
 
+import atexit
 import ctypes
+import errno
 import hashlib
 import math
 import os
 import platform
+import shlex
 import shutil
+import stat
+import struct
 import subprocess
 import sys
 import tempfile
@@ -56,8 +76,11 @@ unavailable = sys.platform == "win32"  # cc and -march=native: Linux and macOS
 _library = None
 
 
-def _compiler() -> str | None:
-    return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+def _compiler() -> list[str] | None:
+    """The compiler's command: ``$CC`` split as a shell splits it (``CC="ccache gcc"``), else cc, gcc or clang."""
+    command = shlex.split(os.environ.get("CC", ""))
+    found = command or [shutil.which("cc") or shutil.which("gcc") or shutil.which("clang") or ""]
+    return found if found[0] else None
 
 
 def _cpu() -> str:
@@ -69,48 +92,202 @@ def _cpu() -> str:
         return platform.processor() + platform.machine()
 
 
-def _cache() -> Path:
-    """Where built loops live: $XDG_CACHE_HOME/flexrope (~/.cache/flexrope), else the user's own directory
-    in the temporary directory (a read-only home)."""
-    home = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "flexrope"
-    for cache in (home, Path(tempfile.gettempdir()) / f"flexrope-{os.getuid()}"):
+class _Refused(Exception):
+    """A cache directory or library that someone else could have written: nothing is loaded from there."""
+
+
+class _Broken(Exception):
+    """A library that does not load, or lacks one of the loop's functions."""
+
+
+def _checked(path: Path, kind: str, directory: int | None = None) -> int:
+    """An open descriptor of ``path`` (its last part, opened in ``directory`` where given), a ``kind``
+    ("directory" or "regular file") owned by this user that nobody else can write; _Refused where it is not.
+    The checks read the open file itself (and a symbolic link is never followed), so what is checked is what
+    is then read."""
+    where = {"dir_fd": directory} if directory is not None else {}
+    name = path.name if directory is not None else path
+    directory_kind = kind == "directory"
+    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0)
+    try:
+        fd = os.open(name, flags | (os.O_DIRECTORY if directory_kind else 0), **where)
+    except OSError as error:
+        if error.errno in (errno.ELOOP, errno.EMLINK) or (directory_kind and error.errno == errno.ENOTDIR):
+            kind_now = os.lstat(name, **where).st_mode
+            raise _Refused(f"{path} is {'a symbolic link' if stat.S_ISLNK(kind_now) else f'not a {kind}'}"
+                           ) from None
+        raise
+    status = os.fstat(fd)
+    problem = (f"is not a {kind}" if not (stat.S_ISDIR if directory_kind else stat.S_ISREG)(status.st_mode)
+               else f"is owned by uid {status.st_uid}, not by this user (uid {os.getuid()})"
+               if status.st_uid != os.getuid()
+               else f"can be written by its group or others (mode {stat.S_IMODE(status.st_mode):04o})"
+               if status.st_mode & (stat.S_IWGRP | stat.S_IWOTH) else None)
+    if problem is not None:
+        os.close(fd)
+        raise _Refused(f"{path} {problem}")
+    return fd
+
+
+def _caches() -> list[Path]:
+    """$XDG_CACHE_HOME/flexrope (~/.cache/flexrope: a relative XDG_CACHE_HOME is ignored, as the XDG spec says),
+    then the user's own directory in the temporary directory (for a read-only home)."""
+    caches = [Path(tempfile.gettempdir()) / f"flexrope-{os.getuid()}"]
+    xdg = os.environ.get("XDG_CACHE_HOME", "")
+    try:
+        home = Path(xdg) if os.path.isabs(xdg) else Path.home() / ".cache"
+    except RuntimeError:  # no home directory
+        return caches
+    return [home / "flexrope", *caches] if home.is_absolute() else caches
+
+
+def _cache(name: str = "") -> Path:
+    """Where built loops live: the first of _caches() that exists or can be created (mode 0700), that is
+    checked (_checked), and that can be written or already holds the library ``name``. _Refused where the first
+    one there is fails the check; OSError where none is usable."""
+    for cache in _caches():
         try:
-            cache.mkdir(parents=True, exist_ok=True)
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                cache.mkdir(mode=0o700)
+            except FileExistsError:
+                pass
+            os.close(_checked(cache, "directory"))
         except OSError:
-            continue
-        if os.access(cache, os.W_OK):
+            continue  # a file in the way, or a read-only parent
+        if os.access(cache, os.W_OK) or (name and (cache / name).exists()):
             return cache
-    raise RuntimeError(f"no writable directory for the built loop ({home} is not; set XDG_CACHE_HOME)")
+    raise OSError(f"no writable directory for the built loop in {[str(c) for c in _caches()]} (set XDG_CACHE_HOME)")
 
 
-def _build() -> tuple[ctypes.CDLL, Path]:
-    compiler = _compiler()
-    if compiler is None:
-        raise RuntimeError("no C compiler found (set CC)")
-    source = SOURCE.read_bytes()
-    version = subprocess.run([compiler, "--version"], capture_output=True, text=True, check=True).stdout
-    recipe = repr((FLAGS, VARIANTS)).encode()
-    key = hashlib.sha256(b"\0".join([source, version.encode(), recipe, _cpu().encode()]))
-    path = _cache() / f"loop-{key.hexdigest()[:24]}.so"
-    if not path.exists():
-        with tempfile.TemporaryDirectory(dir=path.parent) as work:  # built aside, then moved: processes may race
-            staged = Path(work) / path.name
-            for variant in VARIANTS:
-                result = subprocess.run([compiler, *FLAGS, *variant, str(SOURCE), "-o", str(staged), "-lm"],
-                                        capture_output=True, text=True)
-                if result.returncode == 0:
-                    break
-            else:
-                raise RuntimeError(f"{compiler} failed: {result.stderr.strip()[:500]}")
-            os.replace(staged, path)
-    library = ctypes.CDLL(str(path))
+def _declare(library: ctypes.CDLL) -> None:
     for name in _FUNCTIONS.values():
         function = getattr(library, name)
         function.restype = None
         function.argtypes = [ctypes.c_void_p] * 6
     library.tables_float32.restype = None
     library.tables_float32.argtypes = [ctypes.c_void_p] + [ctypes.c_int64] * 3 + [ctypes.c_void_p] * 2
-    return library, path
+
+
+_held: list[int] = []  # descriptors of the loaded libraries: their /proc names are never reused for another
+
+
+def _whole(fd: int) -> bool:
+    """Whether an ELF file holds every byte its headers point to: mapping a library cut short (a build or a copy
+    interrupted) kills the process with SIGBUS when the loader touches its missing pages. Other files (Mach-O,
+    garbage) are left to the loader, which refuses what it cannot read."""
+    size, header = os.fstat(fd).st_size, os.pread(fd, 64, 0)
+    if header[:4] != b"\x7fELF" or len(header) < 6 or header[4] not in (1, 2):
+        return True
+    order, wide = "<" if header[5] == 1 else ">", header[4] == 2
+    if len(header) < (64 if wide else 52):
+        return False
+    phoff, shoff = struct.unpack_from(order + ("QQ" if wide else "II"), header, 32 if wide else 28)
+    phentsize, phnum, shentsize, shnum = struct.unpack_from(order + "HHHH", header, 54 if wide else 42)
+    if phoff + phnum * phentsize > size or shoff + shnum * shentsize > size:
+        return False
+    table = os.pread(fd, phnum * phentsize, phoff)
+    for i in range(phnum):  # each segment's bytes in the file: p_offset and p_filesz
+        offset, length = (struct.unpack_from(order + "QxxxxxxxxxxxxxxxxQ", table, i * phentsize + 8) if wide else
+                          struct.unpack_from(order + "IxxxxxxxxI", table, i * phentsize + 4))
+        if offset + length > size:
+            return False
+    return True
+
+
+def _load(path: Path) -> ctypes.CDLL:
+    """The library at ``path``, its directory and itself checked (_checked) first; on Linux, loaded through the
+    descriptor that was checked. FileNotFoundError where there is none, _Broken where it does not load or lacks a
+    function."""
+    directory = _checked(path.parent, "directory")
+    try:
+        fd = _checked(path, "regular file", directory)
+    finally:
+        os.close(directory)
+    if not _whole(fd):
+        os.close(fd)
+        raise _Broken(f"{path} is cut short")
+    checked = f"/proc/self/fd/{fd}"
+    if not os.path.exists(checked):  # no /proc: the path, if it is still the file that was checked
+        checked = str(path)
+        if not os.path.samestat(os.fstat(fd), os.lstat(path)):
+            os.close(fd)
+            raise _Refused(f"{path} changed while it was checked")
+    try:
+        library = ctypes.CDLL(checked)
+    except OSError as error:
+        os.close(fd)
+        raise _Broken(f"{path} does not load ({error})") from None
+    _held.append(fd)  # loaded: kept open, so that no later library is ever known by the same name
+    try:
+        _declare(library)
+    except AttributeError as error:
+        raise _Broken(f"{path} is not the loop ({error})") from None
+    return library
+
+
+def _compile(compiler: list[str], path: Path) -> None:
+    """Build the loop into ``path``: aside in a private directory next to it, then renamed (processes may race,
+    and nobody ever sees a part of the file), without write permission for anyone else."""
+    with tempfile.TemporaryDirectory(dir=path.parent) as work:
+        staged = Path(work) / path.name
+        for variant in VARIANTS:
+            result = subprocess.run([*compiler, *FLAGS, *variant, str(SOURCE), "-o", str(staged), "-lm"],
+                                    capture_output=True, text=True)
+            if result.returncode == 0:
+                break
+        else:
+            raise RuntimeError(f"{shlex.join(compiler)} failed: {result.stderr.strip()[:500]}")
+        os.chmod(staged, 0o700)
+        os.replace(staged, path)
+
+
+def _load_or_build(compiler: list[str], path: Path) -> ctypes.CDLL:
+    """The library at ``path``; built there where there is none, built again (once) where it is broken."""
+    try:
+        return _load(path)
+    except (FileNotFoundError, _Broken):
+        pass
+    _compile(compiler, path)
+    try:
+        return _load(path)
+    except _Broken as error:
+        raise RuntimeError(f"{error}, even once built again") from None
+
+
+def _name(compiler: list[str]) -> str:
+    """The library's file name: one per source, compiler, recipe and CPU."""
+    source = SOURCE.read_bytes()
+    version = subprocess.run([*compiler, "--version"], capture_output=True, text=True, check=True).stdout
+    recipe = repr((FLAGS, VARIANTS)).encode()
+    key = hashlib.sha256(b"\0".join([source, version.encode(), recipe, _cpu().encode()]))
+    return f"loop-{key.hexdigest()[:24]}.so"
+
+
+def _build() -> tuple[ctypes.CDLL, Path]:
+    compiler = _compiler()
+    if compiler is None:
+        raise RuntimeError("no C compiler found (set CC)")
+    name = _name(compiler)
+    try:
+        path = _cache(name) / name
+        return _load_or_build(compiler, path), path
+    except _Refused as error:
+        refused = str(error)
+    except OSError:  # no cache directory to be had: built for this process alone
+        refused = None
+    try:
+        work = Path(tempfile.mkdtemp(prefix="flexrope-"))  # a fresh directory of this user's, mode 0700
+        atexit.register(shutil.rmtree, work, ignore_errors=True)
+        library = _load_or_build(compiler, work / name)
+    except (OSError, RuntimeError, subprocess.SubprocessError, _Refused) as error:
+        raise RuntimeError(f"{refused}, so nothing was loaded from there, and building in a private temporary "
+                           f"directory failed too: {error}" if refused else str(error)) from None
+    if refused:
+        warn(f"the C loop was not loaded from the cache: {refused}, so someone else could have put code there. It "
+             f"was built for this process alone in {work} instead. Make the cache yours alone (owned by you, mode "
+             f"0700, no symbolic link) or remove it, to cache the loop again", RuntimeWarning)
+    return library, work / name
 
 
 def _loaded() -> ctypes.CDLL | None:

@@ -37,6 +37,7 @@ def complex_reference(x: torch.Tensor, theta: float, interleaved: bool) -> torch
 
 def run(tolerance: float = 1e-5) -> bool:
     """Print the table and return whether every case is within ``tolerance`` of the reference."""
+    _native._loaded()  # built here, once, where it is not yet cached: running this pre-builds the C loop
     theta = 10_000.0
     cos, sin = precompute_rope_params(SHAPE["d"], theta_base=theta, context_length=SHAPE["s"])
     canonical = torch.randn(*(SHAPE[a] for a in "bhsd"), generator=torch.Generator().manual_seed(0))
@@ -59,6 +60,9 @@ def run(tolerance: float = 1e-5) -> bool:
     print(f"\n{'all layouts agree with the reference' if ok else 'SOME CASES FAILED'} (tolerance {tolerance:g})")
     if _native.library_path is not None:
         print(f"CPU calls ran the C loop, built by your C compiler: {_native.library_path}")
+        cached = _native.library_path.parent in _native._caches()
+        print("(cached there: later processes load it without building)" if cached else
+              "(built for this process alone: the cache was refused, see the warning above)")
     elif _native.unavailable:
         print("CPU calls ran the eager kernels: the C loop could not be built here (see the warning above)")
     print("Speed is measured against the memory floor by benchmarks/bench_rope.py (CPU) and")
