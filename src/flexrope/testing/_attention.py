@@ -1,0 +1,1 @@
+def check_attention(*a, **k): raise NotImplementedError
