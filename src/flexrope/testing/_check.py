@@ -298,7 +298,7 @@ def _fitted_base(spec: _Spec, examples: list[_Example]) -> float | None:
             inv = (angle + 2 * math.pi * turns) / p
         if inv > 0:
             estimates.append(inv ** (-spec.rotary_dim / (2 * j)))
-    if not estimates:
+    if not estimates or max(estimates) > 1.02 * min(estimates):  # the pairs disagree: no one base explains them
         return None
     return float(torch.tensor(estimates).median())
 
@@ -335,8 +335,12 @@ def _suspects(spec: _Spec):
            lambda e: _expected(spec, e, e.positions - 1))
     yield ("cos and sin are swapped", lambda e: _expected(spec, e, swap=True))
     yield ("every batch row is rotated by the positions of the first row, not its own",
-           lambda e: _expected(spec, e, e.positions[:1].expand_as(e.positions)) if e.positions.shape[0] > 1
-           else e.canonical + math.inf)
+           lambda e: _expected(spec, e, e.positions[:1].expand_as(e.positions)))
+    if spec.scaling is not None:
+        yield (f"the {spec.scaling.rope_type} scaling is not applied: the frequencies are the plain ones of theta "
+               f"{spec.theta:g}", lambda e: rotate(e.canonical, e.positions, frequencies(None, spec.rotary_dim,
+                                                                                       spec.theta, e.seq_len)[0],
+                                                   interleaved=spec.interleaved))
 
 
 def _largest_error(spec: _Spec, examples: list[_Example]) -> str:
@@ -418,7 +422,8 @@ def check_rope(
         >>> from flexrope.testing import check_rope
         >>> cos, sin = flexrope.precompute_rope_params(16)
         >>> check_rope(lambda x: flexrope.compute_rope(x, cos, sin, "b s h d"), "b s h d", head_dim=16)
-        >>> check_rope(lambda x: flexrope.compute_rope(x, cos, sin, "b h s d"), "b s h d", head_dim=16)
+        >>> reads_bhsd = lambda x: flexrope.compute_rope(x, cos, sin, "b h s d")
+        >>> check_rope(reads_bhsd, "b s h d", head_dim=16)  # doctest: +ELLIPSIS
         Traceback (most recent call last):
         ...
         AssertionError: ... the sequence is read from dim 2 (h) instead of dim 1 (s): each token is rotated by ...
