@@ -194,7 +194,7 @@ def _sequence_axis(spec: _Spec, examples: list[_Example]) -> str | None:
             where = f"dim {dim} ({name})"
             seq = f"dim {seq_dim} ({' '.join(entries[seq_dim])})"
             return (f"the sequence is read from {where} instead of {seq}: each token is rotated by its {what}; "
-                    f"declare the layout or transpose (the function reads x as if its sequence were {where})")
+                    f"declare the layout or transpose")
     return None
 
 
