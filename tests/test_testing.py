@@ -70,8 +70,8 @@ def test_hugging_face_apply_rotary_pos_emb_wrapped_passes_in_both_layouts():
         cos, sin = rotary(x, positions)
         return llama.apply_rotary_pos_emb(x, x, cos, sin, unsqueeze_dim=2)[0]
 
-    check_rope(bhsd, "b h s d", head_dim=64, positions=True, max_position=16)
-    check_rope(bshd, "b s h d", head_dim=64, positions=True, max_position=16)
+    check_rope(bhsd, "b h s d", head_dim=64, positions=True)  # below 64 by default: float32 angles pass
+    check_rope(bshd, "b s h d", head_dim=64, positions=True)
     check_rope(lambda x: llama.apply_rotary_pos_emb(x, x, COS[None, : x.shape[2]], SIN[None, : x.shape[2]])[0],
                "b h s d", head_dim=64)
     message = _fails(bhsd, "b s h d", head_dim=64, positions=True, max_position=16)  # its per-token tables catch it

@@ -31,7 +31,7 @@ SHAPES = ((2, 3, 7), (1, 4, 12), (3, 2, 5))
 # Bases of released models (and round neighbours), tried first when the frequencies are off.
 BASES = (10_000, 500_000, 1_000_000, 100_000, 50_000, 5_000_000, 10_000_000, 1_000, 20_000, 25_000, 40_000,
          75_000, 150_000, 200_000, 250_000, 2_000_000, 8_000_000, 1_000_000_000)
-DEFAULT_MAX_POSITION = 4096
+DEFAULT_MAX_POSITION = 64  # float32 tables (the book's, Hugging Face's) pass below it; long ones need float64 angles
 _AXIS_INDEX = {"h": "head index", "b": "batch index"}
 
 
@@ -409,7 +409,9 @@ def check_rope(
         positions: call ``fn(x, positions)`` with int64 positions drawn below ``max_position``, of shape
             (b, s), or (s,) when the layout has no b; the first example holds the last positions. Otherwise
             tokens are at 0 .. s-1.
-        max_position: the bound of drawn positions (default 4096); with ``positions=True`` only.
+        max_position: the bound of drawn positions, with ``positions=True`` only. Default 64: float32 angles
+            (the book's and Hugging Face's tables) pass below it; give the model's context length (e.g. 2**20)
+            to hold ``fn`` to float64 angles there.
         dtype: the dtype of x.
         **axes_lengths: lengths kept fixed (needed for groups such as ``"b s (h d)"``: ``h=4``).
 
