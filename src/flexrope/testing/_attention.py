@@ -143,8 +143,9 @@ def _check_positions(call: str, weights: torch.Tensor, tolerance: float) -> None
         if float(spread.max()) > worst:
             worst, where = float(spread.max()), offset
     if worst > tolerance:
+        key = f"{where} tokens back" if where > 0 else f"{-where} tokens ahead"
         raise AssertionError(
-            f"{call}: the weights depend on absolute positions: the key {where} tokens back is weighed "
+            f"{call}: the weights depend on absolute positions: the key {key} is weighed "
             f"differently by different queries (log-weights relative to the token itself differ by {worst:.3g}) "
             f"though q and k have the same content at every position; with RoPE shifting every position "
             f"changes nothing. Are positions added to q or k (absolute embeddings), or are q and k rotated at "
