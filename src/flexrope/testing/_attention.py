@@ -143,7 +143,7 @@ def _check_positions(call: str, weights: torch.Tensor, tolerance: float) -> None
         if float(spread.max()) > worst:
             worst, where = float(spread.max()), offset
     if worst > tolerance:
-        key = f"{where} tokens back" if where > 0 else f"{-where} tokens ahead"
+        key = f"{abs(where)} token{'s' if abs(where) != 1 else ''} {'back' if where > 0 else 'ahead'}"
         raise AssertionError(
             f"{call}: the weights depend on absolute positions: the key {key} is weighed "
             f"differently by different queries (log-weights relative to the token itself differ by {worst:.3g}) "
