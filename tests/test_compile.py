@@ -8,7 +8,7 @@ import torch._dynamo.testing
 import flexrope
 from flexrope import RotaryEmbedding, compute_rope
 
-from .reference import tolerance
+from flexrope.testing import tolerance
 
 LENGTHS = (5, 8, 13, 21)
 

@@ -5,10 +5,10 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import flexrope
-from flexrope import FlexRopeError, compute_rope, precompute_rope_params
+from flexrope import FlexRopeError, compute_rope, precompute_rope_params, testing
+from flexrope.testing import layout_cases
 
-from . import reference
-from .strategies import layouts
+from . import book
 
 CANONICAL = "b h s d"
 
@@ -29,7 +29,7 @@ def _inverse(pattern):
 # -- laws of the rotation, across layouts ------------------------------------------------------------------
 
 
-@given(case=layouts(), interleaved=st.booleans())
+@given(case=layout_cases(), interleaved=st.booleans())
 def test_layout_equivariance_is_bitwise(case, interleaved):
     text, lengths, canonical, x, pattern = case
     cos, sin = _tables(canonical.shape[-1])
@@ -39,20 +39,20 @@ def test_layout_equivariance_is_bitwise(case, interleaved):
     assert torch.equal(rotated, einops.rearrange(rotated_canonical, pattern, **lengths).contiguous())
 
 
-@given(case=layouts(max_lead=0), interleaved=st.booleans())
+@given(case=layout_cases(max_lead=0), interleaved=st.booleans())
 def test_matches_float64_loop_in_every_layout(case, interleaved):
     text, lengths, canonical, x, pattern = case
     cos, sin = _tables(canonical.shape[-1], dtype=torch.float64)
     rotated = compute_rope(x.double(), cos, sin, text, interleaved=interleaved, **lengths)
     b, _, s, _ = canonical.shape
-    expected = reference.rope_loop(canonical, _positions(b, s), interleaved=interleaved)
+    expected = testing.rope_loop(canonical, _positions(b, s), interleaved=interleaved)
     torch.testing.assert_close(
-        einops.rearrange(rotated, _inverse(pattern), **lengths), expected, atol=reference.tolerance(torch.float64),
+        einops.rearrange(rotated, _inverse(pattern), **lengths), expected, atol=testing.tolerance(torch.float64),
         rtol=0,
     )
 
 
-@given(case=layouts(), interleaved=st.booleans())
+@given(case=layout_cases(), interleaved=st.booleans())
 def test_norm_of_every_pair_is_preserved(case, interleaved):
     text, lengths, canonical, x, pattern = case
     d = canonical.shape[-1]
@@ -60,11 +60,11 @@ def test_norm_of_every_pair_is_preserved(case, interleaved):
     y = compute_rope(x.double(), cos, sin, text, interleaved=interleaved, **lengths)
     yc = einops.rearrange(y, _inverse(pattern), **lengths)
     xc = canonical.double()
-    for p, q in reference.pair_indices(d, interleaved):
+    for p, q in testing.pair_indices(d, interleaved):
         torch.testing.assert_close(yc[..., p] ** 2 + yc[..., q] ** 2, xc[..., p] ** 2 + xc[..., q] ** 2)
 
 
-@given(case=layouts(), interleaved=st.booleans())
+@given(case=layout_cases(), interleaved=st.booleans())
 def test_position_zero_is_the_identity(case, interleaved):
     text, lengths, canonical, x, _ = case
     cos, sin = _tables(canonical.shape[-1])
@@ -90,7 +90,7 @@ def test_scores_depend_only_on_relative_position(m, n, shift, d, interleaved, la
     torch.testing.assert_close(score(m, n), score(m + shift, n + shift), atol=1e-10, rtol=0)
 
 
-@given(case=layouts(), interleaved=st.booleans(), offset=st.integers(0, 50))
+@given(case=layout_cases(), interleaved=st.booleans(), offset=st.integers(0, 50))
 def test_negated_sin_undoes_the_rotation(case, interleaved, offset):
     text, lengths, canonical, x, _ = case
     cos, sin = _tables(canonical.shape[-1], dtype=torch.float64)
@@ -109,8 +109,8 @@ def test_complex_formulation(interleaved, dtype):
     x = torch.randn(2, 3, 17, 32, dtype=dtype, generator=torch.Generator().manual_seed(0))
     cos, sin = _tables(32, length=100, dtype=torch.float64)
     y = compute_rope(x, cos, sin, offset=5, interleaved=interleaved)
-    expected = reference.rope_complex(x, _positions(2, 17, offset=5), interleaved=interleaved)
-    torch.testing.assert_close(y.double(), expected, atol=reference.tolerance(dtype, 4.0), rtol=0)
+    expected = testing.rope_complex(x, _positions(2, 17, offset=5), interleaved=interleaved)
+    torch.testing.assert_close(y.double(), expected, atol=testing.tolerance(dtype, 4.0), rtol=0)
 
 
 def test_matches_hugging_face_llama_bitwise():
@@ -137,7 +137,7 @@ def test_partial_rotary_leaves_the_tail_untouched(interleaved):
     cos, sin = _tables(16, rotary_dim=8, dtype=torch.float64)
     y = compute_rope(x, cos, sin, rotary_dim=8, interleaved=interleaved)
     assert torch.equal(y[..., 8:], x[..., 8:])
-    expected = reference.rope_loop(x[..., :8], _positions(2, 7), interleaved=interleaved)
+    expected = testing.rope_loop(x[..., :8], _positions(2, 7), interleaved=interleaved)
     torch.testing.assert_close(y[..., :8], expected, atol=1e-12, rtol=0)
 
 
@@ -147,7 +147,7 @@ def test_partial_rotary_leaves_the_tail_untouched(interleaved):
 def test_seed_example_declared_as_b_s_h_d_equals_corrected_b_h_s_d():
     """The book's example built (b, s, h, d) queries for a function that wants (b, h, s, d)."""
     batch_size, context_len, num_heads, head_dim = 2, 5, 4, 16
-    cos, sin = reference.seed_precompute_rope_params(head_dim, context_length=context_len)
+    cos, sin = book.seed_precompute_rope_params(head_dim, context_length=context_len)
     queries_bshd = torch.randn(batch_size, context_len, num_heads, head_dim, generator=torch.Generator().manual_seed(3))
     queries_bhsd = queries_bshd.transpose(1, 2).contiguous()
 
@@ -155,14 +155,14 @@ def test_seed_example_declared_as_b_s_h_d_equals_corrected_b_h_s_d():
     fix_tensor = compute_rope(queries_bhsd, cos, sin)
 
     assert torch.equal(fix_layout.transpose(1, 2), fix_tensor)
-    assert torch.equal(fix_tensor, reference.seed_compute_rope(queries_bhsd, cos, sin))
+    assert torch.equal(fix_tensor, book.seed_compute_rope(queries_bhsd, cos, sin))
     # The seed's silent bug: the same call on (b, s, h, d) rotates by head index.
-    wrong = reference.seed_compute_rope(queries_bshd, cos, sin)
+    wrong = book.seed_compute_rope(queries_bshd, cos, sin)
     assert not torch.allclose(wrong, fix_layout)
 
 
 def test_seed_bug_shape_is_an_error_when_the_layout_is_declared():
-    cos, sin = reference.seed_precompute_rope_params(16, context_length=4096)
+    cos, sin = book.seed_precompute_rope_params(16, context_length=4096)
     x = torch.randn(1, 8192, 4, 16)  # (b, s, h, d), seq longer than the table
     with pytest.raises(flexrope.LayoutError, match=r"dim 1 \(axis h\) has length 8192 but h=4"):
         compute_rope(x, cos, sin, layout="b h s d", h=4)

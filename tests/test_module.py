@@ -2,9 +2,7 @@ import pytest
 import torch
 
 import flexrope
-from flexrope import FlexRopeError, LayoutError, RotaryEmbedding, compute_rope
-
-from . import reference
+from flexrope import FlexRopeError, LayoutError, RotaryEmbedding, compute_rope, testing
 
 
 def _randn(*shape, seed=0, dtype=torch.float32):
@@ -143,8 +141,8 @@ def test_module_matches_float64_loop():
     rope = RotaryEmbedding(16, layout="b s h d", context_length=64).double()
     x = _randn(2, 9, 3, 16, dtype=torch.float64)
     y = rope(x, offset=4)
-    expected = reference.rope_loop(x.transpose(1, 2), (4 + torch.arange(9)).expand(2, 9))
-    torch.testing.assert_close(y.transpose(1, 2), expected, atol=reference.tolerance(torch.float64), rtol=0)
+    expected = testing.rope_loop(x.transpose(1, 2), (4 + torch.arange(9)).expand(2, 9))
+    torch.testing.assert_close(y.transpose(1, 2), expected, atol=testing.tolerance(torch.float64), rtol=0)
 
 
 def test_repr_names_the_configuration():

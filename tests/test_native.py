@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 import flexrope
 from flexrope import _native, compute_rope
 
-from .strategies import layouts
+from flexrope.testing import layout_cases
 
 
 @pytest.fixture(scope="module")
@@ -35,8 +35,8 @@ def _both(patch, fn):
 
 
 @settings(max_examples=40)
-@given(case=layouts(), interleaved=st.booleans(), partial=st.booleans(), per_row=st.booleans(), inverse=st.booleans(),
-       start=st.none() | st.integers(0, 26), seed=st.integers(0, 99))
+@given(case=layout_cases(), interleaved=st.booleans(), partial=st.booleans(), per_row=st.booleans(),
+       inverse=st.booleans(), start=st.none() | st.integers(0, 26), seed=st.integers(0, 99))
 def test_every_layout_equals_eager_bitwise_in_and_out_of_place(patch, case, interleaved, partial, per_row, inverse,
                                                               start, seed):
     text, lengths, canonical, x, _ = case

@@ -3,9 +3,9 @@ import math
 import pytest
 import torch
 
-from flexrope import precompute_rope_params
+from flexrope import precompute_rope_params, testing
 
-from . import reference
+from . import book
 
 LONG = 1_048_576
 THETA = 500_000.0
@@ -22,7 +22,7 @@ def test_tables_within_1e6_of_float64_truth_at_1m_positions(long_tables):
     worst = 0.0
     for row in rows:
         for i in range(64):
-            c, s = reference.float64_angle_truth(row, i, 128, THETA)
+            c, s = testing.float64_angle_truth(row, i, 128, THETA)
             worst = max(worst, abs(cos[row, i].item() - c), abs(sin[row, i].item() - s))
     assert worst < 1e-6
 
@@ -44,7 +44,7 @@ def test_seed_format_angles_written_twice(long_tables):
 
 def test_agrees_with_seed_tables_where_float32_angles_are_exact_enough():
     cos, sin = precompute_rope_params(64, context_length=256)
-    seed_cos, seed_sin = reference.seed_precompute_rope_params(64, context_length=256)
+    seed_cos, seed_sin = book.seed_precompute_rope_params(64, context_length=256)
     torch.testing.assert_close(cos, seed_cos, atol=1e-4, rtol=0)
     torch.testing.assert_close(sin, seed_sin, atol=1e-4, rtol=0)
 
@@ -52,7 +52,7 @@ def test_agrees_with_seed_tables_where_float32_angles_are_exact_enough():
 def test_partial_rotary_frequencies_come_from_rotary_dim():
     cos, _ = precompute_rope_params(64, context_length=8, rotary_dim=16, dtype=torch.float64)
     assert cos.shape == (8, 16)
-    expected = [reference.float64_angle_truth(3, i, 16, 10_000.0)[0] for i in range(8)]
+    expected = [testing.float64_angle_truth(3, i, 16, 10_000.0)[0] for i in range(8)]
     torch.testing.assert_close(cos[3, :8], torch.tensor(expected, dtype=torch.float64), atol=1e-15, rtol=0)
 
 

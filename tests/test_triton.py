@@ -15,7 +15,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import flexrope
 from flexrope import FlexRopeError, RotaryEmbedding, compute_rope
 
-from .strategies import layouts
+from flexrope.testing import layout_cases
 
 pytest.importorskip("triton")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -41,7 +41,7 @@ def _tables(head_dim=8, rotary_dim=None, dtype=torch.float32):
 
 
 @settings(max_examples=25)
-@given(case=layouts(), interleaved=st.booleans(), partial=st.booleans(), per_row=st.booleans(), data=st.data())
+@given(case=layout_cases(), interleaved=st.booleans(), partial=st.booleans(), per_row=st.booleans(), data=st.data())
 def test_every_layout_equals_eager_bitwise(monkeypatch_session, case, interleaved, partial, per_row, data):
     text, lengths, canonical, x, _ = case
     d = canonical.shape[-1]

@@ -1,12 +1,14 @@
-"""Independent references, written from the definition of RoPE (not from flexrope's code)."""
+"""Independent references, written from the definition of RoPE (not from flexrope's kernels)."""
+
+from __future__ import annotations
 
 import math
 
 import torch
 
 
-def pair_indices(rotary_dim, interleaved):
-    """The (first, second) channel of each pair i."""
+def pair_indices(rotary_dim: int, interleaved: bool) -> list[tuple[int, int]]:
+    """The (first, second) channel of each pair i: (i, i + r/2) half-split, (2i, 2i + 1) interleaved."""
     half = rotary_dim // 2
     if interleaved:
         return [(2 * i, 2 * i + 1) for i in range(half)]
@@ -14,7 +16,17 @@ def pair_indices(rotary_dim, interleaved):
 
 
 def rope_loop(x, positions, *, theta=10_000.0, rotary_dim=None, interleaved=False, inv_freq=None):
-    """Float64 loop over pairs. x: (b, h, s, d) tensor; positions: (b, s) integer tensor."""
+    """RoPE as a float64 loop over pairs.
+
+    Args:
+        x: (b h s d) tensor, any floating dtype.
+        positions: (b, s) integer tensor, the position of each token.
+        theta, rotary_dim, interleaved: as in :func:`flexrope.compute_rope`; ``inv_freq`` (r/2,) replaces
+            ``theta ** (-2i / r)``.
+
+    Returns:
+        The rotated (b h s d) tensor in float64.
+    """
     x = x.to(torch.float64)
     rotary_dim = rotary_dim or x.shape[-1]
     out = x.clone()
@@ -30,7 +42,10 @@ def rope_loop(x, positions, *, theta=10_000.0, rotary_dim=None, interleaved=Fals
 
 
 def rope_complex(x, positions, *, theta=10_000.0, interleaved=False):
-    """Complex-number formulation: each pair is a complex number multiplied by exp(i * angle)."""
+    """RoPE as complex multiplication, in float64: each pair is a complex number times exp(i * angle).
+
+    ``x`` is (b h s d), ``positions`` (b, s); every channel rotates.
+    """
     x = x.to(torch.float64)
     d = x.shape[-1]
     half = d // 2
@@ -46,32 +61,13 @@ def rope_complex(x, positions, *, theta=10_000.0, interleaved=False):
     return torch.cat([z.real, z.imag], dim=-1)
 
 
-def seed_precompute_rope_params(head_dim, theta_base=10_000, context_length=4096):
-    """The seed's table code, float32 throughout (the book's LLMs-from-scratch ``precompute_rope_params``)."""
-    inv_freq = 1.0 / (theta_base ** (torch.arange(0, head_dim, 2)[: (head_dim // 2)].float() / head_dim))
-    positions = torch.arange(context_length)
-    angles = positions[:, None] * inv_freq[None, :]
-    angles = torch.cat([angles, angles], dim=1)
-    return torch.cos(angles), torch.sin(angles)
-
-
-def seed_compute_rope(x, cos, sin):
-    """The seed's rotation: assumes x is (b, h, s, d) and does not check it."""
-    _, _, seq_len, head_dim = x.shape
-    x1, x2 = x[..., : head_dim // 2], x[..., head_dim // 2 :]
-    cos = cos[:seq_len, :].unsqueeze(0).unsqueeze(0)
-    sin = sin[:seq_len, :].unsqueeze(0).unsqueeze(0)
-    rotated = torch.cat((-x2, x1), dim=-1)
-    return ((x * cos) + (rotated * sin)).to(dtype=x.dtype)
-
-
-def float64_angle_truth(position, i, rotary_dim, theta):
-    """cos and sin of one angle, from Python floats (float64) alone."""
+def float64_angle_truth(position: int, i: int, rotary_dim: int, theta: float) -> tuple[float, float]:
+    """cos and sin of the angle of pair ``i`` at ``position``, from Python floats (float64) alone."""
     angle = position * theta ** (-2.0 * i / rotary_dim)
     return math.cos(angle), math.sin(angle)
 
 
-def tolerance(dtype, scale=1.0):
+def tolerance(dtype: torch.dtype, scale: float = 1.0) -> float:
     """Absolute error bound for a rotation of values up to ``scale`` whose result is rounded to ``dtype``.
 
     A table entry rounded once, two products, one sum and the final rounding: a few units of ``dtype``'s
