@@ -61,7 +61,7 @@ FAMILIES: dict[str, _Scheme] = {
     **dict.fromkeys(("qwen3_omni_moe", "qwen3_omni_moe_thinker", "qwen3_omni_moe_text",
                      "qwen3_omni_moe_talker_text"), _Scheme("Qwen3-Omni", "qwen3", (24, 20, 20))),
     **dict.fromkeys(("cosmos3_edge", "cosmos3_edge_text", "cosmos3_omni"),
-                    _Scheme("Cosmos-3", "qwen3", (24, 20, 20))),
+                    _Scheme("Cosmos-3", "qwen3", (24, 20, 20), scaling=())),
     **dict.fromkeys(("cohere_compass", "cohere_compass_text"), _Scheme("Cohere-Compass", "qwen3", (24, 20, 20))),
     # HY-V4-VL rotates interleaved pairs and returns them de-interleaved (as DeepSeek-V3): the same scores
     **dict.fromkeys(("hy_v4_vl", "hy_v4_vl_text"), _Scheme("HY-V4-VL", "qwen3", (24, 20, 20), interleaved=True)),
@@ -171,7 +171,8 @@ def multiaxis_settings(config, layer_type: str | None = None) -> dict:
                             f"{'round robin' if scheme.assignment == 'qwen3' else 'in sections'} whatever the flag "
                             f"says: the config contradicts the model's code")
     sections = list(parameters.pop("mrope_section", None) or scheme.sections or ())
-    head_dim = config_value(config, "head_dim")
+    head_dim = config_value(config, "qk_rope_head_dim")  # multi-head latent attention: the rotary slice
+    head_dim = config_value(config, "head_dim") if head_dim is None else head_dim
     if head_dim is None:
         hidden, heads = config_value(config, "hidden_size"), config_value(config, "num_attention_heads")
         if hidden is None or heads is None:
