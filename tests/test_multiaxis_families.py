@@ -229,6 +229,19 @@ def test_top_level_config_gives_the_module_of_its_text_config(name):
         MultiAxisRotaryEmbedding.from_hf_config(top.vision_config)
 
 
+def test_a_checkpoints_config_json_reads_as_transformers_reads_it():
+    # Qwen2.5-VL-7B's config.json: text settings at the top level, the legacy rope_scaling {"type": "mrope"}
+    _family("qwen2_5_vl")
+    config_json = {"model_type": "qwen2_5_vl", "hidden_size": 3584, "num_attention_heads": 28,
+                   "num_key_value_heads": 4, "max_position_embeddings": 128000, "rope_theta": 1000000.0,
+                   "rope_scaling": {"type": "mrope", "mrope_section": [16, 24, 24]},
+                   "vision_config": {"hidden_size": 1280, "out_hidden_size": 3584}}
+    ours = MultiAxisRotaryEmbedding.from_hf_config(config_json)
+    config = transformers.AutoConfig.for_model(**config_json)
+    assert _same_module(ours, MultiAxisRotaryEmbedding.from_hf_config(config))
+    assert ours.axes == {"t": 16, "y": 24, "x": 24} and ours.inv_freq[1] == 1e6 ** (-2 / 128)
+
+
 def test_assignments_are_the_families_own():
     # Qwen3-VL's interleaved M-RoPE: t, y, x in turn for 3 x the y and x sections, then t
     _, _, config = _text_config("qwen3_vl")

@@ -196,6 +196,8 @@ def multiaxis_settings(config, layer_type: str | None = None) -> dict:
     max_positions = config_value(config, "max_position_embeddings")
     max_positions = 4096 if max_positions is None else max_positions
     rope_type = parameters.get("rope_type", parameters.get("type", "default"))
+    if rope_type == "mrope":  # Qwen2-VL checkpoints' name for the default M-RoPE (transformers reads it so)
+        rope_type = "default"
     inv_freq, attention_factor = None, 1.0
     if rope_type != "default":
         if rope_type not in scheme.scaling:
