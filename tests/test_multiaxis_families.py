@@ -52,8 +52,7 @@ SPECS = {
     # HY-V4-VL's get_rope_index adds a column of row-break tokens to the image: ids by hand
     "hy_v4_vl": _spec("HYV4VLTextConfig", "HYV4VLRotaryEmbedding",
                       apply="apply_rotary_pos_emb_interleave", deinterleaved=True, qk_rope_head_dim=128, **_HEAD128),
-    "glm4v": _spec("Glm4vTextConfig", "Glm4vTextRotaryEmbedding", "Glm4vModel", "Glm4vConfig",
-                   hidden_size=128, num_attention_heads=2, num_key_value_heads=1),
+    "glm4v": _spec("Glm4vTextConfig", "Glm4vTextRotaryEmbedding", "Glm4vModel", "Glm4vConfig", **_HEAD128),
     "glm_ocr": _spec("GlmOcrTextConfig", "GlmOcrTextRotaryEmbedding", "GlmOcrModel", "GlmOcrConfig",
                      hidden_size=128, num_attention_heads=2, num_key_value_heads=1),
     "glm4v_moe": _spec("Glm4vMoeTextConfig", "Glm4vMoeTextRotaryEmbedding", "Glm4vMoeModel", "Glm4vMoeConfig",
@@ -66,7 +65,7 @@ SPECS = {
                     hidden_size=128, num_attention_heads=2, num_key_value_heads=1),
 }
 # the partial rotation the family's checkpoints use, where its config's default leaves it out
-PARTIAL = {"glm4v_moe": 0.5, "glm_image": 1.0, "qwen4_exp": 0.5}
+PARTIAL = {"glm4v": 0.5, "glm4v_moe": 0.5, "glm_image": 1.0, "qwen4_exp": 0.5}
 SECTIONS = {"cosmos3_edge": [24, 20, 20], "hy_v4_vl": [24, 20, 20]}  # configs that require mrope_section
 
 
