@@ -22,7 +22,7 @@ from torch import nn
 from ._dispatch import Rotation, rope
 from ._errors import FlexRopeError, LayoutError
 from ._functional import bound, of_shape, parse, per_token_tables
-from ._hf_config import config_value
+from ._mrope_families import multiaxis_settings
 from ._layout import AXES, Layout
 from ._positions import check_values
 from ._tables import check_rotary_dim
@@ -126,6 +126,7 @@ class MultiAxisRotaryEmbedding(nn.Module):
         theta_base: a number, or a dict per axis (``per_axis`` only).
         interleaved: pair channels (2i, 2i+1) instead of (i, i + r/2).
         context_length: positions per axis (an int, or a dict per axis): a position past it is an error.
+        attention_factor: what cos and sin are multiplied by (YaRN's attention scaling); 1 otherwise.
 
     Example:
         >>> import torch, flexrope
@@ -139,7 +140,7 @@ class MultiAxisRotaryEmbedding(nn.Module):
     def __init__(self, head_dim: int, *, axes: Mapping[str, int], layout: str = "b h s d",
                  assignment: object = "sections", frequencies: str = "shared", inv_freq: torch.Tensor | None = None,
                  theta_base: float | Mapping[str, float] = 10_000, interleaved: bool = False,
-                 context_length: int | Mapping[str, int] = 4096) -> None:
+                 context_length: int | Mapping[str, int] = 4096, attention_factor: float = 1.0) -> None:
         super().__init__()
         try:
             self.axes = self._checked_axes(axes)
@@ -154,10 +155,15 @@ class MultiAxisRotaryEmbedding(nn.Module):
             if any(n < 1 for n in self.context_length.values()):
                 raise FlexRopeError(f"context_length={context_length!r}: expected positive ints")
             inv = _inverse_frequencies(self.axes, self.pair_axes, frequencies, theta, inv_freq)
+            if isinstance(attention_factor, bool) or not isinstance(attention_factor, (int, float)) or not (
+                math.isfinite(attention_factor) and attention_factor > 0
+            ):
+                raise FlexRopeError(f"attention_factor={attention_factor!r}: expected a finite number > 0")
         except FlexRopeError as error:
             raise type(error)(f"MultiAxisRotaryEmbedding(head_dim={head_dim!r}, axes={dict(axes)!r}, "
                               f"layout={layout!r}): {error}") from None
         self.head_dim, self.interleaved, self.layout_text = head_dim, bool(interleaved), layout
+        self.attention_factor = float(attention_factor)
         self._rotation = Rotation(self.layout, self.rotary_dim, self.interleaved)
         # the last call's per-token tables, reused by a call at the same positions (every block of a diffusion
         # transformer, every step): (key, positions or None, cos, sin)
@@ -173,8 +179,8 @@ class MultiAxisRotaryEmbedding(nn.Module):
         for a, name in enumerate(self.axes):
             pairs = [j for j, b in enumerate(self.pair_axes) if b == a]
             angles = torch.arange(self.context_length[name], dtype=torch.float64)[:, None] * inv[pairs]
-            self.register_buffer(f"cos_sin_{name}", torch.stack([angles.cos(), angles.sin()], 1).float(),
-                                 persistent=False)
+            both = torch.stack([angles.cos(), angles.sin()], 1) * self.attention_factor
+            self.register_buffer(f"cos_sin_{name}", both.float(), persistent=False)
 
     def _apply(self, fn, recurse=True):
         # a cast to another dtype leaves the frequencies in float64 and the tables in float32 (as in
@@ -302,7 +308,7 @@ class MultiAxisRotaryEmbedding(nn.Module):
             return (torch.cat([cos, cos], dim=-1), torch.cat([sin, sin], dim=-1)) if full_width else (cos, sin)
         per_pair = positions.to(torch.float64).index_select(0, self.pair_axis.to(positions.device))
         angles = per_pair.movedim(0, -1) * self.inv_freq.to(positions.device)
-        cos, sin = angles.cos().to(dtype), angles.sin().to(dtype)
+        cos, sin = (angles.cos() * self.attention_factor).to(dtype), (angles.sin() * self.attention_factor).to(dtype)
         if not full_width:
             return cos, sin
         return torch.cat([cos, cos], dim=-1), torch.cat([sin, sin], dim=-1)
@@ -363,26 +369,29 @@ class MultiAxisRotaryEmbedding(nn.Module):
         return out[0] if k is None else out
 
     @classmethod
-    def from_hf_config(cls, config, *, layout: str = "b h s d") -> "MultiAxisRotaryEmbedding":
-        """The text model's M-RoPE of a Qwen2-VL, Qwen2.5-VL (sections) or Qwen3-VL (round robin) config:
-        axes ``t``, ``y``, ``x`` (the config's ``mrope_section``), positions as the model's ``position_ids`` of
-        shape (3, b, s)."""
-        def get(key, default=None):
-            value = config_value(config, key)
-            return default if value is None else value
+    def from_hf_config(cls, config, *, layer_type: str | None = None, layout: str = "b h s d"
+                       ) -> "MultiAxisRotaryEmbedding":
+        """The multi-axis (M-RoPE) rotary embedding of a vision-language model's text model, from its config.
 
-        parameters = dict(get("rope_parameters") or get("rope_scaling") or {})
-        model_type = str(get("model_type", ""))
-        round_robin = "qwen3" in model_type or bool(parameters.get("mrope_interleaved"))
-        sections = parameters.get("mrope_section") or ([24, 20, 20] if round_robin else [16, 24, 24])
-        head_dim = get("head_dim") or get("hidden_size") // get("num_attention_heads")
-        theta = parameters.get("rope_theta", get("rope_theta", 10_000.0))
-        if parameters.get("rope_type", "default") != "default":
-            raise FlexRopeError(f"MultiAxisRotaryEmbedding.from_hf_config: rope_type {parameters['rope_type']!r} "
-                                f"is not supported with M-RoPE")
-        return cls(head_dim, axes=dict(zip(("t", "y", "x"), sections)), layout=layout,
-                   assignment="round_robin" if round_robin else "sections", frequencies="shared",
-                   theta_base=theta, context_length=get("max_position_embeddings", 4096))
+        Args:
+            config: a ``transformers`` config object or a plain dict (a ``config.json``): the top-level config
+                of the model (read through its ``text_config``) or the text model's own. Its ``model_type``
+                names the family, which says how pairs are assigned to the axes and paired (see the README's
+                table: Qwen2-VL, Qwen2.5-VL, Qwen2.5-Omni, PaddleOCR-VL, Qwen3-VL, Qwen3-Omni, Qwen3.5, Cosmos-3,
+                Cohere-Compass, HY-V4-VL, GLM-4V, GLM-4.5V, GLM-OCR, GLM-Image, ERNIE-4.5-VL, NeoMME); the
+                config's ``mrope_section``, ``partial_rotary_factor``, ``rope_theta`` and ``rope_type`` (linear,
+                llama3, yarn) are read. A dict without ``model_type`` is read as Qwen2-VL, or as Qwen3-VL where
+                ``mrope_interleaved`` is set.
+            layer_type: for configs whose ``rope_parameters`` differ per layer type, the type of the layer.
+            layout: the layout of q and k in your code.
+
+        Positions are the model's ``position_ids`` of shape (A, b, s) (A = 3: t, y, x; NeoMME's two: y, x).
+        """
+        try:
+            settings = multiaxis_settings(config, layer_type)
+        except FlexRopeError as error:
+            raise type(error)(f"MultiAxisRotaryEmbedding.from_hf_config: {error}") from None
+        return cls(layout=layout, **settings)
 
     def extra_repr(self) -> str:
         return f"head_dim={self.head_dim}, axes={self.axes}, layout={self.layout_text!r}"

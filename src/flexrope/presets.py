@@ -7,7 +7,8 @@
 | ``pixtral`` | y = x = d / 4 | sections | the 1-D frequencies of d, even ones to y, odd to x | half-split |
 | ``qwen2_vl_vision`` | y = x = d / 4 | sections | per axis | half-split |
 
-Qwen2-VL, Qwen2.5-VL and Qwen3-VL's text models: :meth:`MultiAxisRotaryEmbedding.from_hf_config`.
+The text models of vision-language families (Qwen2-VL to Qwen3.5, GLM-4V, ERNIE-4.5-VL, ...):
+:meth:`MultiAxisRotaryEmbedding.from_hf_config`.
 """
 
 from __future__ import annotations
