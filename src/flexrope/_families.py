@@ -46,7 +46,7 @@ MULTI_AXIS = Family(multiaxis=True)
 # Half-split pairing, rotary dim from head_dim (or hidden_size / heads) times any partial_rotary_factor, the
 # rotated channels first: the Llama / GPT-NeoX reading, which each of these families' code does.
 _HALF_SPLIT_TYPES = """
-    afmoe apertus apertus1p5_text arcee aria_text axk1_indexer bamba beam bitnet chameleon csm cwm dbrx
+    afmoe apertus apertus1p5_text arcee aria_text bamba beam bitnet chameleon csm cwm dbrx
     deepseek_ocr2_text dia_decoder dia_encoder diffllama diffusion_gemma_text doge dory dots1
     embedding_gemma2_text emu3_text_model esm esmc eurobert evolla exaone4 exaone_moe falcon falcon_h1
     flex_olmo flint gemma gemma2 gemma3_text gemma3n_text gemma4_text gemma4_unified_text glm4_moe gpt_neox
@@ -65,7 +65,8 @@ _HALF_SPLIT_TYPES = """
 
 # Channel 2i with 2i+1: rotate_half / cos / sin written over even and odd channels, or complex numbers
 _INTERLEAVED_TYPES = """
-    blt cohere ergo ernie4_5 ernie4_5_moe glm glm4 helium moonshine moonshine_streaming openai_privacy_filter
+    blt_global_transformer blt_local_decoder blt_local_encoder blt_patcher cohere ergo ernie4_5 ernie4_5_moe glm
+    glm4 helium moonshine moonshine_streaming openai_privacy_filter
 """.split()
 
 # Multi-head latent attention whose main attention always interleaves the rope slice (no config field)
@@ -76,7 +77,7 @@ _MLA_TYPES = """
 
 # M-RoPE and other multi-axis text positions (their text config's model_type)
 _MULTI_AXIS_TYPES = """
-    cohere_compass_text cosmos3_edge_text ernie4_5_vl_moe_text glm46v_text glm4v_moe_text glm4v_text
+    cohere_compass_text cosmos3_edge_text ernie4_5_vl_moe_text glm4v_moe_text glm4v_text
     glm_image_text glm_ocr_text hunyuan_vl_text hy_v4_vl_text neomme paddleocr_vl_text qwen2_5_omni_text
     qwen2_5_omni_thinker qwen2_5_vl_text qwen2_vl_text qwen3_5_moe_text qwen3_5_text qwen3_omni_moe_text
     qwen3_omni_moe_thinker qwen3_vl_moe_text qwen3_vl_text qwen4_exp_text
@@ -98,6 +99,9 @@ FAMILIES: dict[str, Family] = {
     "glm4_moe_lite": MLA_FIELD,
     "mistral4": MLA_FIELD,
     "youtu": MLA_FIELD,
+    "blt": Family(refused=(
+        "BLT holds several transformers with their own sizes (encoder_config, global_config, decoder_config, "
+        "patcher_config): pass the sub-config of the one this module serves, e.g. config.global_config")),
     "nanochat": Family(refused=(
         "nanochat rotates by the negated angle (x1 cos + x2 sin, -x1 sin + x2 cos): build "
         "RotaryEmbedding(head_dim=..., theta_base=...) and call it with inverse=True, which rotates by -angle")),
