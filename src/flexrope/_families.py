@@ -61,12 +61,16 @@ _HALF_SPLIT_TYPES = """
     phi phi3 phi4_multimodal phimoe pocket_tts pocket_tts_audio_tokenizer qwen2 qwen2_moe qwen3 qwen3_moe
     qwen3_next seed_oss solar_open stablelm starcoder2 step3p5 t5_gemma_module t5gemma2_decoder timesfm2_5
     ultrabert unlimited_ocr_text vaultgemma voxtral_realtime_text xcodec2 zamba2 zaya
+    csm_depth_decoder_model dia_encoder glmasr_encoder mimi_decoder mimi_encoder pocket_tts_audio_tokenizer_decoder
+    pocket_tts_audio_tokenizer_encoder qwen2_5_omni_dit qwen3_omni_moe_talker_code_predictor t5gemma2_text
+    voxtral_realtime_encoder
 """.split()
 
 # Channel 2i with 2i+1: rotate_half / cos / sin written over even and odd channels, or complex numbers
 _INTERLEAVED_TYPES = """
     blt_global_transformer blt_local_decoder blt_local_encoder blt_patcher cohere ergo ernie4_5 ernie4_5_moe glm
-    glm4 helium moonshine moonshine_streaming openai_privacy_filter
+    glm4 helium moonshine moonshine_streaming openai_privacy_filter pe_audio_encoder pe_audio_video_encoder
+    pe_video_encoder
 """.split()
 
 # Multi-head latent attention whose main attention always interleaves the rope slice (no config field)
@@ -80,7 +84,8 @@ _MULTI_AXIS_TYPES = """
     cohere_compass_text cosmos3_edge_text ernie4_5_vl_moe_text glm4v_moe_text glm4v_text
     glm_image_text glm_ocr_text hunyuan_vl_text hy_v4_vl_text neomme paddleocr_vl_text qwen2_5_omni_text
     qwen2_5_omni_thinker qwen2_5_vl_text qwen2_vl_text qwen3_5_moe_text qwen3_5_text qwen3_omni_moe_text
-    qwen3_omni_moe_thinker qwen3_vl_moe_text qwen3_vl_text qwen4_exp_text
+    qwen3_omni_moe_thinker qwen3_vl_moe_text qwen3_vl_text qwen4_exp_text qwen2_5_omni_talker
+    qwen3_omni_moe_talker_text
 """.split()
 
 FAMILIES: dict[str, Family] = {
