@@ -342,3 +342,11 @@ def test_ministral3_yarn_dict_is_read_and_its_query_scale_left_to_the_attention(
 def test_latent_attention_without_the_flag_interleaves(model_type):
     rope = RotaryEmbedding.from_hf_config(transformers.AutoConfig.for_model(model_type), context_length=64)
     assert rope.interleaved and rope.rotary_dim == rope.head_dim
+
+
+def test_deepseek_v4_rotates_its_rope_slice_once_and_scales_by_the_whole_head():
+    config = transformers.DeepseekV4Config()
+    rope = RotaryEmbedding.from_hf_config(config, layer_type="main", context_length=64)
+    # qk_rope_head_dim (64) is already the rotated width: partial_rotary_factor (0.125) is not applied again
+    assert (rope.head_dim, rope.rotary_dim, rope.interleaved) == (64, 64, True)
+    assert rope.softmax_scale == config.head_dim ** -0.5  # DeepseekV4Attention.scaling: head_dim ** -0.5

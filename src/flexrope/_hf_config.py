@@ -174,7 +174,11 @@ def settings_from_hf_config(config, layer_type: str | None = None) -> dict:
             scaling.setdefault("original_max_position_embeddings", max_positions)
             if scaling.get("factor") is None and rope_type in ("yarn", "longrope"):
                 scaling["factor"] = max_positions / scaling["original_max_position_embeddings"]
-    qk_nope = config_value(layer, "qk_nope_head_dim") if rope_head_dim is not None else None
+    qk_head_dim = head_dim
+    if rope_head_dim is not None and config_value(layer, "qk_nope_head_dim") is not None:
+        qk_head_dim = rope_head_dim + config_value(layer, "qk_nope_head_dim")
+    elif entry.rope_slice and config_value(layer, "head_dim") is not None:  # DeepSeek-V4: the slice of head_dim
+        qk_head_dim = config_value(layer, "head_dim")
     return {
         "head_dim": head_dim,
         "theta_base": theta,
@@ -182,7 +186,7 @@ def settings_from_hf_config(config, layer_type: str | None = None) -> dict:
         "rotary_dim": rotary_dim,
         "interleaved": interleaved,
         "scaling": scaling,
-        "qk_head_dim": head_dim + qk_nope if qk_nope is not None else head_dim,
+        "qk_head_dim": qk_head_dim,
     }
 
 
