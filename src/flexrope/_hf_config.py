@@ -78,9 +78,10 @@ _GENERIC = Family()  # a plain dict without model_type: the Llama / GPT-NeoX rea
 
 
 def _vision_only(config) -> bool:
-    model_type = str(config_value(config, "model_type") or "")
-    return "vision" in model_type or (config_value(config, "vision_config") is not None
-                                      and config_value(config, "hidden_size") is None)
+    """An image tower's config (sizes of images and patches), or a composite one that holds only such a tower."""
+    named = "vision" in str(config_value(config, "model_type") or "") or "Vision" in type(config).__name__
+    return named or config_value(config, "vision_config") is not None or any(
+        config_value(config, key) is not None for key in ("image_size", "patch_size"))
 
 
 def config_family(config) -> tuple[object, Family]:
