@@ -334,8 +334,10 @@ def test_ministral3_yarn_dict_is_read_and_its_query_scale_left_to_the_attention(
     assert "llama_4_scaling_beta" in config.rope_parameters and "max_position_embeddings" in config.rope_parameters
     rope = RotaryEmbedding.from_hf_config(config, context_length=64)
     assert rope.scaling["rope_type"] == "yarn" and "llama_4_scaling_beta" not in rope.scaling
-    source = {"model_type": "ministral3", "head_dim": 128, "rope_parameters": dict(config.rope_parameters)}
-    assert RotaryEmbedding.from_hf_config(source).context_length == config.rope_parameters["max_position_embeddings"]
+    # a config.json whose only max_position_embeddings is the one inside the YaRN dict (a short one: the tables)
+    source = {"model_type": "ministral3", "head_dim": 128,
+              "rope_parameters": {**config.rope_parameters, "max_position_embeddings": 1024}}
+    assert RotaryEmbedding.from_hf_config(source).context_length == 1024
 
 
 @pytest.mark.parametrize("model_type", ["deepseek_v32", "glm_moe_dsa", "longcat_flash", "mistral_large4_text"])
