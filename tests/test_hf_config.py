@@ -203,3 +203,152 @@ def test_qwen3_matches_transformers():
     cos, sin = rotary(q, torch.arange(SEQ)[None])
     hf_q, hf_k = modeling_qwen3.apply_rotary_pos_emb(q, k, cos, sin)
     _compare(rope, "b h s d", q, k, hf_q, hf_k, rotary.attention_scaling, torch.float32)
+
+
+def test_an_unknown_model_type_is_refused_with_how_to_build_it():
+    config = {"model_type": "not_a_family", "head_dim": 64, "max_position_embeddings": 64}
+    with pytest.raises(FlexRopeError, match=r"model_type 'not_a_family' is not in flexrope's table of families.*"
+                                            r"RotaryEmbedding\(head_dim=\.\.\., theta_base=\.\.\., interleaved="):
+        RotaryEmbedding.from_hf_config(config)
+    del config["model_type"]  # a plain dict without model_type: the generic half-split reading
+    rope = RotaryEmbedding.from_hf_config(config)
+    assert (rope.head_dim, rope.rotary_dim, rope.interleaved) == (64, 64, False)
+
+
+def _same_module(a, b):
+    assert a.extra_repr() == b.extra_repr() and a.softmax_scale == b.softmax_scale
+    assert torch.equal(a.cos, b.cos) and torch.equal(a.sin, b.sin)
+
+
+TOP_LEVEL = [("Gemma3Config", "full_attention"), ("Llama4Config", None), ("MllamaConfig", None),
+             ("AriaConfig", None), ("Mistral3Config", None), ("LlavaConfig", None)]
+
+
+@pytest.mark.parametrize("name, layer_type", TOP_LEVEL)
+def test_a_composite_config_is_read_through_its_text_config(name, layer_type):
+    config = getattr(transformers, name)()
+    text = config.get_text_config(decoder=True)
+    assert text is not config
+    expected = RotaryEmbedding.from_hf_config(text, layer_type=layer_type, context_length=64)
+    for source in (config, config.to_dict()):  # the object AutoConfig returns, and its config.json
+        _same_module(RotaryEmbedding.from_hf_config(source, layer_type=layer_type, context_length=64), expected)
+
+
+def test_a_multi_axis_family_is_refused_top_level_and_text_alike():
+    config = transformers.Qwen2VLConfig()
+    for source in (config, config.text_config, config.to_dict()):
+        with pytest.raises(FlexRopeError, match=r"model_type 'qwen2_vl_text' rotates by multi-axis positions "
+                                                r"\(M-RoPE\): use MultiAxisRotaryEmbedding.from_hf_config"):
+            RotaryEmbedding.from_hf_config(source)
+
+
+def test_a_vision_only_config_names_the_config_to_pass():
+    with pytest.raises(FlexRopeError, match=r"model_type 'pixtral' is a vision config without a text model: "
+                                            r"RotaryEmbedding reads the config of a text model \(pass the composite "
+                                            r"model's text_config\)"):
+        RotaryEmbedding.from_hf_config(transformers.PixtralVisionConfig())
+
+
+def _uses_rope(name, config, layer_idx):
+    """Whether transformers' own attention of that layer rotates."""
+    if name == "smollm3":
+        from transformers.models.smollm3.modeling_smollm3 import SmolLM3Attention
+        return SmolLM3Attention(config, layer_idx).use_rope
+    if name == "llama4":
+        from transformers.models.llama4.modeling_llama4 import Llama4TextAttention
+        return Llama4TextAttention(config, layer_idx).use_rope
+    from transformers.models.cohere2.modeling_cohere2 import Cohere2Attention
+    return Cohere2Attention(config, layer_idx).sliding_window is not None  # it rotates where it slides
+
+
+LAYERED = {
+    "smollm3": lambda: transformers.SmolLM3Config(hidden_size=64, num_attention_heads=4, num_key_value_heads=1,
+                                                  intermediate_size=64, num_hidden_layers=8, no_rope_layer_interval=3),
+    "llama4": lambda: transformers.Llama4TextConfig(hidden_size=64, num_attention_heads=4, num_key_value_heads=1,
+                                                    head_dim=16, intermediate_size=64, intermediate_size_mlp=64,
+                                                    num_hidden_layers=8),
+    "cohere2": lambda: transformers.Cohere2Config(hidden_size=64, num_attention_heads=4, num_key_value_heads=1,
+                                                  intermediate_size=64, num_hidden_layers=8),
+}
+
+
+@pytest.mark.parametrize("name", sorted(LAYERED))
+def test_layer_idx_says_which_layers_rotate_as_the_attention_does(name):
+    config = LAYERED[name]()
+    rotating = [i for i in range(8) if RotaryEmbedding.from_hf_config(config, layer_idx=i) is not None]
+    expected = [i for i in range(8) if _uses_rope(name, config, i)]
+    assert rotating == expected and 0 < len(expected) < 8
+    rope = RotaryEmbedding.from_hf_config(config, layer_idx=expected[0])
+    _same_module(rope, RotaryEmbedding.from_hf_config(config))
+    with pytest.raises(FlexRopeError, match=r"layer_idx=8: expected an int >= 0 < num_hidden_layers=8"):
+        RotaryEmbedding.from_hf_config(config, layer_idx=8)
+
+
+def test_layer_idx_picks_the_layer_type_of_a_per_type_config():
+    config = _gemma3()
+    config.layer_types = ["sliding_attention", "full_attention"] * 3
+    config.num_hidden_layers = 6
+    for i, kind in enumerate(config.layer_types):
+        _same_module(RotaryEmbedding.from_hf_config(config, layer_idx=i), RotaryEmbedding.from_hf_config(
+            config, layer_type=kind))
+    with pytest.raises(FlexRopeError, match=r"layer_type='sliding_attention' was passed but layer 1 is of type "
+                                            r"'full_attention'"):
+        RotaryEmbedding.from_hf_config(config, layer_idx=1, layer_type="sliding_attention")
+
+
+def test_codegen_dict_is_interleaved_over_its_rotary_dim():
+    from transformers.models.codegen import modeling_codegen
+
+    config = {"model_type": "codegen", "n_embd": 256, "n_head": 4, "rotary_dim": 16, "n_positions": 128}
+    rope = RotaryEmbedding.from_hf_config(config, layout="b s h d")
+    assert rope.interleaved and rope.rotary_dim == 16
+    x = torch.randn(2, SEQ, 4, 64, generator=torch.Generator().manual_seed(7))
+    sincos = modeling_codegen.create_sinusoidal_positions(128, 16)[torch.arange(SEQ)][None]
+    sin, cos = torch.split(sincos, 8, dim=-1)
+    expected = torch.cat([modeling_codegen.apply_rotary_pos_emb(x[..., :16], sin, cos), x[..., 16:]], dim=-1)
+    torch.testing.assert_close(rope(x), expected, atol=2e-5, rtol=0)
+
+
+def test_phi3_dict_with_original_length_outside_the_scaling_dict():
+    from transformers.models.phi3 import modeling_phi3
+
+    short, long = [1.0 + 0.1 * i for i in range(8)], [2.0 + 0.5 * i for i in range(8)]
+    source = {"model_type": "phi3", "hidden_size": 64, "num_attention_heads": 4, "max_position_embeddings": 256,
+              "original_max_position_embeddings": 32, "rope_theta": 10_000.0,
+              "rope_scaling": {"type": "longrope", "short_factor": short, "long_factor": long}}
+    rope = RotaryEmbedding.from_hf_config(source)
+    assert rope.scaling["original_max_position_embeddings"] == 32
+    config = transformers.Phi3Config(**{k: v for k, v in source.items() if k != "model_type"})
+    rotary = modeling_phi3.Phi3RotaryEmbedding(config)
+    gen = torch.Generator().manual_seed(8)
+    q, k = torch.randn(1, 4, 48, 16, generator=gen), torch.randn(1, 1, 48, 16, generator=gen)  # 48 > 32: long
+    cos, sin = rotary(q, torch.arange(48)[None])
+    hf_q, hf_k = modeling_phi3.apply_rotary_pos_emb(q, k, cos, sin)
+    ours_q, ours_k = rope(q, k)
+    torch.testing.assert_close(ours_q, hf_q, atol=2e-5, rtol=0)
+    torch.testing.assert_close(ours_k, hf_k, atol=2e-5, rtol=0)
+
+
+def test_ministral3_yarn_dict_is_read_and_its_query_scale_left_to_the_attention():
+    config = transformers.Ministral3Config()
+    assert "llama_4_scaling_beta" in config.rope_parameters and "max_position_embeddings" in config.rope_parameters
+    rope = RotaryEmbedding.from_hf_config(config, context_length=64)
+    assert rope.scaling["rope_type"] == "yarn" and "llama_4_scaling_beta" not in rope.scaling
+    # a config.json whose only max_position_embeddings is the one inside the YaRN dict (a short one: the tables)
+    source = {"model_type": "ministral3", "head_dim": 128,
+              "rope_parameters": {**config.rope_parameters, "max_position_embeddings": 1024}}
+    assert RotaryEmbedding.from_hf_config(source).context_length == 1024
+
+
+@pytest.mark.parametrize("model_type", ["deepseek_v32", "glm_moe_dsa", "longcat_flash", "mistral_large4_text"])
+def test_latent_attention_without_the_flag_interleaves(model_type):
+    rope = RotaryEmbedding.from_hf_config(transformers.AutoConfig.for_model(model_type), context_length=64)
+    assert rope.interleaved and rope.rotary_dim == rope.head_dim
+
+
+def test_deepseek_v4_rotates_its_rope_slice_once_and_scales_by_the_whole_head():
+    config = transformers.DeepseekV4Config()
+    rope = RotaryEmbedding.from_hf_config(config, layer_type="main", context_length=64)
+    # qk_rope_head_dim (64) is already the rotated width: partial_rotary_factor (0.125) is not applied again
+    assert (rope.head_dim, rope.rotary_dim, rope.interleaved) == (64, 64, True)
+    assert rope.softmax_scale == config.head_dim ** -0.5  # DeepseekV4Attention.scaling: head_dim ** -0.5

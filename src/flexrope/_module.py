@@ -11,7 +11,7 @@ from ._dispatch import Rotation, rope
 from ._errors import FlexRopeError
 from ._functional import bound, checked_positions, of_shape, parse
 from ._positions import RowStarts, Where, check_values, position_tensor, values_on_host
-from ._hf_config import settings_from_hf_config
+from ._hf_config import layer_rope, settings_from_hf_config
 from ._scaling import frequencies, parse_scaling, softmax_scale_factor
 from ._tables import check_rotary_dim, precompute_rope_params, tables_at
 
@@ -171,8 +171,9 @@ class RotaryEmbedding(nn.Module):
                     table_len=cos.shape[0], inverse=inverse, positions_checked=values_on_host(operands[0][0]))
 
     @classmethod
-    def from_hf_config(cls, config, *, layer_type: str | None = None, layout: str = "b h s d",
-                       context_length: int | None = None, **axes_lengths: int) -> "RotaryEmbedding":
+    def from_hf_config(cls, config, *, layer_type: str | None = None, layer_idx: int | None = None,
+                       layout: str = "b h s d", context_length: int | None = None,
+                       **axes_lengths: int) -> "RotaryEmbedding | None":
         """The module a Hugging Face model's attention uses, from its config.
 
         Args:
@@ -183,14 +184,30 @@ class RotaryEmbedding(nn.Module):
                 ``qk_rope_head_dim`` and ``rope_interleave`` (the module is then the one of the rotary slice).
             layer_type: for configs whose ``rope_parameters`` differ per layer type (Gemma 3 and 4:
                 ``"sliding_attention"``, ``"full_attention"``), the type of the layer this module serves.
+            layer_idx: the layer this module serves, instead of ``layer_type``: its type is read from the
+                config's ``layer_types``, and a layer that does not rotate (SmolLM3's and Llama 4's
+                ``no_rope_layers``, Cohere 2's full attention layers) gives None, not a module.
             layout: the layout of q and k in your code.
             context_length: positions in the tables; default ``max_position_embeddings``.
+
+        A composite config (vision-language, speech) is read through its text config. The family (the
+        ``model_type``) decides what the config leaves unsaid, from flexrope's table (docs/families.md): the
+        pairing, a multi-head latent attention's rope slice, which layers rotate. A family missing from the
+        table, or one the module cannot express, is a FlexRopeError that says what to build instead.
 
         The module's ``softmax_scale`` is the scale of the attention's scores that the config implies:
         1/sqrt of the q.k head dim (DeepSeek: ``qk_nope_head_dim + qk_rope_head_dim``), times YaRN's
         mscale^2 where ``mscale_all_dim`` is set.
         """
         try:
+            if layer_idx is not None:
+                rotates, kind = layer_rope(config, layer_idx)
+                if not rotates:
+                    return None
+                if layer_type is not None and kind != layer_type:
+                    raise FlexRopeError(f"layer_type={layer_type!r} was passed but layer {layer_idx} is of type "
+                                        f"{kind!r}: pass one of them")
+                layer_type = kind
             settings = settings_from_hf_config(config, layer_type)
         except FlexRopeError as error:
             raise type(error)(f"RotaryEmbedding.from_hf_config: {error}") from None
