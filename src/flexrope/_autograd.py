@@ -33,68 +33,36 @@ class Call:
     row_starts: tuple[bool, ...]
 
 
-def _rotate(call: Call, cos, sin, x, x_where, y=None, y_where=None):
-    """Rotate x (and y): each ``where`` an int start or a tensor of positions (of row starts where
-    ``call.row_starts`` says so)."""
-    xs, wheres = ((x,), (x_where,)) if y is None else ((x, y), (x_where, y_where))
-    outs = RUNNERS[call.backend](call.layout, call.rotary_dim, call.interleaved, cos, sin, xs, wheres,
-                                 call.row_starts, inplace=call.inplace, inverse=call.inverse, backend=call.backend)
-    return outs if len(outs) > 1 else outs[0]
-
-
-def _setup_context(ctx, inputs, output) -> None:
-    call, cos, sin, x, x_where, y, y_where = (*inputs, None, None)[:7]
-    xs, wheres = ((x,), (x_where,)) if y is None else ((x, y), (x_where, y_where))
-    if call.inplace:
-        ctx.mark_dirty(*xs)
-    tensors = [w for w in wheres if isinstance(w, torch.Tensor)]
-    ctx.save_for_backward(cos, sin, *tensors)
-    ctx.rotation_call = call
-    ctx.starts = [None if isinstance(w, torch.Tensor) else w for w in wheres]
-
-
-def _backward(ctx, *grads):
-    cos, sin, *tensors = ctx.saved_tensors
-    tensors = iter(tensors)
-    wheres = [next(tensors) if start is None else start for start in ctx.starts]
-    live = [i for i, grad in enumerate(grads) if grad is not None]
-    flat = [item for i in live for item in (grads[i], wheres[i])]
-    call = ctx.rotation_call
-    back = Call(call.backend, call.layout, call.rotary_dim, call.interleaved, False, not call.inverse,
-                tuple(call.row_starts[i] for i in live))
-    rotated = apply(back, cos, sin, *flat)
-    rotated = rotated if isinstance(rotated, tuple) else (rotated,)
-    out = [None] * len(grads)
-    for i, grad in zip(live, rotated):
-        out[i] = grad
-    return (None,) * 3 + tuple(item for grad in out for item in (grad, None)) + (None, None) * (2 - len(out))
-
-
 class Rope(torch.autograd.Function):
-    """The rotation for eager code, torch.func transforms included: those (vmap, grad, jacrev) run forward
-    and backward per sample, and the rotation of a batch is the batch of rotations, with the batch dim where
-    the caller's layout does not look."""
-
-    generate_vmap_rule = True
-    forward = staticmethod(_rotate)
-    setup_context = staticmethod(_setup_context)
-    backward = staticmethod(_backward)
-
-
-class TracedRope(torch.autograd.Function):
-    """The same Function in the form torch.compile traces (its forward takes the context; dynamo does not
-    trace Rope's separate setup_context here)."""
-
     @staticmethod
     def forward(ctx, call: Call, cos, sin, x, x_where, y=None, y_where=None):
-        """Explicit parameters, not ``*args``: torch.compile binds these."""
-        out = _rotate(call, cos, sin, x, x_where, y, y_where)
-        _setup_context(ctx, (call, cos, sin, x, x_where, y, y_where), out)
-        return out
+        """Rotate x (and y): each ``where`` an int start or a tensor of positions (of row starts where
+        ``call.row_starts`` says so). Explicit parameters, not ``*args``: torch.compile binds these."""
+        xs, wheres = ((x,), (x_where,)) if y is None else ((x, y), (x_where, y_where))
+        outs = RUNNERS[call.backend](call.layout, call.rotary_dim, call.interleaved, cos, sin, xs, wheres,
+                                     call.row_starts, inplace=call.inplace, inverse=call.inverse,
+                                     backend=call.backend)
+        if call.inplace:
+            ctx.mark_dirty(*xs)
+        tensors = [w for w in wheres if isinstance(w, torch.Tensor)]
+        ctx.save_for_backward(cos, sin, *tensors)
+        ctx.call = call
+        ctx.starts = [None if isinstance(w, torch.Tensor) else w for w in wheres]
+        return outs if len(outs) > 1 else outs[0]
 
-    backward = staticmethod(_backward)
-
-
-def apply(call: Call, cos, sin, *flat):
-    """The rotation through autograd: ``flat`` is x, x_where (and y, y_where)."""
-    return (TracedRope if torch.compiler.is_compiling() else Rope).apply(call, cos, sin, *flat)
+    @staticmethod
+    def backward(ctx, *grads):
+        cos, sin, *tensors = ctx.saved_tensors
+        tensors = iter(tensors)
+        wheres = [next(tensors) if start is None else start for start in ctx.starts]
+        live = [i for i, grad in enumerate(grads) if grad is not None]
+        flat = [item for i in live for item in (grads[i], wheres[i])]
+        call = ctx.call
+        back = Call(call.backend, call.layout, call.rotary_dim, call.interleaved, False, not call.inverse,
+                    tuple(call.row_starts[i] for i in live))
+        rotated = Rope.apply(back, cos, sin, *flat)
+        rotated = rotated if isinstance(rotated, tuple) else (rotated,)
+        out = [None] * len(grads)
+        for i, grad in zip(live, rotated):
+            out[i] = grad
+        return (None,) * 3 + tuple(item for grad in out for item in (grad, None)) + (None, None) * (2 - len(out))

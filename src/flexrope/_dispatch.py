@@ -29,11 +29,11 @@ from typing import NamedTuple
 import torch
 
 from . import _compiled, _eager, _native
-from ._autograd import RUNNERS, Call, apply
+from ._autograd import RUNNERS, Call, Rope
 from ._dtensor import DTENSOR_MODULE, check_shards, dtensor_class, from_local
 from ._errors import FlexRopeError
 from ._layout import Layout
-from ._pairs import over_pairs, overlaps, plain
+from ._pairs import over_pairs
 from ._positions import (RowStarts, Where, angles_at, assert_values_async, check_values, position_tensor,
                          values_on_host)
 
@@ -69,8 +69,6 @@ def choose(x: torch.Tensor, *, inplace: bool, numel: int) -> str:
     native, compiled, eager or small."""
     requested = requested_backend()
     cuda, compiling = x.is_cuda, torch.compiler.is_compiling()
-    if not (compiling or plain(x)):  # torch operations alone, forced backend or not
-        return "eager" if inplace else "small"
     if requested == "auto" and not (cuda or compiling or _native.unavailable):
         return "native"  # the CPU, eagerly: the C loop wherever it builds (else, as forced eager, below)
     if requested == "triton":
@@ -216,11 +214,9 @@ def _check_inplace(x: torch.Tensor) -> None:
             what = "a view of a leaf tensor" if base is not x else "a leaf tensor"
             raise FlexRopeError(f"inplace=True on {what} that requires grad: autograd cannot overwrite it; pass "
                                 f"inplace=False, or rotate a tensor computed from it")
-    # torch answers dense (no) and expanded (yes) tensors at once, the rest (2: "too hard") is decided here
-    if (overlap := torch._debug_has_internal_overlap(x)) == 1 or overlap == 2 and overlaps(x.shape, x.stride()):
-        raise FlexRopeError(f"inplace=True on a tensor whose elements overlap in memory (shape {tuple(x.shape)}, "
-                            f"strides {x.stride()}: expanded, or windows such as unfold's): an element would be "
-                            f"written more than once; pass inplace=False")
+    if torch._debug_has_internal_overlap(x) == 1:
+        raise FlexRopeError(f"inplace=True on a tensor whose elements overlap in memory (strides {x.stride()}, "
+                            f"e.g. expanded): each element would be written more than once; pass inplace=False")
 
 
 def rope(rotation: Rotation, cos: torch.Tensor, sin: torch.Tensor, operands: list[tuple[torch.Tensor, Where]], *,
@@ -263,7 +259,7 @@ def rope(rotation: Rotation, cos: torch.Tensor, sin: torch.Tensor, operands: lis
     if cos.requires_grad or sin.requires_grad:
         raise FlexRopeError("the cos/sin tables require grad: gradients flow to x only; detach the tables")
     flat = [item for pair in zip(xs, wheres) for item in pair]
-    out = apply(Call(backend, *rotation, inplace, inverse, tuple(row_starts)), cos, sin, *flat)
+    out = Rope.apply(Call(backend, *rotation, inplace, inverse, tuple(row_starts)), cos, sin, *flat)
     return out if isinstance(out, tuple) else (out,)
 
 

@@ -51,9 +51,7 @@ def rotated(x: torch.Tensor, cos2: torch.Tensor, sin2: torch.Tensor, rotary_dim:
     a cos + b (-sin) equals a cos - b sin exactly."""
     compute = compute_dtype(x.dtype)
     head = as_dtype(x if rotary_dim == x.shape[-1] else x.narrow(-1, 0, rotary_dim), compute)
-    # a cached tensor is a real one: under a dispatch mode (FakeTensorMode) the mode's own is made
-    pair_signs = _pair_signs if torch._C._len_torch_dispatch_stack() == 0 else _pair_signs.__wrapped__
-    signs = pair_signs(rotary_dim, interleaved, compute, x.device)
+    signs = _pair_signs(rotary_dim, interleaved, compute, x.device)
     signed_sin2 = as_dtype(sin2, compute) * signs
     out = head * as_dtype(cos2, compute) + _swap_pairs(head, rotary_dim, interleaved) * signed_sin2
     if rotary_dim < x.shape[-1]:

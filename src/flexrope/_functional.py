@@ -23,10 +23,9 @@ def checked_tables(cos: object, sin: object, rotary_dim: int | None, head_dim: i
     rotary, or full-width tables for rotary_dim = head_dim/2).
     """
     for name, table in (("cos", cos), ("sin", sin)):
-        if not isinstance(table, torch.Tensor) or table.layout != torch.strided or table.is_nested or (
-                not table.dtype.is_floating_point or table.ndim != 2):
-            what = (f"{table.dtype} tensor of shape {tuple(table.shape)} ({table.layout})"
-                    if isinstance(table, torch.Tensor) and not table.is_nested else type(table).__name__)
+        if not isinstance(table, torch.Tensor) or not table.dtype.is_floating_point or table.ndim != 2:
+            what = (f"{table.dtype} tensor of shape {tuple(table.shape)}" if isinstance(table, torch.Tensor)
+                    else type(table).__name__)
             raise FlexRopeError(f"{name} is a {what}: expected a floating tensor of shape (context_length, "
                                 f"rotary_dim), or per-token tables (b, s, rotary_dim)")
     if cos.shape != sin.shape:
@@ -78,11 +77,6 @@ def per_token_tables(
 def _check_x(x: object) -> None:
     if not isinstance(x, torch.Tensor):
         raise FlexRopeError(f"x is a {type(x).__name__}: expected a torch.Tensor")
-    if x.is_nested:
-        raise FlexRopeError("x is a nested tensor: rotate its sequences one by one (x.unbind()), or pack them into "
-                            "one dense tensor and pass each token's position (flexrope.packed_positions)")
-    if x.layout != torch.strided:
-        raise FlexRopeError(f"x has layout {x.layout}: expected a dense strided tensor; pass x.to_dense()")
     if not x.dtype.is_floating_point:
         raise FlexRopeError(f"x has dtype {x.dtype}: expected a real floating dtype (float32, bfloat16, ...)")
     if x.dtype.itemsize == 1:
@@ -90,15 +84,8 @@ def _check_x(x: object) -> None:
                             f"or float32 and quantize after")
 
 
-def of_shape(x: object) -> str:
-    """`` of shape (...)`` for an error message, or what ``x`` is where it has no one shape."""
-    if not isinstance(x, torch.Tensor):
-        return f" ({type(x).__name__})"
-    return " (nested)" if x.is_nested else f" of shape {tuple(x.shape)}"
-
-
 def _describe(x: object, layout: object, axes_lengths: dict) -> str:
-    shape = f"x{of_shape(x)}" if isinstance(x, torch.Tensor) else "x"
+    shape = f"x of shape {tuple(x.shape)}" if isinstance(x, torch.Tensor) else "x"
     keywords = "".join(f", {name}={value!r}" for name, value in axes_lengths.items())
     return f"compute_rope({shape}, layout={layout!r}{keywords})"
 

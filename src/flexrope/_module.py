@@ -9,7 +9,7 @@ from torch import nn
 
 from ._dispatch import Rotation, rope
 from ._errors import FlexRopeError
-from ._functional import bound, checked_positions, of_shape, parse
+from ._functional import bound, checked_positions, parse
 from ._positions import RowStarts, Where, check_values, position_tensor, values_on_host
 from ._hf_config import layer_rope, settings_from_hf_config
 from ._scaling import frequencies, parse_scaling, softmax_scale_factor
@@ -236,7 +236,8 @@ class RotaryEmbedding(nn.Module):
             check_values(where, shape.s, sys.maxsize)
             return shape.s, where
         except FlexRopeError as error:
-            raise self._context(error, f" on {name}{of_shape(x)}") from None
+            shape_text = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+            raise self._context(error, f" on {name} of shape {shape_text}") from None
 
     def forward(
         self,

@@ -21,7 +21,7 @@ from torch import nn
 
 from ._dispatch import Rotation, rope
 from ._errors import FlexRopeError, LayoutError
-from ._functional import bound, of_shape, parse, per_token_tables
+from ._functional import bound, parse, per_token_tables
 from ._mrope_families import multiaxis_settings
 from ._layout import AXES, Layout
 from ._positions import check_values
@@ -363,7 +363,7 @@ class MultiAxisRotaryEmbedding(nn.Module):
             cos, sin, where = per_token_tables(cos, sin, shape, None, 0)
             where = 0 if where is None else where
         except FlexRopeError as error:
-            raise self._context(error, f" on q{of_shape(q)}") from None
+            raise self._context(error, f" on q of shape {tuple(q.shape)}") from None
         operands = [(q, where)] if k is None else [(q, where), (k, where)]
         out = rope(self._rotation, cos, sin, operands, inplace=False, table_len=cos.shape[0], positions_checked=True)
         return out[0] if k is None else out

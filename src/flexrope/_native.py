@@ -344,8 +344,7 @@ def rotate(x: torch.Tensor, out: torch.Tensor, cos: torch.Tensor, sin: torch.Ten
     ``x``) by the angles of the tables ``cos``, ``sin`` (context, >= r/2) at ``where`` (an int start, positions
     (s,) or (b, s), or RowStarts; their values already checked), negated where ``inverse``. False, writing
     nothing, where the loop does not apply: tensors off the CPU or without values (fake tensors, or a dispatch
-    mode that must see eager operations), channels not contiguous, or a loop that could not be built. Only
-    tensors with storage of their own come here (``_dispatch.choose`` sends the others to torch operations).
+    mode that must see eager operations), channels not contiguous, or a loop that could not be built.
 
     The loop reads the tables where they are, at the positions where they are: a geometry seen before costs a
     dict lookup and the call. Tables of another dtype than the computation's (or whose strides differ) are

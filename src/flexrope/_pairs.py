@@ -12,17 +12,6 @@ from __future__ import annotations
 import torch
 
 
-_PLAIN = (torch.Tensor, torch.nn.Parameter)
-_functorch_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
-
-
-def plain(x: torch.Tensor) -> bool:
-    """Whether ``x`` holds its values in storage of its own, where a kernel may read them through a pointer:
-    not a subclass (a ``__torch_dispatch__`` wrapper of other tensors, a FakeTensor), not wrapped by a
-    ``torch.func`` transform (vmap, grad). The others run as torch operations, which dispatch through them."""
-    return type(x) in _PLAIN and not _functorch_wrapped(x)
-
-
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype a tensor of ``dtype`` is rotated in: float32, or float64 for float64."""
     return torch.promote_types(dtype, torch.float32)
@@ -75,33 +64,3 @@ def broadcast_to(table: torch.Tensor, ndim: int) -> torch.Tensor:
 def memory_order(x: torch.Tensor) -> list[int]:
     """A permutation of x's dims, outermost in memory first, the channel dim last."""
     return sorted(range(x.ndim - 1), key=lambda dim: -x.stride(dim)) + [x.ndim - 1]
-
-
-def overlaps(shape: tuple[int, ...], strides: tuple[int, ...]) -> bool:
-    """Whether two elements of a strided view share a memory location, decided exactly.
-
-    Most views are proved apart at once: with the dims sorted by stride, each stride passes every offset the
-    smaller dims reach. What that cannot prove (windows such as ``unfold``'s, views whose gaps interleave) is
-    decided on the offsets themselves: the dims that tile a dense run of memory (stride 1, then each stride
-    the run so far) are that run, and two runs overlap when their starts are closer than its length.
-    """
-    if 0 in shape:
-        return False
-    dims = sorted((stride, size) for size, stride in zip(shape, strides) if size > 1)
-    if any(stride == 0 for stride, _ in dims):
-        return True
-    run, dense = 1, 0
-    while dense < len(dims) and dims[dense][0] == run:
-        run *= dims[dense][1]
-        dense += 1
-    reach = run - 1
-    for stride, size in dims[dense:]:
-        if stride <= reach:
-            break
-        reach += stride * (size - 1)
-    else:
-        return False
-    starts = torch.zeros(1, dtype=torch.int64)
-    for stride, size in dims[dense:]:
-        starts = (starts[:, None] + stride * torch.arange(size)).flatten()
-    return bool((starts.sort().values.diff() < run).any())

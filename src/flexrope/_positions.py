@@ -124,8 +124,6 @@ def check_values(where: Where, seq_len: int, table_len: int) -> None:
     values = where.starts if isinstance(where, RowStarts) else where
     if isinstance(values, int) or values.numel() == 0 or values.device.type == "meta" or seq_len == 0:
         return
-    while torch._C._functorch.is_functorch_wrapped_tensor(values):  # under vmap: every sample's values
-        values = torch._C._functorch.get_unwrapped(values)
     low, high = _value_range(values)
     if isinstance(where, RowStarts):  # row i holds starts[i] .. starts[i] + s - 1
         high += seq_len - 1
