@@ -34,21 +34,30 @@ class Call:
 
 
 class Rope(torch.autograd.Function):
+    # forward apart from setup_context, and a vmap rule: torch.func.grad, jacrev and vmap run through it
+    generate_vmap_rule = True
+
     @staticmethod
-    def forward(ctx, call: Call, cos, sin, x, x_where, y=None, y_where=None):
+    def forward(call: Call, cos, sin, x, x_where, y=None, y_where=None):
         """Rotate x (and y): each ``where`` an int start or a tensor of positions (of row starts where
         ``call.row_starts`` says so). Explicit parameters, not ``*args``: torch.compile binds these."""
         xs, wheres = ((x,), (x_where,)) if y is None else ((x, y), (x_where, y_where))
         outs = RUNNERS[call.backend](call.layout, call.rotary_dim, call.interleaved, cos, sin, xs, wheres,
                                      call.row_starts, inplace=call.inplace, inverse=call.inverse,
                                      backend=call.backend)
+        return outs if len(outs) > 1 else outs[0]
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        call, cos, sin, *operands = inputs
+        xs, wheres = operands[0::2], operands[1::2]
         if call.inplace:
-            ctx.mark_dirty(*xs)
+            ctx.mark_dirty(*(x for x in xs if x is not None))
+        wheres = [w for x, w in zip(xs, wheres) if x is not None]
         tensors = [w for w in wheres if isinstance(w, torch.Tensor)]
         ctx.save_for_backward(cos, sin, *tensors)
         ctx.call = call
         ctx.starts = [None if isinstance(w, torch.Tensor) else w for w in wheres]
-        return outs if len(outs) > 1 else outs[0]
 
     @staticmethod
     def backward(ctx, *grads):
