@@ -45,8 +45,11 @@ def rotated(x, tables=(cos, sin), where=None, inplace=False):
 def plainly(t):  # the same values in a plain tensor
     return unwrap(t).resolve_neg().clone()
 
-def negated_bit(t):  # t's values, stored negated with the negation bit set
+def negated_bit(t):  # t's values, stored negated with the negation bit set (channels 2 apart)
     return torch.complex(torch.zeros_like(t), -t).conj().imag
+
+def negated_view(t):  # the same, channels side by side
+    return torch._neg_view(-t)
 
 cases = {  # x, tables, positions, in place
     "logging": lambda: (LoggingTensor(x.clone()), (cos, sin), None, False),
@@ -56,6 +59,9 @@ cases = {  # x, tables, positions, in place
     "negated bit": lambda: (negated_bit(x), (cos, sin), None, False),
     "negated bit inplace": lambda: (negated_bit(x), (cos, sin), None, True),
     "negated bit tables": lambda: (x.clone(), (negated_bit(cos), negated_bit(sin)), positions, False),
+    "negated view": lambda: (negated_view(x), (cos, sin), None, False),
+    "negated view inplace": lambda: (negated_view(x), (cos, sin), None, True),
+    "negated view tables": lambda: (x.clone(), (negated_view(cos), negated_view(sin)), None, False),
     "parameter": lambda: (torch.nn.Parameter(x.clone(), requires_grad=False), (cos, sin), positions, False),
 }
 backends = ["auto", "native", "eager"] + sys.argv[1:]
@@ -86,7 +92,7 @@ print(json.dumps(results))
 """
 
 _CASES = ["logging", "logging inplace", "logging tables", "logging positions", "negated bit", "negated bit inplace",
-          "negated bit tables", "parameter", "fake"]
+          "negated bit tables", "negated view", "negated view inplace", "negated view tables", "parameter", "fake"]
 # The compiled backend builds a loop with torch.compile (slow to start): forced here on the kinds it must refuse.
 _BACKENDS = ["auto", "native", "eager", "triton"]
 
