@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 
 import flexrope
@@ -211,6 +211,9 @@ def _brute_overlaps(shape, stride):
 
 @given(st.lists(st.tuples(st.integers(0, 4), st.sampled_from([0, 1, 2, 3, 4, 5, 6, 7, 8, 12, 16, 20, 24, 40])),
                 max_size=5))
+@example([(1, 0), (3, 1)])  # a size-1 dim of stride 0 overlaps nothing
+@example([(2, 3), (3, 2)])  # offsets 0 2 4 3 5 7: interleaved, no overlap
+@example([(2, 3), (3, 2), (2, 5)])  # 5 = 3 + 2: overlaps
 def test_overlap_is_decided_exactly(dims):
     shape, stride = tuple(n for n, _ in dims), tuple(s for _, s in dims)
     assert overlaps(shape, stride) == _brute_overlaps(shape, stride)
@@ -254,7 +257,7 @@ def test_inplace_refuses_exactly_what_overlaps(tables, name, backend, monkeypatc
     monkeypatch.setenv("FLEXROPE_BACKEND", backend)
     cos, sin = tables
     x, layout, overlapping = _inplace_cases()[name]
-    assert overlapping == _brute_overlaps(x.shape, x.stride())
+    assert overlapping == _brute_overlaps(x.shape, x.stride()) == overlaps(x.shape, x.stride())
     storage = x._base.clone() if x._base is not None else x.clone()
     before = x.clone()
     if overlapping:
