@@ -43,6 +43,9 @@ def rotated(x, tables=(cos, sin), where=None, inplace=False):
     return out
 
 def plainly(t):  # the same values in a plain tensor
+    if torch._is_functional_tensor(t):
+        torch._sync(t)
+        t = torch._from_functional_tensor(t)
     return unwrap(t).resolve_neg().clone()
 
 def negated_bit(t):  # t's values, stored negated with the negation bit set (channels 2 apart)
@@ -62,6 +65,8 @@ cases = {  # x, tables, positions, in place
     "negated view": lambda: (negated_view(x), (cos, sin), None, False),
     "negated view inplace": lambda: (negated_view(x), (cos, sin), None, True),
     "negated view tables": lambda: (x.clone(), (negated_view(cos), negated_view(sin)), None, False),
+    "functional": lambda: (torch._to_functional_tensor(x.clone()), (cos, sin), None, False),
+    "functional inplace": lambda: (torch._to_functional_tensor(x.clone()), (cos, sin), None, True),
     "parameter": lambda: (torch.nn.Parameter(x.clone(), requires_grad=False), (cos, sin), positions, False),
 }
 backends = ["auto", "native", "eager"] + sys.argv[1:]
@@ -92,7 +97,8 @@ print(json.dumps(results))
 """
 
 _CASES = ["logging", "logging inplace", "logging tables", "logging positions", "negated bit", "negated bit inplace",
-          "negated bit tables", "negated view", "negated view inplace", "negated view tables", "parameter", "fake"]
+          "negated bit tables", "negated view", "negated view inplace", "negated view tables", "functional",
+          "functional inplace", "parameter", "fake"]
 # The compiled backend builds a loop with torch.compile (slow to start): forced here on the kinds it must refuse.
 _BACKENDS = ["auto", "native", "eager", "triton"]
 
