@@ -17,7 +17,8 @@ import torch
 
 from ._errors import FlexRopeError
 
-_PLAIN_TYPES = (torch.Tensor, torch.nn.Parameter)
+# module globals, not attribute lookups: plain() is asked of every tensor of every call
+_Tensor, _Parameter, _strided = torch.Tensor, torch.nn.Parameter, torch.strided
 _wrapped = torch._C._functorch.is_functorch_wrapped_tensor
 _functional = torch._is_functional_tensor
 _LISTED = 1 << 22  # offsets listed at once (32 MiB)
@@ -25,7 +26,7 @@ _LISTED = 1 << 22  # offsets listed at once (32 MiB)
 
 def check_layout(name: str, t: torch.Tensor) -> None:
     """Refuse a tensor that is not dense and strided, naming its layout and what to do instead."""
-    if t.layout is torch.strided and not t.is_nested:
+    if t.layout is _strided and not t.is_nested:
         return
     if t.is_nested:
         what, hint = "a nested tensor", "rotate each of its tensors (t.unbind()) or pad it (t.to_padded_tensor(0))"
@@ -38,8 +39,9 @@ def check_layout(name: str, t: torch.Tensor) -> None:
 
 def plain(t: torch.Tensor) -> bool:
     """Whether a kernel may read ``t`` through its data pointer (written to cost little: every call asks)."""
-    return (type(t) in _PLAIN_TYPES and t.layout is torch.strided and not _wrapped(t) and not t.is_neg()
-            and not _functional(t))
+    kind = type(t)
+    return ((kind is _Tensor or kind is _Parameter) and t.layout is _strided
+            and not (_wrapped(t) or t.is_neg() or _functional(t)))
 
 
 def overlapping(x: torch.Tensor) -> bool:
