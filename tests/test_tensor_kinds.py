@@ -84,6 +84,15 @@ for backend in backends:
             results[key] = (out - reference).abs().max().item() if same else f"{out.shape} {out.dtype}"
         except Exception as error:
             results[key] = f"{type(error).__name__}: {error}"
+    try:  # the module on q and k of different kinds: both in one call
+        rope = flexrope.RotaryEmbedding(16, layout="b s h d", context_length=32)
+        os.environ["FLEXROPE_BACKEND"] = "eager"
+        expected = rope(x, x[:, :, :2] * 2)
+        os.environ["FLEXROPE_BACKEND"] = backend
+        got = rope(torch.nn.Parameter(x.clone(), requires_grad=False), LoggingTensor(x[:, :, :2] * 2))
+        results[f"{backend} module"] = max((plainly(g) - e).abs().max().item() for g, e in zip(got, expected))
+    except Exception as error:
+        results[f"{backend} module"] = f"{type(error).__name__}: {error}"
     os.environ["FLEXROPE_BACKEND"] = backend
     try:  # a fake tensor outside its mode: its shape and dtype, as eager gives them
         mode = FakeTensorMode()
@@ -98,7 +107,7 @@ print(json.dumps(results))
 
 _CASES = ["logging", "logging inplace", "logging tables", "logging positions", "negated bit", "negated bit inplace",
           "negated bit tables", "negated view", "negated view inplace", "negated view tables", "functional",
-          "functional inplace", "parameter", "fake"]
+          "functional inplace", "parameter", "module", "fake"]
 # The compiled backend builds a loop with torch.compile (slow to start): forced here on the kinds it must refuse.
 _BACKENDS = ["auto", "native", "eager", "triton"]
 

@@ -56,7 +56,7 @@ class Rope(torch.autograd.Function):
         wheres = [w for x, w in zip(xs, wheres) if x is not None]
         tensors = [w for w in wheres if isinstance(w, torch.Tensor)]
         ctx.save_for_backward(cos, sin, *tensors)
-        ctx.call = call
+        ctx.rotation = call
         ctx.starts = [None if isinstance(w, torch.Tensor) else w for w in wheres]
 
     @staticmethod
@@ -66,12 +66,30 @@ class Rope(torch.autograd.Function):
         wheres = [next(tensors) if start is None else start for start in ctx.starts]
         live = [i for i, grad in enumerate(grads) if grad is not None]
         flat = [item for i in live for item in (grads[i], wheres[i])]
-        call = ctx.call
+        call = ctx.rotation
         back = Call(call.backend, call.layout, call.rotary_dim, call.interleaved, False, not call.inverse,
                     tuple(call.row_starts[i] for i in live))
-        rotated = Rope.apply(back, cos, sin, *flat)
+        rotated = apply(back, cos, sin, *flat)
         rotated = rotated if isinstance(rotated, tuple) else (rotated,)
         out = [None] * len(grads)
         for i, grad in zip(live, rotated):
             out[i] = grad
         return (None,) * 3 + tuple(item for grad in out for item in (grad, None)) + (None, None) * (2 - len(out))
+
+
+class RopeInGraph(torch.autograd.Function):
+    """:class:`Rope` as torch.compile traces it: a forward given ctx (dynamo loses what a setup_context keeps
+    for the backward)."""
+
+    @staticmethod
+    def forward(ctx, call: Call, cos, sin, x, x_where, y=None, y_where=None):
+        out = Rope.forward(call, cos, sin, x, x_where, y, y_where)
+        Rope.setup_context(ctx, (call, cos, sin, x, x_where, y, y_where), out)
+        return out
+
+    backward = staticmethod(Rope.backward)
+
+
+def apply(call: Call, cos, sin, *operands):
+    """Rotate through autograd: :class:`Rope`, or inside a compiled graph :class:`RopeInGraph`."""
+    return (RopeInGraph if torch.compiler.is_compiling() else Rope).apply(call, cos, sin, *operands)

@@ -29,7 +29,7 @@ from typing import NamedTuple
 import torch
 
 from . import _compiled, _eager, _native
-from ._autograd import RUNNERS, Call, Rope
+from ._autograd import RUNNERS, Call, apply
 from ._dtensor import DTENSOR_MODULE, check_shards, dtensor_class, from_local
 from ._errors import FlexRopeError
 from ._kinds import overlapping, plain
@@ -266,7 +266,7 @@ def rope(rotation: Rotation, cos: torch.Tensor, sin: torch.Tensor, operands: lis
     if cos.requires_grad or sin.requires_grad:
         raise FlexRopeError("the cos/sin tables require grad: gradients flow to x only; detach the tables")
     flat = [item for pair in zip(xs, wheres) for item in pair]
-    out = Rope.apply(Call(backend, *rotation, inplace, inverse, tuple(row_starts)), cos, sin, *flat)
+    out = apply(Call(backend, *rotation, inplace, inverse, tuple(row_starts)), cos, sin, *flat)
     return out if isinstance(out, tuple) else (out,)
 
 
