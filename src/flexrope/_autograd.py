@@ -34,21 +34,30 @@ class Call:
 
 
 class Rope(torch.autograd.Function):
+    # forward apart from setup_context, and a vmap rule: torch.func.grad, jacrev and vmap run through it
+    generate_vmap_rule = True
+
     @staticmethod
-    def forward(ctx, call: Call, cos, sin, x, x_where, y=None, y_where=None):
+    def forward(call: Call, cos, sin, x, x_where, y=None, y_where=None):
         """Rotate x (and y): each ``where`` an int start or a tensor of positions (of row starts where
         ``call.row_starts`` says so). Explicit parameters, not ``*args``: torch.compile binds these."""
         xs, wheres = ((x,), (x_where,)) if y is None else ((x, y), (x_where, y_where))
         outs = RUNNERS[call.backend](call.layout, call.rotary_dim, call.interleaved, cos, sin, xs, wheres,
                                      call.row_starts, inplace=call.inplace, inverse=call.inverse,
                                      backend=call.backend)
+        return outs if len(outs) > 1 else outs[0]
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        call, cos, sin, *operands = inputs
+        xs, wheres = operands[0::2], operands[1::2]
         if call.inplace:
-            ctx.mark_dirty(*xs)
+            ctx.mark_dirty(*(x for x in xs if x is not None))
+        wheres = [w for x, w in zip(xs, wheres) if x is not None]
         tensors = [w for w in wheres if isinstance(w, torch.Tensor)]
         ctx.save_for_backward(cos, sin, *tensors)
-        ctx.call = call
+        ctx.rotation = call
         ctx.starts = [None if isinstance(w, torch.Tensor) else w for w in wheres]
-        return outs if len(outs) > 1 else outs[0]
 
     @staticmethod
     def backward(ctx, *grads):
@@ -57,12 +66,30 @@ class Rope(torch.autograd.Function):
         wheres = [next(tensors) if start is None else start for start in ctx.starts]
         live = [i for i, grad in enumerate(grads) if grad is not None]
         flat = [item for i in live for item in (grads[i], wheres[i])]
-        call = ctx.call
+        call = ctx.rotation
         back = Call(call.backend, call.layout, call.rotary_dim, call.interleaved, False, not call.inverse,
                     tuple(call.row_starts[i] for i in live))
-        rotated = Rope.apply(back, cos, sin, *flat)
+        rotated = apply(back, cos, sin, *flat)
         rotated = rotated if isinstance(rotated, tuple) else (rotated,)
         out = [None] * len(grads)
         for i, grad in zip(live, rotated):
             out[i] = grad
         return (None,) * 3 + tuple(item for grad in out for item in (grad, None)) + (None, None) * (2 - len(out))
+
+
+class RopeInGraph(torch.autograd.Function):
+    """:class:`Rope` as torch.compile traces it: a forward given ctx (dynamo loses what a setup_context keeps
+    for the backward)."""
+
+    @staticmethod
+    def forward(ctx, call: Call, cos, sin, x, x_where, y=None, y_where=None):
+        out = Rope.forward(call, cos, sin, x, x_where, y, y_where)
+        Rope.setup_context(ctx, (call, cos, sin, x, x_where, y, y_where), out)
+        return out
+
+    backward = staticmethod(Rope.backward)
+
+
+def apply(call: Call, cos, sin, *operands):
+    """Rotate through autograd: :class:`Rope`, or inside a compiled graph :class:`RopeInGraph`."""
+    return (RopeInGraph if torch.compiler.is_compiling() else Rope).apply(call, cos, sin, *operands)

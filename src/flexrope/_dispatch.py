@@ -29,9 +29,10 @@ from typing import NamedTuple
 import torch
 
 from . import _compiled, _eager, _native
-from ._autograd import RUNNERS, Call, Rope
+from ._autograd import RUNNERS, Call, apply
 from ._dtensor import DTENSOR_MODULE, check_shards, dtensor_class, from_local
 from ._errors import FlexRopeError
+from ._kinds import overlapping, plain
 from ._layout import Layout
 from ._pairs import over_pairs
 from ._positions import (RowStarts, Where, angles_at, assert_values_async, check_values, position_tensor,
@@ -88,7 +89,8 @@ def choose(x: torch.Tensor, *, inplace: bool, numel: int) -> str:
         return "traced"
     if requested in ("native", "compiled"):
         return requested
-    return "small" if not inplace and numel <= _eager.SMALL_ELEMENTS else "eager"
+    # small mixes in cached constants: not for a subclass such as a fake tensor, which takes eager's expression
+    return "small" if not inplace and numel <= _eager.SMALL_ELEMENTS and plain(x) else "eager"
 
 
 def _canonical_out(layout: Layout, x: torch.Tensor, inplace: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -100,6 +102,10 @@ def _run_triton(layout, rotary_dim, interleaved, cos, sin, xs, wheres, row_start
     from . import _triton
 
     device, compiling, operands, outs = xs[0].device, torch.compiler.is_compiling(), [], []
+    if not (compiling or all(plain(t) for t in (cos, sin, *xs, *wheres) if isinstance(t, torch.Tensor))):
+        # the kernel reads pointers: a subclass or vmap / grad wrapper (the forward of a vmap rule) runs eagerly
+        return _run_each(layout, rotary_dim, interleaved, cos, sin, xs, wheres, row_starts, inplace=inplace,
+                         inverse=inverse, backend="eager")
     for x, where, rows in zip(xs, wheres, row_starts):
         if isinstance(where, torch.Tensor):  # read by the kernel on x's device (CPU positions are copied there)
             positions, start = where if where.device == device else where.to(device), 0
@@ -168,7 +174,7 @@ def _run_each(layout, rotary_dim, interleaved, cos, sin, xs, wheres, row_starts,
         c, s = angles_at(cos, where, seq_len, half), angles_at(sin, where, seq_len, half)
         if inverse:
             s = -s
-        if backend == "compiled" and _compiled.applies(x, x_c):
+        if backend == "compiled" and plain(x) and _compiled.applies(x, x_c):
             out = _compiled.rotate(x, x_c, c, s, rotary_dim=rotary_dim, interleaved=interleaved, inplace=inplace)
             if out is not None:
                 outs.append(out)
@@ -214,9 +220,10 @@ def _check_inplace(x: torch.Tensor) -> None:
             what = "a view of a leaf tensor" if base is not x else "a leaf tensor"
             raise FlexRopeError(f"inplace=True on {what} that requires grad: autograd cannot overwrite it; pass "
                                 f"inplace=False, or rotate a tensor computed from it")
-    if torch._debug_has_internal_overlap(x) == 1:
-        raise FlexRopeError(f"inplace=True on a tensor whose elements overlap in memory (strides {x.stride()}, "
-                            f"e.g. expanded): each element would be written more than once; pass inplace=False")
+    if overlapping(x):
+        raise FlexRopeError(f"inplace=True on a tensor whose elements overlap in memory (shape {tuple(x.shape)}, "
+                            f"strides {x.stride()}, e.g. expanded or unfolded): elements would be written more "
+                            f"than once; pass inplace=False")
 
 
 def rope(rotation: Rotation, cos: torch.Tensor, sin: torch.Tensor, operands: list[tuple[torch.Tensor, Where]], *,
@@ -259,7 +266,7 @@ def rope(rotation: Rotation, cos: torch.Tensor, sin: torch.Tensor, operands: lis
     if cos.requires_grad or sin.requires_grad:
         raise FlexRopeError("the cos/sin tables require grad: gradients flow to x only; detach the tables")
     flat = [item for pair in zip(xs, wheres) for item in pair]
-    out = Rope.apply(Call(backend, *rotation, inplace, inverse, tuple(row_starts)), cos, sin, *flat)
+    out = apply(Call(backend, *rotation, inplace, inverse, tuple(row_starts)), cos, sin, *flat)
     return out if isinstance(out, tuple) else (out,)
 
 

@@ -16,6 +16,7 @@ import itertools
 
 import torch
 
+from ._kinds import plain
 from ._pairs import as_dtype, broadcast_to, compute_dtype, expression, memory_order, over_pairs, pair_views
 
 # Elements of x per chunk, at most. Each elementwise operation has a fixed cost, so chunks are large, but the
@@ -134,7 +135,9 @@ def rotate(
     """
     compute = compute_dtype(x.dtype)
     cos, sin = as_dtype(cos, compute), as_dtype(sin, compute)
-    if torch.compiler.is_compiling():  # inside the caller's graph: one expression, fused with the rest
+    # inside the caller's graph: one expression, fused with the rest. A subclass or a vmap / grad wrapper: the same
+    # expression, whole-tensor operations it sees (the blocks below write into plain scratch tensors)
+    if torch.compiler.is_compiling() or not (plain(x) and plain(cos) and plain(sin)):
         out.copy_(expression(x, cos, sin, rotary_dim, interleaved))
         return
     if out is not x and rotary_dim < x.shape[-1]:

@@ -8,6 +8,7 @@ import difflib
 
 from ._dispatch import Rotation, rope
 from ._errors import FlexRopeError, LayoutError
+from ._kinds import check_layout
 from ._layout import AXES, Binding, Layout, bind, parse_layout
 from ._positions import Where, resolve_positions
 from ._tables import check_rotary_dim
@@ -28,6 +29,7 @@ def checked_tables(cos: object, sin: object, rotary_dim: int | None, head_dim: i
                     else type(table).__name__)
             raise FlexRopeError(f"{name} is a {what}: expected a floating tensor of shape (context_length, "
                                 f"rotary_dim), or per-token tables (b, s, rotary_dim)")
+        check_layout(name, table)
     if cos.shape != sin.shape:
         raise FlexRopeError(f"cos has shape {tuple(cos.shape)} but sin has {tuple(sin.shape)}: pass the pair made "
                             f"together")
@@ -77,6 +79,7 @@ def per_token_tables(
 def _check_x(x: object) -> None:
     if not isinstance(x, torch.Tensor):
         raise FlexRopeError(f"x is a {type(x).__name__}: expected a torch.Tensor")
+    check_layout("x", x)
     if not x.dtype.is_floating_point:
         raise FlexRopeError(f"x has dtype {x.dtype}: expected a real floating dtype (float32, bfloat16, ...)")
     if x.dtype.itemsize == 1:
@@ -85,7 +88,7 @@ def _check_x(x: object) -> None:
 
 
 def _describe(x: object, layout: object, axes_lengths: dict) -> str:
-    shape = f"x of shape {tuple(x.shape)}" if isinstance(x, torch.Tensor) else "x"
+    shape = f"x of shape {tuple(x.shape)}" if isinstance(x, torch.Tensor) and not x.is_nested else "x"
     keywords = "".join(f", {name}={value!r}" for name, value in axes_lengths.items())
     return f"compute_rope({shape}, layout={layout!r}{keywords})"
 

@@ -236,7 +236,7 @@ class RotaryEmbedding(nn.Module):
             check_values(where, shape.s, sys.maxsize)
             return shape.s, where
         except FlexRopeError as error:
-            shape_text = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+            shape_text = tuple(x.shape) if isinstance(x, torch.Tensor) and not x.is_nested else type(x).__name__
             raise self._context(error, f" on {name} of shape {shape_text}") from None
 
     def forward(

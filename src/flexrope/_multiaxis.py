@@ -363,7 +363,8 @@ class MultiAxisRotaryEmbedding(nn.Module):
             cos, sin, where = per_token_tables(cos, sin, shape, None, 0)
             where = 0 if where is None else where
         except FlexRopeError as error:
-            raise self._context(error, f" on q of shape {tuple(q.shape)}") from None
+            shape_text = tuple(q.shape) if isinstance(q, torch.Tensor) and not q.is_nested else type(q).__name__
+            raise self._context(error, f" on q of shape {shape_text}") from None
         operands = [(q, where)] if k is None else [(q, where), (k, where)]
         out = rope(self._rotation, cos, sin, operands, inplace=False, table_len=cos.shape[0], positions_checked=True)
         return out[0] if k is None else out

@@ -49,6 +49,7 @@ from typing import Callable
 import torch
 
 from ._errors import warn
+from ._kinds import plain
 from ._pairs import as_dtype, compute_dtype, memory_order
 from ._positions import RowStarts, Where, angles_at, position_tensor
 
@@ -343,8 +344,9 @@ def rotate(x: torch.Tensor, out: torch.Tensor, cos: torch.Tensor, sin: torch.Ten
     """Write the rotation of canonical view ``x`` (*lead, b, h, s, d) into canonical view ``out`` (which may be
     ``x``) by the angles of the tables ``cos``, ``sin`` (context, >= r/2) at ``where`` (an int start, positions
     (s,) or (b, s), or RowStarts; their values already checked), negated where ``inverse``. False, writing
-    nothing, where the loop does not apply: tensors off the CPU or without values (fake tensors, or a dispatch
-    mode that must see eager operations), channels not contiguous, or a loop that could not be built.
+    nothing, where the loop does not apply: tensors off the CPU or not plain (subclasses such as fake tensors,
+    vmap or grad wrappers: ``_kinds.plain``), a dispatch mode that must see eager operations, channels not
+    contiguous, or a loop that could not be built.
 
     The loop reads the tables where they are, at the positions where they are: a geometry seen before costs a
     dict lookup and the call. Tables of another dtype than the computation's (or whose strides differ) are
@@ -352,6 +354,9 @@ def rotate(x: torch.Tensor, out: torch.Tensor, cos: torch.Tensor, sin: torch.Ten
     x_stride, out_stride = x.stride(), out.stride()
     if not (x.is_cpu and x.dtype in _FUNCTIONS and x_stride[-1] == 1 and out_stride[-1] == 1
             and torch._C._len_torch_dispatch_stack() == 0) or _loaded() is None:
+        return False
+    if not (plain(x) and plain(cos) and plain(sin) and (isinstance(where, int) or plain(
+            where.starts if isinstance(where, RowStarts) else where))):  # out: x, or made like it
         return False
     if x.numel() == 0:
         return True

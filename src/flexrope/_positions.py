@@ -8,6 +8,7 @@ from typing import NamedTuple, Union
 import torch
 
 from ._errors import FlexRopeError
+from ._kinds import plain
 
 
 class RowStarts(NamedTuple):
@@ -103,7 +104,7 @@ FEW_VALUES = 64
 
 
 def _value_range(values: torch.Tensor) -> tuple[int, int]:
-    if values.numel() <= FEW_VALUES:
+    if values.numel() <= FEW_VALUES and plain(values):  # tolist() refuses subclasses
         listed = values.tolist()  # positions are 1-D or 2-D
         listed = listed if values.ndim < 2 else [value for row in listed for value in row]
         return min(listed), max(listed)
