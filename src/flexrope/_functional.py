@@ -6,13 +6,13 @@ import torch
 
 import difflib
 
-from ._dispatch import Rotation, rope
+from ._dispatch import Rotation, check_out, rope
 from ._errors import FlexRopeError, LayoutError
 from ._layout import AXES, Binding, Layout, bind, parse_layout
 from ._positions import Where, resolve_positions
 from ._tables import check_rotary_dim
 
-_KEYWORDS = ("positions", "offset", "interleaved", "rotary_dim", "inplace", "inverse")
+_KEYWORDS = ("positions", "offset", "interleaved", "rotary_dim", "inplace", "inverse", "out")
 
 
 def checked_tables(cos: object, sin: object, rotary_dim: int | None, head_dim: int) -> int:
@@ -129,6 +129,7 @@ def compute_rope(
     rotary_dim: int | None = None,
     inplace: bool = False,
     inverse: bool = False,
+    out: torch.Tensor | None = None,
     **axes_lengths: int,
 ) -> torch.Tensor:
     """Rotate the channel pairs of ``x`` by the angles of each token's position.
@@ -153,10 +154,15 @@ def compute_rope(
         inverse: rotate by the negated angles: undoes the rotation at the same positions. Re-positioning keys
             already rotated at p to p' is a rotation by p' - p, also when it is negative: rotate at positions
             ``p' - p`` if every difference is >= 0, or at ``p - p'`` with ``inverse=True`` where they are <= 0.
+        out: a tensor of x's shape, dtype and device, laid out as ``layout`` with any strides (a slice of a
+            preallocated KV cache, ``cache_k[:, n:n + s]`` in "b s h d"), that the rotation is written into
+            and returned, in the same pass (no copy). ``out=x`` rotates in place; a tensor sharing only some of
+            x's memory is refused. As torch's ``out=``, it does not support autograd.
         **axes_lengths: lengths of axes, needed inside groups and checked everywhere, e.g. ``h=8``.
 
     Returns:
-        The rotated tensor, of the same shape, layout, memory order, dtype and device as ``x``.
+        The rotated tensor, of the same shape, layout, memory order, dtype and device as ``x`` (``out`` where
+        given).
 
     Raises:
         LayoutError: the layout string is malformed or does not fit ``x``.
@@ -177,7 +183,13 @@ def compute_rope(
             cos, sin, positions = per_token_tables(cos, sin, shape, positions, offset)
         rotary_dim = checked_tables(cos, sin, rotary_dim, shape.d)
         where = checked_positions(x, shape, cos, positions, offset)
+        if out is not None:
+            if inplace:
+                raise FlexRopeError("inplace=True and out= both given: pass out=x, or one of them")
+            if check_out(parsed, x, out):
+                inplace, out = True, None
         return rope(Rotation(parsed, rotary_dim, bool(interleaved)), cos, sin, [(x, where)], inplace=bool(inplace),
-                    table_len=cos.shape[0], inverse=bool(inverse), positions_checked=per_token)[0]
+                    table_len=cos.shape[0], inverse=bool(inverse), positions_checked=per_token,
+                    outs=None if out is None else (out,))[0]
     except FlexRopeError as error:
         raise type(error)(f"{_describe(x, layout, axes_lengths)}: {error}") from None

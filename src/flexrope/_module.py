@@ -7,7 +7,7 @@ import sys
 import torch
 from torch import nn
 
-from ._dispatch import Rotation, rope
+from ._dispatch import Rotation, check_out, rope
 from ._errors import FlexRopeError
 from ._functional import bound, checked_positions, parse
 from ._positions import RowStarts, Where, check_values, position_tensor, values_on_host
@@ -143,8 +143,14 @@ class RotaryEmbedding(nn.Module):
                 setattr(self, name, table.to(device=getattr(self, name).device))
         return self
 
-    def _rotate(self, operands: list[tuple[torch.Tensor, int, Where]], inverse: bool) -> tuple[torch.Tensor, ...]:
-        """Rotate each (x, sequence length, where) with the tables its call needs."""
+    def _rotate(self, operands: list[tuple[torch.Tensor, int, Where]], inverse: bool, outs: tuple | None = None
+                ) -> tuple[torch.Tensor, ...]:
+        """Rotate each (x, sequence length, where) with the tables its call needs (into ``outs``, one tensor
+        or None per operand, where given)."""
+        outs = outs or (None,) * len(operands)
+        inplace = all(out is x for out, (x, _, _) in zip(outs, operands))
+        if inplace or not any(out is not None for out in outs):
+            outs = None
         short = self._short_length
         reach = max(_reach(where, length) for _, length, where in operands) if short or self._dynamic else 0
         if self._dynamic and reach > self._plain_limit:
@@ -152,23 +158,26 @@ class RotaryEmbedding(nn.Module):
             inv_freq, attention_factor = frequencies(self._recipe, self.rotary_dim, self.theta_base, reach)
             table = self.cos
             (_, length, where), *others = operands
+            given = outs or (None,) * len(operands)
             if isinstance(where, int) and all(other[1:] == (length, where) for other in others):
-                groups = [(where, length, [x for x, _, _ in operands])]  # q and k at a step share their rows
+                # q and k at a step share their rows
+                groups = [(where, length, [x for x, _, _ in operands], given)]
             else:
-                groups = [(where, length, [x]) for x, length, where in operands]
+                groups = [(where, length, [x], (out,)) for (x, length, where), out in zip(operands, given)]
             out = []
-            for where, length, xs in groups:
+            for where, length, xs, into in groups:
                 rows, local = _rows(where, length)
                 cos, sin = tables_at(inv_freq, rows, dtype=table.dtype, device=table.device,
                                      attention_factor=attention_factor)
-                out += rope(self._rotation, cos, sin, [(x, local) for x in xs], inplace=False,
-                            table_len=cos.shape[0], inverse=inverse, positions_checked=True)
+                out += rope(self._rotation, cos, sin, [(x, local) for x in xs], inplace=inplace,
+                            table_len=cos.shape[0], inverse=inverse, positions_checked=True, outs=into)
             return tuple(out)
         cos, sin = self.cos, self.sin
         if short is not None and reach <= short:
             cos, sin = self.short_cos, self.short_sin
-        return rope(self._rotation, cos, sin, [(x, where) for x, _, where in operands], inplace=False,
-                    table_len=cos.shape[0], inverse=inverse, positions_checked=values_on_host(operands[0][0]))
+        return rope(self._rotation, cos, sin, [(x, where) for x, _, where in operands], inplace=inplace,
+                    table_len=cos.shape[0], inverse=inverse, positions_checked=values_on_host(operands[0][0]),
+                    outs=outs)
 
     @classmethod
     def from_hf_config(cls, config, *, layer_type: str | None = None, layout: str = "b h s d",
@@ -232,6 +241,8 @@ class RotaryEmbedding(nn.Module):
         k_positions: torch.Tensor | None = None,
         k_offset: int | torch.Tensor | None = None,
         inverse: bool = False,
+        q_out: torch.Tensor | None = None,
+        k_out: torch.Tensor | None = None,
     ):
         """Rotate q (and k), each laid out as the module's layout.
 
@@ -243,15 +254,19 @@ class RotaryEmbedding(nn.Module):
             k_positions, k_offset: k's own positions, when k is not aligned with q (e.g. queries for the new
                 tokens, keys for the whole cache).
             inverse: rotate by the negated angles, undoing a rotation at the same positions.
+            q_out, k_out: tensors of q's (k's) shape, dtype and device, laid out as the module's layout with any
+                strides (``cache_k[:, n:n + s]``), that the rotation is written into, in the same pass, and
+                returned; ``q_out=q`` is in place. As torch's ``out=``, no autograd.
 
         Returns:
-            The rotated q, or ``(q, k)`` when k is given.
+            The rotated q, or ``(q, k)`` when k is given (``q_out``, ``k_out`` where given).
         """
-        if k is None and (k_positions is not None or k_offset is not None):
-            raise self._context(FlexRopeError("k_positions or k_offset was given without k"), "")
+        if k is None and (k_positions is not None or k_offset is not None or k_out is not None):
+            raise self._context(FlexRopeError("k_positions, k_offset or k_out was given without k"), "")
         q_len, q_where = self._positions(q, "q", positions, offset)
+        outs = self._outs([(q, q_out, "q")] + ([] if k is None else [(k, k_out, "k")]))
         if k is None:
-            return self._rotate([(q, q_len, q_where)], inverse)[0]
+            return self._rotate([(q, q_len, q_where)], inverse, outs)[0]
         inherited = k_positions is None and k_offset is None
         if inherited:
             k_positions, k_offset = positions, offset
@@ -261,8 +276,18 @@ class RotaryEmbedding(nn.Module):
                 f"q has {q_len} tokens and k has {k_len}: say where k's tokens are with k_offset= or "
                 f"k_positions= (e.g. k_offset=0 for keys of the whole cache)"
             ), "")
-        q, k = self._rotate([(q, q_len, q_where), (k, k_len, k_where)], inverse)
+        q, k = self._rotate([(q, q_len, q_where), (k, k_len, k_where)], inverse, outs)
         return q, k
+
+    def _outs(self, pairs: list[tuple[torch.Tensor, torch.Tensor | None, str]]) -> tuple | None:
+        """The checked ``q_out`` / ``k_out`` (x itself where it is x: in place), None where neither is given."""
+        if all(out is None for _, out, _ in pairs):
+            return None
+        try:
+            return tuple(None if out is None else x if check_out(self.layout, x, out, name, f"{name}_out") else out
+                         for x, out, name in pairs)
+        except FlexRopeError as error:
+            raise self._context(error, "") from None
 
     def extra_repr(self) -> str:
         parts = [
