@@ -127,3 +127,42 @@ def test_module_bad_k_out_names_k():
     q, k = torch.randn(2, 1, 4, 8), torch.randn(2, 1, 2, 8)
     with pytest.raises(FlexRopeError, match=r"k_out has shape \(2, 1, 4, 8\) but k has \(2, 1, 2, 8\)"):
         rope(q, k, q_out=torch.empty_like(q), k_out=torch.empty_like(q))
+
+
+def _index_copied(x, rotated, cache, index, layout):
+    """The reference: index_copy_ of the unfused rotation, token by token (negative indices skipped)."""
+    expected = cache.clone()
+    seq_dim = layout.split().index("s")
+    for row in range(index.shape[0]):
+        keep = (index[row] >= 0).nonzero().flatten()
+        target, source = expected.select(0, row), rotated.select(0, row)
+        target.index_copy_(seq_dim - 1, index[row][keep], source.index_select(seq_dim - 1, keep))
+    return expected
+
+
+@pytest.mark.parametrize("layout, shape, cache_shape", [("b s h d", (2, 4, 2, 8), (2, 6, 2, 8)),
+                                                       ("b h s d", (2, 2, 4, 8), (2, 2, 6, 8))])
+@pytest.mark.parametrize("per_row", [False, True])
+def test_out_index_equals_index_copy_and_skips_negative(layout, shape, cache_shape, per_row):
+    cos, sin = _tables()
+    x = torch.randn(shape)
+    index = torch.tensor([[5, 0, -1, 2], [1, -3, 4, 3]]) if per_row else torch.tensor([5, -1, 0, 3])
+    cache = torch.randn(cache_shape)
+    expected = _index_copied(x, compute_rope(x, cos, sin, layout, offset=3), cache, index.expand(2, 4), layout)
+    assert compute_rope(x, cos, sin, layout, offset=3, out=cache, out_index=index) is cache
+    assert torch.equal(cache, expected)
+
+
+def test_bad_out_index_is_refused_with_nothing_written():
+    cos, sin = _tables()
+    x, cache = torch.randn(2, 3, 2, 8), torch.randn(2, 5, 2, 8)
+    kept = cache.clone()
+    _refused("past out's sequence length 5", x, cos, sin, "b s h d", out=cache, out_index=torch.tensor([0, 5, 1]))
+    _refused("repeats an index", x, cos, sin, "b s h d", out=cache, out_index=torch.tensor([1, 2, 1]))
+    _refused(r"expected an integer tensor \(3,\) or \(2, 3\)", x, cos, sin, "b s h d", out=cache,
+             out_index=torch.tensor([0, 1]))
+    _refused("needs out=", x, cos, sin, "b s h d", out_index=torch.tensor([0, 1, 2]))
+    assert torch.equal(cache, kept)
+    # repeated negative indices are fine: every one of them is skipped
+    compute_rope(x, cos, sin, "b s h d", out=cache, out_index=torch.tensor([-1, 2, -1]))
+    assert torch.equal(cache[:, [0, 1, 3, 4]], kept[:, [0, 1, 3, 4]])

@@ -248,12 +248,20 @@ def _shares_elements(a: torch.Tensor, b: torch.Tensor) -> bool:
     return bool(torch.isin(_offsets(a), _offsets(b)).any())
 
 
-def check_out(layout: Layout, x: torch.Tensor, out: object, x_name: str = "x", out_name: str = "out") -> bool:
+def check_out(layout: Layout, x: torch.Tensor, out: object, x_name: str = "x", out_name: str = "out",
+              indexed: bool = False) -> bool:
     """Check ``out`` as the tensor ``x``'s rotation is written into, before anything is written: True where it
-    is ``x`` itself (the rotation is then in place)."""
+    is ``x`` itself (the rotation is then in place). ``indexed``: written at the sequence indices of an
+    out_index, so the sequence lengths may differ."""
     if not isinstance(out, torch.Tensor):
         raise FlexRopeError(f"{out_name} is a {type(out).__name__}: expected a torch.Tensor of {x_name}'s shape")
-    if out.shape != x.shape:
+    if indexed:
+        x_c, out_c = layout.canonical(x), layout.canonical(out)
+        if out.ndim != x.ndim or x_c.shape[:-2] != out_c.shape[:-2] or x_c.shape[-1] != out_c.shape[-1]:
+            raise FlexRopeError(
+                f"{out_name} has shape {tuple(out.shape)} but {x_name} has {tuple(x.shape)}: with out_index= they "
+                f"differ only in the sequence length of {layout.text!r}")
+    elif out.shape != x.shape:
         raise FlexRopeError(
             f"{out_name} has shape {tuple(out.shape)} but {x_name} has {tuple(x.shape)}: pass a tensor (or a "
             f"slice of one, e.g. cache[:, n:n + s]) of {x_name}'s shape, laid out as {layout.text!r}")
@@ -288,6 +296,47 @@ def check_out(layout: Layout, x: torch.Tensor, out: object, x_name: str = "x", o
                                 f"a copy (its grouped axes are not adjacent in memory): pass a tensor whose "
                                 f"grouped axes are")
     return False
+
+
+def check_out_index(layout: Layout, x: torch.Tensor, out: torch.Tensor, index: object) -> torch.Tensor:
+    """``out_index`` checked against x (one index per token: (s,) or (b, s)) and out's sequence length,
+    broadcast to (b, s). On the CPU its values are checked here (and duplicates refused: which token would
+    land there is not defined); on a GPU an index past the end is an asynchronous device assert, as positions
+    are, and duplicates are not looked for (that would sync): which token lands there is then unspecified."""
+    x_c, length = layout.canonical(x), layout.canonical(out).shape[-2]
+    b, s = x_c.shape[-4], x_c.shape[-2]
+    if (not isinstance(index, torch.Tensor) or index.dtype.is_floating_point or index.dtype.is_complex
+            or index.dtype == torch.bool or index.shape not in ((s,), (b, s))):
+        what = (f"{index.dtype} tensor of shape {tuple(index.shape)}" if isinstance(index, torch.Tensor)
+                else type(index).__name__)
+        raise FlexRopeError(f"out_index is a {what}: expected an integer tensor ({s},) or ({b}, {s}), each token's "
+                            f"sequence index in out")
+    if index.device != x.device:
+        raise FlexRopeError(f"out_index is on {index.device} but x is on {x.device}: move it with .to(x.device)")
+    index = index.long().expand(b, s)
+    if index.is_cpu:
+        if index.numel() and int(index.max()) >= length:
+            raise FlexRopeError(f"out_index holds {int(index.max())}, past out's sequence length {length}: "
+                                f"indices must be < {length} (negative ones skip their token)")
+        kept = index.masked_fill(index < 0, -1).sort(dim=1).values
+        if bool(((kept[:, 1:] == kept[:, :-1]) & (kept[:, 1:] >= 0)).any()):
+            raise FlexRopeError("out_index repeats an index within a row: two tokens would be written to one "
+                                "place; give each token its own index (or a negative one to skip it)")
+    else:
+        torch._assert_async(index.max() < length if index.numel() else torch.ones((), dtype=torch.bool,
+                                                                                   device=index.device),
+                            f"flexrope: out_index holds an index >= out's sequence length {length}")
+    return index
+
+
+def write_at(layout: Layout, rotated: torch.Tensor, out: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """Write each token of ``rotated`` at its sequence index ``index`` (b, s) of ``out``, skipping negative
+    ones; return out."""
+    source = layout.canonical(rotated).movedim(-4, 0).movedim(-2, 1)  # (b, s, *lead, h, d)
+    target = layout.canonical(out).movedim(-4, 0).movedim(-2, 1)
+    rows, tokens = (index >= 0).nonzero(as_tuple=True)
+    target[rows, index[rows, tokens]] = source[rows, tokens]
+    return out
 
 
 def rope(rotation: Rotation, cos: torch.Tensor, sin: torch.Tensor, operands: list[tuple[torch.Tensor, Where]], *,

@@ -6,13 +6,13 @@ import torch
 
 import difflib
 
-from ._dispatch import Rotation, check_out, rope
+from ._dispatch import Rotation, check_out, check_out_index, rope, write_at
 from ._errors import FlexRopeError, LayoutError
 from ._layout import AXES, Binding, Layout, bind, parse_layout
 from ._positions import Where, resolve_positions
 from ._tables import check_rotary_dim
 
-_KEYWORDS = ("positions", "offset", "interleaved", "rotary_dim", "inplace", "inverse", "out")
+_KEYWORDS = ("positions", "offset", "interleaved", "rotary_dim", "inplace", "inverse", "out", "out_index")
 
 
 def checked_tables(cos: object, sin: object, rotary_dim: int | None, head_dim: int) -> int:
@@ -130,6 +130,7 @@ def compute_rope(
     inplace: bool = False,
     inverse: bool = False,
     out: torch.Tensor | None = None,
+    out_index: torch.Tensor | None = None,
     **axes_lengths: int,
 ) -> torch.Tensor:
     """Rotate the channel pairs of ``x`` by the angles of each token's position.
@@ -158,6 +159,11 @@ def compute_rope(
             preallocated KV cache, ``cache_k[:, n:n + s]`` in "b s h d"), that the rotation is written into
             and returned, in the same pass (no copy). ``out=x`` rotates in place; a tensor sharing only some of
             x's memory is refused. As torch's ``out=``, it does not support autograd.
+        out_index: integer tensor (s,) or (b, s): each token's sequence index in ``out`` (a ring buffer, a
+            cache shared by packed sequences), whose sequence length may then differ from x's; a negative
+            index skips its token (padding). An index past out's length is an error; so is one repeated
+            within a row, where checked (CPU tensors; on a GPU the check would sync, and which token lands
+            there is unspecified).
         **axes_lengths: lengths of axes, needed inside groups and checked everywhere, e.g. ``h=8``.
 
     Returns:
@@ -183,6 +189,15 @@ def compute_rope(
             cos, sin, positions = per_token_tables(cos, sin, shape, positions, offset)
         rotary_dim = checked_tables(cos, sin, rotary_dim, shape.d)
         where = checked_positions(x, shape, cos, positions, offset)
+        if out_index is not None:
+            if out is None or inplace:
+                raise FlexRopeError("out_index= needs out=, the tensor it indexes (and no inplace=True)")
+            check_out(parsed, x, out, indexed=True)
+            index = check_out_index(parsed, x, out, out_index)
+            rotation = Rotation(parsed, rotary_dim, bool(interleaved))
+            rotated = rope(rotation, cos, sin, [(x, where)], inplace=False, table_len=cos.shape[0],
+                           inverse=bool(inverse), positions_checked=per_token)[0]
+            return write_at(parsed, rotated, out, index)
         if out is not None:
             if inplace:
                 raise FlexRopeError("inplace=True and out= both given: pass out=x, or one of them")
