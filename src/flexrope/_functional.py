@@ -6,13 +6,15 @@ import torch
 
 import difflib
 
-from ._dispatch import Rotation, check_out, check_out_index, rope, write_at
+from ._dispatch import Rotation, _check_values, check_out, check_out_index, rope, write_at
+from ._qknorm import check_norm, normed_rotation
 from ._errors import FlexRopeError, LayoutError
 from ._layout import AXES, Binding, Layout, bind, parse_layout
 from ._positions import Where, resolve_positions
 from ._tables import check_rotary_dim
 
-_KEYWORDS = ("positions", "offset", "interleaved", "rotary_dim", "inplace", "inverse", "out", "out_index")
+_KEYWORDS = ("positions", "offset", "interleaved", "rotary_dim", "inplace", "inverse", "out", "out_index",
+             "norm_weight", "norm_eps", "norm_weight_offset")
 
 
 def checked_tables(cos: object, sin: object, rotary_dim: int | None, head_dim: int) -> int:
@@ -131,6 +133,9 @@ def compute_rope(
     inverse: bool = False,
     out: torch.Tensor | None = None,
     out_index: torch.Tensor | None = None,
+    norm_weight: torch.Tensor | None = None,
+    norm_eps: float = 1e-6,
+    norm_weight_offset: float = 0.0,
     **axes_lengths: int,
 ) -> torch.Tensor:
     """Rotate the channel pairs of ``x`` by the angles of each token's position.
@@ -164,6 +169,10 @@ def compute_rope(
             index skips its token (padding). An index past out's length is an error; so is one repeated
             within a row, where checked (CPU tensors; on a GPU the check would sync, and which token lands
             there is unspecified).
+        norm_weight: (d,) weights of an RMSNorm over each head's channels, applied before the rotation in the
+            same pass (QK-norm: Qwen3, Gemma 3, OLMo): ``x / sqrt(mean(x^2) + norm_eps) * (norm_weight_offset
+            + norm_weight)`` computed in float32 (float64 for float64) and rotated without rounding in between.
+            ``norm_weight_offset=1.0`` is Gemma's ``1 + weight``. Gradients flow to x and the weight.
         **axes_lengths: lengths of axes, needed inside groups and checked everywhere, e.g. ``h=8``.
 
     Returns:
@@ -189,6 +198,26 @@ def compute_rope(
             cos, sin, positions = per_token_tables(cos, sin, shape, positions, offset)
         rotary_dim = checked_tables(cos, sin, rotary_dim, shape.d)
         where = checked_positions(x, shape, cos, positions, offset)
+        if norm_weight is not None:
+            weight, eps, gain_offset = check_norm(norm_weight, norm_eps, norm_weight_offset, x, shape.d)
+            if inplace or inverse:
+                raise FlexRopeError("norm_weight= with inplace=True or inverse=True: the norm is not undone by the "
+                                    "inverse rotation, and is computed out of place; write into out= instead")
+            if out is not None:
+                check_out(parsed, x, out, indexed=out_index is not None)
+                index = None if out_index is None else check_out_index(parsed, x, out, out_index)
+            if not per_token:
+                _check_values(parsed, x, where, cos.shape[0])
+            result = normed_rotation(parsed, x, weight, eps, gain_offset, cos, sin, where, shape.s, rotary_dim,
+                                     bool(interleaved))
+            if out is None:
+                return result
+            if out_index is None:
+                if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
+                    raise FlexRopeError("out= with an input that requires grad: functions with out= arguments do "
+                                        "not support automatic differentiation (as in torch)")
+                return out.copy_(result)
+            return write_at(parsed, result, out, index)
         if out_index is not None:
             if out is None or inplace:
                 raise FlexRopeError("out_index= needs out=, the tensor it indexes (and no inplace=True)")

@@ -10,7 +10,8 @@ from torch import nn
 from ._dispatch import Rotation, check_out, rope
 from ._errors import FlexRopeError
 from ._functional import bound, checked_positions, parse
-from ._positions import RowStarts, Where, check_values, position_tensor, values_on_host
+from ._positions import RowStarts, Where, assert_values_async, check_values, position_tensor, values_on_host
+from ._qknorm import check_norm, norm_settings, normed_rotation
 from ._hf_config import settings_from_hf_config
 from ._scaling import frequencies, parse_scaling, softmax_scale_factor
 from ._tables import check_rotary_dim, precompute_rope_params, tables_at
@@ -243,6 +244,8 @@ class RotaryEmbedding(nn.Module):
         inverse: bool = False,
         q_out: torch.Tensor | None = None,
         k_out: torch.Tensor | None = None,
+        q_norm: object = None,
+        k_norm: object = None,
     ):
         """Rotate q (and k), each laid out as the module's layout.
 
@@ -257,6 +260,10 @@ class RotaryEmbedding(nn.Module):
             q_out, k_out: tensors of q's (k's) shape, dtype and device, laid out as the module's layout with any
                 strides (``cache_k[:, n:n + s]``), that the rotation is written into, in the same pass, and
                 returned; ``q_out=q`` is in place. As torch's ``out=``, no autograd.
+            q_norm, k_norm: the attention's QK-norm, applied to each head before the rotation in the same pass:
+                a ``torch.nn.RMSNorm`` over the head dim, or a model's own (``.weight`` and ``.eps`` or
+                ``.variance_epsilon``: transformers' Qwen3RMSNorm; Gemma's norms, by class name, scale by
+                ``1 + weight``), or a tuple (weight, eps, offset). Gradients flow to q, k and the weights.
 
         Returns:
             The rotated q, or ``(q, k)`` when k is given (``q_out``, ``k_out`` where given).
@@ -264,7 +271,12 @@ class RotaryEmbedding(nn.Module):
         if k is None and (k_positions is not None or k_offset is not None or k_out is not None):
             raise self._context(FlexRopeError("k_positions, k_offset or k_out was given without k"), "")
         q_len, q_where = self._positions(q, "q", positions, offset)
+        if k is None and k_norm is not None:
+            raise self._context(FlexRopeError("k_norm was given without k"), "")
         outs = self._outs([(q, q_out, "q")] + ([] if k is None else [(k, k_out, "k")]))
+        normed = q_norm is not None or k_norm is not None
+        if k is None and normed:
+            return self._normed([(q, q_len, q_where, q_norm, q_out, "q")], inverse)[0]
         if k is None:
             return self._rotate([(q, q_len, q_where)], inverse, outs)[0]
         inherited = k_positions is None and k_offset is None
@@ -276,8 +288,42 @@ class RotaryEmbedding(nn.Module):
                 f"q has {q_len} tokens and k has {k_len}: say where k's tokens are with k_offset= or "
                 f"k_positions= (e.g. k_offset=0 for keys of the whole cache)"
             ), "")
+        if normed:
+            return self._normed([(q, q_len, q_where, q_norm, q_out, "q"), (k, k_len, k_where, k_norm, k_out, "k")],
+                                inverse)
         q, k = self._rotate([(q, q_len, q_where), (k, k_len, k_where)], inverse, outs)
         return q, k
+
+    def _normed(self, operands: list[tuple], inverse: bool) -> tuple[torch.Tensor, ...]:
+        """Each (x, sequence length, where, norm, out, name): its norm (where given) and rotation, into out."""
+        try:
+            if inverse or self._dynamic:
+                raise FlexRopeError("q_norm/k_norm with inverse=True or dynamic NTK scaling: normalise first, "
+                                    "then rotate")
+            cos, sin = self.cos, self.sin
+            reach = max(_reach(where, length) for _, length, where, *_ in operands) if self._short_length else 0
+            if self._short_length is not None and reach <= self._short_length:
+                cos, sin = self.short_cos, self.short_sin
+            results = []
+            for x, length, where, norm, out, name in operands:
+                if norm is None:
+                    results += self._rotate([(x, length, where)], False, (out,))
+                    continue
+                weight, eps, offset = check_norm(*norm_settings(norm, f"{name}_norm"), x, self.head_dim,
+                                                 f"{name}_norm")
+                if not isinstance(where, int) and not values_on_host(x):
+                    assert_values_async(where, length, cos.shape[0])
+                result = normed_rotation(self.layout, x, weight, eps, offset, cos, sin, where, length,
+                                         self.rotary_dim, self.interleaved)
+                if out is not None:
+                    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
+                        raise FlexRopeError(f"{name}_out= with an input that requires grad: functions with out= "
+                                            f"arguments do not support automatic differentiation (as in torch)")
+                    result = out.copy_(result)
+                results.append(result)
+            return tuple(results)
+        except FlexRopeError as error:
+            raise self._context(error, "") from None
 
     def _outs(self, pairs: list[tuple[torch.Tensor, torch.Tensor | None, str]]) -> tuple | None:
         """The checked ``q_out`` / ``k_out`` (x itself where it is x: in place), None where neither is given."""
