@@ -208,16 +208,13 @@ def compute_rope(
                 index = None if out_index is None else check_out_index(parsed, x, out, out_index)
             if not per_token:
                 _check_values(parsed, x, where, cos.shape[0])
+            if (out is not None and out_index is None and torch.is_grad_enabled()
+                    and (x.requires_grad or weight.requires_grad)):
+                raise FlexRopeError("out= with an input that requires grad: functions with out= arguments do not "
+                                    "support automatic differentiation (as in torch)")
             result = normed_rotation(parsed, x, weight, eps, gain_offset, cos, sin, where, shape.s, rotary_dim,
-                                     bool(interleaved))
-            if out is None:
-                return result
-            if out_index is None:
-                if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
-                    raise FlexRopeError("out= with an input that requires grad: functions with out= arguments do "
-                                        "not support automatic differentiation (as in torch)")
-                return out.copy_(result)
-            return write_at(parsed, result, out, index)
+                                     bool(interleaved), out=out if out_index is None else None)
+            return result if out_index is None else write_at(parsed, result, out, index)
         if out_index is not None:
             if out is None or inplace:
                 raise FlexRopeError("out_index= needs out=, the tensor it indexes (and no inplace=True)")

@@ -313,14 +313,11 @@ class RotaryEmbedding(nn.Module):
                                                  f"{name}_norm")
                 if not isinstance(where, int) and not values_on_host(x):
                     assert_values_async(where, length, cos.shape[0])
-                result = normed_rotation(self.layout, x, weight, eps, offset, cos, sin, where, length,
-                                         self.rotary_dim, self.interleaved)
-                if out is not None:
-                    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
-                        raise FlexRopeError(f"{name}_out= with an input that requires grad: functions with out= "
-                                            f"arguments do not support automatic differentiation (as in torch)")
-                    result = out.copy_(result)
-                results.append(result)
+                if out is not None and torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
+                    raise FlexRopeError(f"{name}_out= with an input that requires grad: functions with out= "
+                                        f"arguments do not support automatic differentiation (as in torch)")
+                results.append(normed_rotation(self.layout, x, weight, eps, offset, cos, sin, where, length,
+                                               self.rotary_dim, self.interleaved, out=out))
             return tuple(results)
         except FlexRopeError as error:
             raise self._context(error, "") from None

@@ -9,8 +9,11 @@ for x and w. Plain tensor operations both ways, so torch.compile traces it whole
 
 from __future__ import annotations
 
+import os
+
 import torch
 
+from . import _native
 from ._errors import FlexRopeError
 from ._pairs import as_dtype, compute_dtype, expression
 from ._positions import Where, angles_at, position_tensor
@@ -87,11 +90,31 @@ def norm_settings(norm: object, name: str) -> tuple[torch.Tensor, float, float]:
     return weight, eps, 1.0 if type(norm).__name__.startswith("Gemma") else 0.0
 
 
+def _native_into(x_c, out_c, weight, eps, offset, cos, sin, where, rotary_dim, interleaved) -> bool:
+    """The norm and rotation by the C loop, in one pass, into ``out_c``; False where it does not apply."""
+    if torch.compiler.is_compiling() or not x_c.is_cpu or os.environ.get("FLEXROPE_BACKEND", "auto") not in (
+            "auto", "native"):
+        return False
+    gain = (as_dtype(weight.detach(), compute_dtype(x_c.dtype)) + offset).contiguous()
+    return _native.rotate(x_c, out_c, cos, sin, where, rotary_dim=rotary_dim, interleaved=interleaved, inverse=False,
+                          gain=gain, eps=eps)
+
+
 def normed_rotation(layout, x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float, cos: torch.Tensor,
-                    sin: torch.Tensor, where: Where, seq_len: int, rotary_dim: int, interleaved: bool) -> torch.Tensor:
-    """The QK-norm then the rotation of ``x`` (laid out as ``layout``) at ``where``, values already checked."""
+                    sin: torch.Tensor, where: Where, seq_len: int, rotary_dim: int, interleaved: bool,
+                    out: torch.Tensor | None = None) -> torch.Tensor:
+    """The QK-norm then the rotation of ``x`` (laid out as ``layout``) at ``where``, values already checked;
+    written into ``out`` where given (checked, no gradient needed). Without a gradient to compute, on the
+    CPU, the C loop does it in one pass."""
+    if not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)):
+        target = out if out is not None else torch.empty_like(x)  # x's strides where x is dense
+        if _native_into(layout.canonical(x), layout.canonical(target), weight, eps, offset, cos, sin, where,
+                        rotary_dim, interleaved):
+            torch.autograd.graph.increment_version(target)
+            return target
     where = position_tensor(where, seq_len)
     half = rotary_dim // 2
     c, s = angles_at(cos, where, seq_len, half), angles_at(sin, where, seq_len, half)
-    out_c = NormRope.apply(layout.canonical(x), weight, c, s, eps, offset, rotary_dim, interleaved)
-    return layout.from_canonical(out_c)
+    result = layout.from_canonical(NormRope.apply(layout.canonical(x), weight, c, s, eps, offset, rotary_dim,
+                                                  interleaved))
+    return result if out is None else out.copy_(result)
