@@ -81,7 +81,8 @@ def norm_settings(norm: object, name: str) -> tuple[torch.Tensor, float, float]:
     if isinstance(norm, tuple) and len(norm) == 3:
         return norm
     weight = getattr(norm, "weight", None)
-    eps = getattr(norm, "eps", getattr(norm, "variance_epsilon", None))
+    attributes = getattr(norm, "__dict__", {})  # plain attributes, without nn.Module's failing __getattr__
+    eps = attributes["eps"] if "eps" in attributes else attributes.get("variance_epsilon")
     if not isinstance(weight, torch.Tensor):
         raise FlexRopeError(f"{name} is a {type(norm).__name__}: expected an RMSNorm module (.weight and .eps or "
                             f".variance_epsilon, e.g. torch.nn.RMSNorm) or a tuple (weight, eps, offset)")
@@ -95,9 +96,28 @@ def _native_into(x_c, out_c, weight, eps, offset, cos, sin, where, rotary_dim, i
     if torch.compiler.is_compiling() or not x_c.is_cpu or os.environ.get("FLEXROPE_BACKEND", "auto") not in (
             "auto", "native"):
         return False
-    gain = (as_dtype(weight.detach(), compute_dtype(x_c.dtype)) + offset).contiguous()
     return _native.rotate(x_c, out_c, cos, sin, where, rotary_dim=rotary_dim, interleaved=interleaved, inverse=False,
-                          gain=gain, eps=eps)
+                          gain=_gain(weight, compute_dtype(x_c.dtype), offset), eps=eps)
+
+
+_gains: dict[tuple, torch.Tensor] = {}
+
+
+def _gain(weight: torch.Tensor, dtype: torch.dtype, offset: float) -> torch.Tensor:
+    """offset + weight, contiguous in ``dtype``: made once per version of the weight (a decoding step would
+    otherwise spend two tensor operations on it per call)."""
+    try:
+        key = (weight.data_ptr(), weight._version, weight.shape, weight.stride(), weight.dtype, dtype, offset)
+    except RuntimeError:  # an inference tensor keeps no version
+        key = None
+    gain = _gains.get(key) if key is not None else None
+    if gain is None:
+        gain = (as_dtype(weight.detach(), dtype) + offset).contiguous()
+        if key is not None:
+            if len(_gains) >= 64:
+                _gains.clear()
+            _gains[key] = gain
+    return gain
 
 
 def normed_rotation(layout, x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float, cos: torch.Tensor,
