@@ -37,14 +37,14 @@ def _into(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, out: torch.Tens
     out.copy_(expression(x, cos, sin, ROTARY_DIM, INTERLEAVED))  # noqa: F821 - globals of each variant
 
 
-def _kernel(key: tuple, rotary_dim: int, interleaved: bool, inplace: bool, into: bool = False):
+def _kernel(key: tuple, rotary_dim: int, interleaved: bool, inplace: bool):
     # rotary_dim and interleaved are globals of each variant's function, which dynamo treats as constants:
     # passed as arguments or closure cells they became symbolic, and inductor stopped vectorising the
     # bfloat16 loop (6x slower). torch.compile keeps its cache and recompile limit per code object: one
     # code object per variant.
     kernel = _kernels.get(key)
     if kernel is None:
-        template = _into if into else _in_place if inplace else _out_of_place
+        template = _into if key[-1] else _in_place if inplace else _out_of_place  # key[-1]: into a given out
         code = template.__code__.replace(co_name=f"flexrope_compiled_{len(_kernels)}")
         scope = {**template.__globals__, "ROTARY_DIM": rotary_dim, "INTERLEAVED": interleaved}
         kernel = _kernels[key] = torch.compile(types.FunctionType(code, scope, code.co_name), dynamic=True,
@@ -81,7 +81,7 @@ def rotate(x: torch.Tensor, x_c: torch.Tensor, cos: torch.Tensor, sin: torch.Ten
     into = out_c is not None
     key = (interleaved, rotary_dim, x_m.ndim, x.dtype, inplace, tuple(size == 1 for size in cos_m.shape), into)
     try:
-        kernel = _kernel(key, rotary_dim, interleaved, inplace, into)
+        kernel = _kernel(key, rotary_dim, interleaved, inplace)
         if into:  # out's strides become guards of this variant: one graph per cache geometry
             out_m = out_c.permute(order)
             kernel(x_m, cos_m, sin_m, out_m.squeeze([d for d in range(out_m.ndim) if d not in keep]))
