@@ -166,3 +166,13 @@ def test_bad_out_index_is_refused_with_nothing_written():
     # repeated negative indices are fine: every one of them is skipped
     compute_rope(x, cos, sin, "b s h d", out=cache, out_index=torch.tensor([-1, 2, -1]))
     assert torch.equal(cache[:, [0, 1, 3, 4]], kept[:, [0, 1, 3, 4]])
+
+
+def test_out_under_torch_compile_has_no_graph_break():
+    cos, sin = _tables()
+    x, cache = torch.randn(1, 3, 2, 8), torch.zeros(1, 6, 2, 8)
+    step = torch.compile(lambda x, into: compute_rope(x, cos, sin, "b s h d", offset=1, out=into), fullgraph=True,
+                         backend="eager")
+    step(x, cache[:, 1:4])
+    assert torch.equal(cache[:, 1:4], compute_rope(x, cos, sin, "b s h d", offset=1))
+    assert cache[:, 0].abs().sum() == 0 and cache[:, 4:].abs().sum() == 0

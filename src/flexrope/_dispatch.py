@@ -270,14 +270,17 @@ def check_out(layout: Layout, x: torch.Tensor, out: object, x_name: str = "x", o
                             f"in {x_name}'s dtype; make {out_name} {x.dtype} (or convert after)")
     if out.device != x.device:
         raise FlexRopeError(f"{out_name} is on {out.device} but {x_name} is on {x.device}: keep both on one device")
-    if (out.data_ptr() == x.data_ptr() and out.stride() == x.stride()
-            and out.untyped_storage().data_ptr() == x.untyped_storage().data_ptr()):
+    compiling = torch.compiler.is_compiling()  # a traced graph has no addresses: x itself is out is x there
+    if out is x or not compiling and (out.data_ptr() == x.data_ptr() and out.stride() == x.stride()
+                                      and out.untyped_storage().data_ptr() == x.untyped_storage().data_ptr()):
         return True
     if torch.is_grad_enabled() and (x.requires_grad or out.requires_grad):
         who = x_name if x.requires_grad else out_name
         raise FlexRopeError(
             f"{out_name}= with {who} requiring grad: functions with out= arguments do not support automatic "
             f"differentiation (as in torch); rotate without {out_name}= and copy, or call under torch.no_grad()")
+    if compiling:
+        return False
     if out.is_inference() and not torch.is_inference_mode_enabled():
         raise FlexRopeError(f"{out_name} is an inference tensor outside inference_mode: it cannot be written; "
                             f"write inside torch.inference_mode(), or pass another tensor")
@@ -289,7 +292,7 @@ def check_out(layout: Layout, x: torch.Tensor, out: object, x_name: str = "x", o
             f"{out_name} overlaps {x_name} in memory without being {x_name} itself (strides {out.stride()} and "
             f"{x.stride()}): {x_name} would be overwritten while it is read; pass {out_name}={x_name} to rotate "
             f"in place, or a tensor apart from it")
-    if layout.permutation is None and not torch.compiler.is_compiling():
+    if layout.permutation is None:
         view = einops.rearrange(out, layout.to_canonical, **dict(layout.lengths))
         if view.untyped_storage().data_ptr() != out.untyped_storage().data_ptr():
             raise FlexRopeError(f"{out_name} of strides {out.stride()} cannot be viewed as {layout.text!r} without "
