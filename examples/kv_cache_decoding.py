@@ -1,8 +1,9 @@
-"""Greedy decoding with a KV cache: keys are rotated once, when they enter the cache, at their own position.
+"""Greedy decoding with a KV cache: keys are rotated once, straight into the cache, at their own position.
 
-A one-layer toy model with grouped-query attention (4 query heads, 2 key/value heads) in (b, s, h, d).
-Each step rotates only the new token, with ``offset`` = its position; the logits equal those of running the
-whole sequence again without a cache.
+A one-layer toy model with grouped-query attention (4 query heads, 2 key/value heads) and QK-norm (an RMSNorm
+over each head, as in Qwen3) in (b, s, h, d). The cache is preallocated; each step normalises and rotates only
+the new tokens, with ``offset`` = their position, and writes the keys into ``cache_k[:, n:n + s]`` in the same
+pass (``k_out=``). The logits equal those of running the whole sequence again without a cache.
 
 Run: python examples/kv_cache_decoding.py
 """
@@ -22,22 +23,34 @@ class TinyModel(nn.Module):
         self.W_query = nn.Linear(d_model, q_heads * self.head_dim, bias=False)
         self.W_kv = nn.Linear(d_model, 2 * kv_heads * self.head_dim, bias=False)
         self.lm_head = nn.Linear(d_model, vocab, bias=False)
+        self.q_norm, self.k_norm = nn.RMSNorm(self.head_dim, eps=1e-6), nn.RMSNorm(self.head_dim, eps=1e-6)
         self.rope = flexrope.RotaryEmbedding(self.head_dim, layout="b s h d", context_length=context)
+        self.context = context
 
-    def forward(self, tokens: torch.Tensor, cache: list | None = None) -> torch.Tensor:
-        """Logits of every token given; with ``cache`` (a list of (k, v)), only the new tokens are passed."""
+    def new_cache(self, batch: int) -> dict:
+        """Keys and values of every position, (b, context, kv_heads, head_dim) each, and how many are filled."""
+        shape = (batch, self.context, self.kv_heads, self.head_dim)
+        return {"k": torch.zeros(shape), "v": torch.zeros(shape), "length": 0}
+
+    def forward(self, tokens: torch.Tensor, cache: dict | None = None) -> torch.Tensor:
+        """Logits of every token given; with ``cache`` (from new_cache), only the new tokens are passed."""
         b, s = tokens.shape
-        start = cache[0][0].shape[1] if cache else 0
+        start = cache["length"] if cache else 0
         x = self.embed(tokens)
         q = self.W_query(x).view(b, s, self.q_heads, self.head_dim)
         k, v = self.W_kv(x).view(b, s, 2, self.kv_heads, self.head_dim).unbind(2)
-        q, k = self.rope(q, k, offset=start)
-        if cache is not None:
-            if cache:
-                k, v = torch.cat([cache[0][0], k], dim=1), torch.cat([cache[0][1], v], dim=1)
-            cache[:] = [(k, v)]
+        if cache is None:
+            q, k = self.rope(q, k, q_norm=self.q_norm, k_norm=self.k_norm)
+        else:
+            end = start + s
+            # norm, rotation and the write of the rotated keys into the cache, in one pass
+            q, _ = self.rope(q, k, offset=start, q_norm=self.q_norm, k_norm=self.k_norm,
+                             k_out=cache["k"][:, start:end])
+            cache["v"][:, start:end] = v
+            cache["length"] = end
+            k, v = cache["k"][:, :end], cache["v"][:, :end]
         attend = F.scaled_dot_product_attention(
-            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=cache is None or start == 0,
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=not cache or start == 0,
             enable_gqa=True,
         )
         return self.lm_head(attend.transpose(1, 2).reshape(b, s, -1))
@@ -48,7 +61,7 @@ def main(steps: int = 8) -> tuple[torch.Tensor, float]:
     torch.manual_seed(0)
     model = TinyModel()
     tokens = torch.tensor([[1, 7, 3]])
-    cache: list = []
+    cache = model.new_cache(batch=1)
     logits = model(tokens, cache)
     worst = 0.0
     for _ in range(steps):

@@ -33,6 +33,10 @@ def _in_place(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
     x.copy_(expression(x, cos, sin, ROTARY_DIM, INTERLEAVED))  # noqa: F821 - globals of each variant
 
 
+def _into(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, out: torch.Tensor) -> None:
+    out.copy_(expression(x, cos, sin, ROTARY_DIM, INTERLEAVED))  # noqa: F821 - globals of each variant
+
+
 def _kernel(key: tuple, rotary_dim: int, interleaved: bool, inplace: bool):
     # rotary_dim and interleaved are globals of each variant's function, which dynamo treats as constants:
     # passed as arguments or closure cells they became symbolic, and inductor stopped vectorising the
@@ -40,7 +44,7 @@ def _kernel(key: tuple, rotary_dim: int, interleaved: bool, inplace: bool):
     # code object per variant.
     kernel = _kernels.get(key)
     if kernel is None:
-        template = _in_place if inplace else _out_of_place
+        template = _into if key[-1] else _in_place if inplace else _out_of_place  # key[-1]: into a given out
         code = template.__code__.replace(co_name=f"flexrope_compiled_{len(_kernels)}")
         scope = {**template.__globals__, "ROTARY_DIM": rotary_dim, "INTERLEAVED": interleaved}
         kernel = _kernels[key] = torch.compile(types.FunctionType(code, scope, code.co_name), dynamic=True,
@@ -60,9 +64,10 @@ def applies(x: torch.Tensor, x_c: torch.Tensor) -> bool:
 
 
 def rotate(x: torch.Tensor, x_c: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *, rotary_dim: int,
-           interleaved: bool, inplace: bool) -> torch.Tensor | None:
+           interleaved: bool, inplace: bool, out_c: torch.Tensor | None = None) -> torch.Tensor | None:
     """The rotation of ``x`` (canonical view ``x_c``; ``cos``, ``sin`` the angles (s, r/2) or (b, 1, s, r/2))
-    written into x or into a new tensor laid out in memory like x; None once the compiler has failed."""
+    written into x, into ``out_c`` (a canonical view of any strides, in the same loop) or into a new tensor
+    laid out in memory like x; None once the compiler has failed."""
     global unavailable
     order = memory_order(x_c)
     compute = compute_dtype(x.dtype)
@@ -73,9 +78,15 @@ def rotate(x: torch.Tensor, x_c: torch.Tensor, cos: torch.Tensor, sin: torch.Ten
     # unit dims of x would each add a guard (and a graph) under dynamic shapes: drop them
     keep = [dim for dim in range(x_m.ndim) if x_m.shape[dim] != 1 or dim == x_m.ndim - 1]
     x_m, cos_m, sin_m = (t.squeeze([d for d in range(t.ndim) if d not in keep]) for t in (x_m, cos_m, sin_m))
-    key = (interleaved, rotary_dim, x_m.ndim, x.dtype, inplace, tuple(size == 1 for size in cos_m.shape))
+    into = out_c is not None
+    key = (interleaved, rotary_dim, x_m.ndim, x.dtype, inplace, tuple(size == 1 for size in cos_m.shape), into)
     try:
-        out_m = _kernel(key, rotary_dim, interleaved, inplace)(x_m, cos_m, sin_m)
+        kernel = _kernel(key, rotary_dim, interleaved, inplace)
+        if into:  # out's strides become guards of this variant: one graph per cache geometry
+            out_m = out_c.permute(order)
+            kernel(x_m, cos_m, sin_m, out_m.squeeze([d for d in range(out_m.ndim) if d not in keep]))
+        else:
+            out_m = kernel(x_m, cos_m, sin_m)
     except (torch.OutOfMemoryError, MemoryError):
         raise
     except Exception as error:  # noqa: BLE001 - a variant that never compiled: the compiler does not work here
@@ -86,7 +97,7 @@ def rotate(x: torch.Tensor, x_c: torch.Tensor, cos: torch.Tensor, sin: torch.Ten
              f"from now on", RuntimeWarning)
         return None
     _compiled.add(key)
-    if inplace:
+    if inplace or into:
         return x
     # out_m is contiguous in x's memory order, so x's own strides describe it
     return out_m.as_strided(x.shape, x.stride())

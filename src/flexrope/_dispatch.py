@@ -26,6 +26,7 @@ import os
 import sys
 from typing import NamedTuple
 
+import einops
 import torch
 
 from . import _compiled, _eager, _native
@@ -65,9 +66,9 @@ def requested_backend() -> str:
     return name
 
 
-def choose(x: torch.Tensor, *, inplace: bool, numel: int) -> str:
-    """The backend for a call on ``x`` (the largest of its tensors has ``numel`` elements): triton, traced,
-    native, compiled, eager or small."""
+def choose(x: torch.Tensor, *, inplace: bool, numel: int, into: bool = False) -> str:
+    """The backend for a call on ``x`` (the largest of its tensors has ``numel`` elements; ``into``: written
+    into tensors the caller gave): triton, traced, native, compiled, eager or small."""
     requested = requested_backend()
     cuda, compiling = x.is_cuda, torch.compiler.is_compiling()
     if requested == "auto" and not (cuda or compiling or _native.unavailable):
@@ -90,7 +91,7 @@ def choose(x: torch.Tensor, *, inplace: bool, numel: int) -> str:
     if requested in ("native", "compiled"):
         return requested
     # small mixes in cached constants: not for a subclass such as a fake tensor, which takes eager's expression
-    return "small" if not inplace and numel <= _eager.SMALL_ELEMENTS and plain(x) else "eager"
+    return "small" if not (inplace or into) and numel <= _eager.SMALL_ELEMENTS and plain(x) else "eager"
 
 
 def _canonical_out(layout: Layout, x: torch.Tensor, inplace: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -98,15 +99,17 @@ def _canonical_out(layout: Layout, x: torch.Tensor, inplace: bool) -> tuple[torc
     return out, layout.canonical(out)
 
 
-def _run_triton(layout, rotary_dim, interleaved, cos, sin, xs, wheres, row_starts, *, inplace, inverse, backend):
+def _run_triton(layout, rotary_dim, interleaved, cos, sin, xs, wheres, row_starts, *, inplace, inverse, backend,
+                into=None):
     from . import _triton
 
     device, compiling, operands, outs = xs[0].device, torch.compiler.is_compiling(), [], []
-    if not (compiling or all(plain(t) for t in (cos, sin, *xs, *wheres) if isinstance(t, torch.Tensor))):
+    if not (compiling or all(plain(t) for t in (cos, sin, *xs, *wheres, *(into or ()))
+                             if isinstance(t, torch.Tensor))):
         # the kernel reads pointers: a subclass or vmap / grad wrapper (the forward of a vmap rule) runs eagerly
         return _run_each(layout, rotary_dim, interleaved, cos, sin, xs, wheres, row_starts, inplace=inplace,
-                         inverse=inverse, backend="eager")
-    for x, where, rows in zip(xs, wheres, row_starts):
+                         inverse=inverse, backend="eager", into=into)
+    for x, where, rows, given in zip(xs, wheres, row_starts, into or (None,) * len(xs)):
         if isinstance(where, torch.Tensor):  # read by the kernel on x's device (CPU positions are copied there)
             positions, start = where if where.device == device else where.to(device), 0
             mode = _triton.ROW_STARTS if rows else _triton.POSITIONS
@@ -118,9 +121,10 @@ def _run_triton(layout, rotary_dim, interleaved, cos, sin, xs, wheres, row_start
             if positions is not None:
                 torch._assert_async(ok, f"flexrope: positions hold a position < 0 or >= {cos.shape[0]}")
             out = layout.from_canonical(out_c)
-            outs.append(x.copy_(out) if inplace else out)
+            target = x if inplace else given
+            outs.append(out if target is None else target.copy_(out))
             continue
-        out, out_c = _canonical_out(layout, x, inplace)
+        out, out_c = (given, layout.canonical(given)) if given is not None else _canonical_out(layout, x, inplace)
         outs.append(out)
         operands.append(_triton.Operand(out_c if inplace else layout.canonical(x), out_c, start, positions, mode))
     if compiling:
@@ -131,9 +135,8 @@ def _run_triton(layout, rotary_dim, interleaved, cos, sin, xs, wheres, row_start
     for group in [operands] if together or len(operands) == 1 else [[op] for op in operands]:
         _triton.launch(group, cos, sin, rotary_dim=rotary_dim, interleaved=interleaved, inverse=inverse,
                        inplace=inplace, ok=ok)
-    if inplace:  # written by the kernel: autograd must still see x change
-        for x in xs:
-            torch.autograd.graph.increment_version(x)
+    for out in outs if inplace or into else ():  # written by the kernel: autograd must still see them change
+        torch.autograd.graph.increment_version(out)
     if any(op.positions is not None for op in operands):
         _check_flag(ok, cos.shape[0])
     return tuple(outs)
@@ -151,18 +154,24 @@ def _check_flag(ok: torch.Tensor, table_len: int) -> None:
         raise FlexRopeError(message.removeprefix("flexrope: ")) from None
 
 
-def _run_each(layout, rotary_dim, interleaved, cos, sin, xs, wheres, row_starts, *, inplace, inverse, backend):
+def _run_each(layout, rotary_dim, interleaved, cos, sin, xs, wheres, row_starts, *, inplace, inverse, backend,
+              into=None):
     outs = []
-    for x, where, rows in zip(xs, wheres, row_starts):
+    call_inplace = inplace
+    for x, where, rows, given in zip(xs, wheres, row_starts, into or (None,) * len(xs)):
         x_c = layout.canonical(x)
         seq_len = x_c.shape[-2]
-        out = None
+        out, inplace = None, call_inplace or given is x  # q_out=q beside k_out=cache: q in place
+        given = None if given is x else given
+        if given is not None:
+            out, out_c = given, layout.canonical(given)
         if backend == "native":
-            out, out_c = (x, x_c) if inplace else _canonical_out(layout, x, False)
+            if out is None:
+                out, out_c = (x, x_c) if inplace else _canonical_out(layout, x, False)
             if _native.rotate(x_c, out_c, cos, sin, RowStarts(where) if rows else where, rotary_dim=rotary_dim,
                               interleaved=interleaved, inverse=inverse):
-                if inplace:  # written through a pointer: autograd must still see x change
-                    torch.autograd.graph.increment_version(x)
+                if inplace or given is not None:  # written through a pointer: autograd must still see it change
+                    torch.autograd.graph.increment_version(out)
                 outs.append(out)
                 continue
         if not isinstance(where, int):
@@ -175,9 +184,10 @@ def _run_each(layout, rotary_dim, interleaved, cos, sin, xs, wheres, row_starts,
         if inverse:
             s = -s
         if backend == "compiled" and plain(x) and _compiled.applies(x, x_c):
-            out = _compiled.rotate(x, x_c, c, s, rotary_dim=rotary_dim, interleaved=interleaved, inplace=inplace)
-            if out is not None:
-                outs.append(out)
+            done = _compiled.rotate(x, x_c, c, s, rotary_dim=rotary_dim, interleaved=interleaved, inplace=inplace,
+                                    out_c=None if given is None else out_c)
+            if done is not None:
+                outs.append(done if given is None else given)
                 continue
         if out is None:
             out, out_c = _canonical_out(layout, x, inplace)
@@ -226,14 +236,133 @@ def _check_inplace(x: torch.Tensor) -> None:
                             f"than once; pass inplace=False")
 
 
+def _offsets(t: torch.Tensor) -> torch.Tensor:
+    """The storage offset of every element of ``t`` (on the CPU, from its geometry alone)."""
+    offsets = torch.full((), t.storage_offset(), dtype=torch.int64)
+    for size, stride in zip(t.shape, t.stride()):
+        offsets = offsets.unsqueeze(-1) + torch.arange(size, dtype=torch.int64) * stride
+    return offsets.flatten()
+
+
+def _shares_elements(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether ``a`` and ``b`` have an element in common: their address ranges first, then (only where those
+    meet, e.g. views into one buffer of q, k and v) element by element."""
+    if a.numel() == 0 or b.numel() == 0 or a.untyped_storage().data_ptr() != b.untyped_storage().data_ptr():
+        return False
+    ends = [(t.storage_offset(), t.storage_offset() + sum((n - 1) * st for n, st in zip(t.shape, t.stride())))
+            for t in (a, b)]
+    if ends[0][1] < ends[1][0] or ends[1][1] < ends[0][0]:
+        return False
+    return bool(torch.isin(_offsets(a), _offsets(b)).any())
+
+
+def check_out(layout: Layout, x: torch.Tensor, out: object, x_name: str = "x", out_name: str = "out",
+              indexed: bool = False) -> bool:
+    """Check ``out`` as the tensor ``x``'s rotation is written into, before anything is written: True where it
+    is ``x`` itself (the rotation is then in place). ``indexed``: written at the sequence indices of an
+    out_index, so the sequence lengths may differ."""
+    if not isinstance(out, torch.Tensor):
+        raise FlexRopeError(f"{out_name} is a {type(out).__name__}: expected a torch.Tensor of {x_name}'s shape")
+    if indexed:
+        x_c, out_c = layout.canonical(x), layout.canonical(out)
+        if out.ndim != x.ndim or x_c.shape[:-2] != out_c.shape[:-2] or x_c.shape[-1] != out_c.shape[-1]:
+            raise FlexRopeError(
+                f"{out_name} has shape {tuple(out.shape)} but {x_name} has {tuple(x.shape)}: with out_index= they "
+                f"differ only in the sequence length of {layout.text!r}")
+    elif out.shape != x.shape:
+        raise FlexRopeError(
+            f"{out_name} has shape {tuple(out.shape)} but {x_name} has {tuple(x.shape)}: pass a tensor (or a "
+            f"slice of one, e.g. cache[:, n:n + s]) of {x_name}'s shape, laid out as {layout.text!r}")
+    if out.dtype != x.dtype:
+        raise FlexRopeError(f"{out_name} has dtype {out.dtype} but {x_name} has {x.dtype}: the rotation is written "
+                            f"in {x_name}'s dtype; make {out_name} {x.dtype} (or convert after)")
+    if out.device != x.device:
+        raise FlexRopeError(f"{out_name} is on {out.device} but {x_name} is on {x.device}: keep both on one device")
+    compiling = torch.compiler.is_compiling()  # a traced graph has no addresses: x itself is out is x there
+    if out is x or not compiling and (out.data_ptr() == x.data_ptr() and out.stride() == x.stride()
+                                      and out.untyped_storage().data_ptr() == x.untyped_storage().data_ptr()):
+        return True
+    if torch.is_grad_enabled() and (x.requires_grad or out.requires_grad):
+        who = x_name if x.requires_grad else out_name
+        raise FlexRopeError(
+            f"{out_name}= with {who} requiring grad: functions with out= arguments do not support automatic "
+            f"differentiation (as in torch); rotate without {out_name}= and copy, or call under torch.no_grad()")
+    if compiling:
+        return False
+    if out.is_inference() and not torch.is_inference_mode_enabled():
+        raise FlexRopeError(f"{out_name} is an inference tensor outside inference_mode: it cannot be written; "
+                            f"write inside torch.inference_mode(), or pass another tensor")
+    if torch._debug_has_internal_overlap(out) == 1:
+        raise FlexRopeError(f"{out_name} has elements that overlap in memory (strides {out.stride()}, e.g. "
+                            f"expanded): each would be written more than once; pass a tensor of its own")
+    if _shares_elements(x, out):
+        raise FlexRopeError(
+            f"{out_name} overlaps {x_name} in memory without being {x_name} itself (strides {out.stride()} and "
+            f"{x.stride()}): {x_name} would be overwritten while it is read; pass {out_name}={x_name} to rotate "
+            f"in place, or a tensor apart from it")
+    if layout.permutation is None:
+        view = einops.rearrange(out, layout.to_canonical, **dict(layout.lengths))
+        if view.untyped_storage().data_ptr() != out.untyped_storage().data_ptr():
+            raise FlexRopeError(f"{out_name} of strides {out.stride()} cannot be viewed as {layout.text!r} without "
+                                f"a copy (its grouped axes are not adjacent in memory): pass a tensor whose "
+                                f"grouped axes are")
+    return False
+
+
+def check_out_index(layout: Layout, x: torch.Tensor, out: torch.Tensor, index: object) -> torch.Tensor:
+    """``out_index`` checked against x (one index per token: (s,) or (b, s)) and out's sequence length,
+    broadcast to (b, s). On the CPU its values are checked here (and duplicates refused: which token would
+    land there is not defined); on a GPU an index past the end is an asynchronous device assert, as positions
+    are, and duplicates are not looked for (that would sync): which token lands there is then unspecified."""
+    x_c, length = layout.canonical(x), layout.canonical(out).shape[-2]
+    b, s = x_c.shape[-4], x_c.shape[-2]
+    if (not isinstance(index, torch.Tensor) or index.dtype.is_floating_point or index.dtype.is_complex
+            or index.dtype == torch.bool or index.shape not in ((s,), (b, s))):
+        what = (f"{index.dtype} tensor of shape {tuple(index.shape)}" if isinstance(index, torch.Tensor)
+                else type(index).__name__)
+        raise FlexRopeError(f"out_index is a {what}: expected an integer tensor ({s},) or ({b}, {s}), each token's "
+                            f"sequence index in out")
+    if index.device != x.device:
+        raise FlexRopeError(f"out_index is on {index.device} but x is on {x.device}: move it with .to(x.device)")
+    index = index.long().expand(b, s)
+    if index.is_cpu:
+        if index.numel() and int(index.max()) >= length:
+            raise FlexRopeError(f"out_index holds {int(index.max())}, past out's sequence length {length}: "
+                                f"indices must be < {length} (negative ones skip their token)")
+        kept = index.masked_fill(index < 0, -1).sort(dim=1).values
+        if bool(((kept[:, 1:] == kept[:, :-1]) & (kept[:, 1:] >= 0)).any()):
+            raise FlexRopeError("out_index repeats an index within a row: two tokens would be written to one "
+                                "place; give each token its own index (or a negative one to skip it)")
+    else:
+        torch._assert_async(index.max() < length if index.numel() else torch.ones((), dtype=torch.bool,
+                                                                                   device=index.device),
+                            f"flexrope: out_index holds an index >= out's sequence length {length}")
+    return index
+
+
+def write_at(layout: Layout, rotated: torch.Tensor, out: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """Write each token of ``rotated`` at its sequence index ``index`` (b, s) of ``out``, skipping negative
+    ones; return out."""
+    source = layout.canonical(rotated).movedim(-4, 0).movedim(-2, 1)  # (b, s, *lead, h, d)
+    target = layout.canonical(out).movedim(-4, 0).movedim(-2, 1)
+    rows, tokens = (index >= 0).nonzero(as_tuple=True)
+    target[rows, index[rows, tokens]] = source[rows, tokens]
+    return out
+
+
 def rope(rotation: Rotation, cos: torch.Tensor, sin: torch.Tensor, operands: list[tuple[torch.Tensor, Where]], *,
-         inplace: bool, table_len: int, inverse: bool = False, positions_checked: bool = False
-         ) -> tuple[torch.Tensor, ...]:
+         inplace: bool, table_len: int, inverse: bool = False, positions_checked: bool = False,
+         outs: tuple | None = None) -> tuple[torch.Tensor, ...]:
     """Rotate each (x, where) of ``operands`` (by the negated angles when ``inverse``): through autograd when
     a gradient is needed, a DTensor shard by shard. ``where`` is an int start, a tensor of positions or
     RowStarts, its shapes already checked; its values too where ``positions_checked`` (rows of per-token
-    tables, which index them by construction)."""
+    tables, which index them by construction). ``outs``: for each operand, None or the tensor (already
+    checked by :func:`check_out`, not x itself) its rotation is written into, which is then returned."""
+    if outs is not None and all(out is None for out in outs):
+        outs = None
     if DTENSOR_MODULE in sys.modules and any(dtensor_class(x) is not None for x, _ in operands):
+        if outs is not None:
+            raise FlexRopeError("out= with a DTensor: rotate without out= (each shard is rotated where it lives)")
         return tuple(_rope_dtensor(rotation, cos, sin, x, where, inplace=inplace, table_len=table_len,
                                    inverse=inverse, positions_checked=positions_checked) for x, where in operands)
     x = operands[0][0]
@@ -241,7 +370,18 @@ def rope(rotation: Rotation, cos: torch.Tensor, sin: torch.Tensor, operands: lis
         for x_, _ in operands:
             _check_inplace(x_)
     numel = x.numel() if len(operands) == 1 else max(x_.numel() for x_, _ in operands)
-    backend = choose(x, inplace=inplace, numel=numel)
+    backend = choose(x, inplace=inplace, numel=numel, into=outs is not None)
+    if outs is not None:  # straight to the backend: out= has no autograd, as in torch
+        if torch.is_grad_enabled() and any(x_.requires_grad for x_, _ in operands):
+            raise FlexRopeError("out= with an input that requires grad: functions with out= arguments do not "
+                                "support automatic differentiation (as in torch); rotate without out= and copy")
+        for x_, where in operands:
+            if not (isinstance(where, int) or positions_checked or backend == "triton"):
+                _check_values(rotation.layout, x_, where, table_len)
+        wheres = [where.starts if isinstance(where, RowStarts) else where for _, where in operands]
+        rows = [isinstance(where, RowStarts) for _, where in operands]
+        return RUNNERS[backend](*rotation, cos, sin, [x_ for x_, _ in operands], wheres, rows, inplace=False,
+                                inverse=inverse, backend=backend, into=tuple(outs))
     if len(operands) == 1 and isinstance(operands[0][1], int):  # the common call, without the lists below
         grad = x.requires_grad
         if backend == "small" and not (grad or cos.requires_grad or sin.requires_grad):

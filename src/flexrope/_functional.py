@@ -6,14 +6,16 @@ import torch
 
 import difflib
 
-from ._dispatch import Rotation, rope
+from ._dispatch import Rotation, _check_values, check_out, check_out_index, rope, write_at
+from ._qknorm import check_norm, normed_rotation
 from ._errors import FlexRopeError, LayoutError
 from ._kinds import check_layout
 from ._layout import AXES, Binding, Layout, bind, parse_layout
 from ._positions import Where, resolve_positions
 from ._tables import check_rotary_dim
 
-_KEYWORDS = ("positions", "offset", "interleaved", "rotary_dim", "inplace", "inverse")
+_KEYWORDS = ("positions", "offset", "interleaved", "rotary_dim", "inplace", "inverse", "out", "out_index",
+             "norm_weight", "norm_eps", "norm_weight_offset")
 
 
 def checked_tables(cos: object, sin: object, rotary_dim: int | None, head_dim: int) -> int:
@@ -132,6 +134,11 @@ def compute_rope(
     rotary_dim: int | None = None,
     inplace: bool = False,
     inverse: bool = False,
+    out: torch.Tensor | None = None,
+    out_index: torch.Tensor | None = None,
+    norm_weight: torch.Tensor | None = None,
+    norm_eps: float = 1e-6,
+    norm_weight_offset: float = 0.0,
     **axes_lengths: int,
 ) -> torch.Tensor:
     """Rotate the channel pairs of ``x`` by the angles of each token's position.
@@ -156,10 +163,24 @@ def compute_rope(
         inverse: rotate by the negated angles: undoes the rotation at the same positions. Re-positioning keys
             already rotated at p to p' is a rotation by p' - p, also when it is negative: rotate at positions
             ``p' - p`` if every difference is >= 0, or at ``p - p'`` with ``inverse=True`` where they are <= 0.
+        out: a tensor of x's shape, dtype and device, laid out as ``layout`` with any strides (a slice of a
+            preallocated KV cache, ``cache_k[:, n:n + s]`` in "b s h d"), that the rotation is written into
+            and returned, in the same pass (no copy). ``out=x`` rotates in place; a tensor sharing only some of
+            x's memory is refused. As torch's ``out=``, it does not support autograd.
+        out_index: integer tensor (s,) or (b, s): each token's sequence index in ``out`` (a ring buffer, a
+            cache shared by packed sequences), whose sequence length may then differ from x's; a negative
+            index skips its token (padding). An index past out's length is an error; so is one repeated
+            within a row, where checked (CPU tensors; on a GPU the check would sync, and which token lands
+            there is unspecified).
+        norm_weight: (d,) weights of an RMSNorm over each head's channels, applied before the rotation in the
+            same pass (QK-norm: Qwen3, Gemma 3, OLMo): ``x / sqrt(mean(x^2) + norm_eps) * (norm_weight_offset
+            + norm_weight)`` computed in float32 (float64 for float64) and rotated without rounding in between.
+            ``norm_weight_offset=1.0`` is Gemma's ``1 + weight``. Gradients flow to x and the weight.
         **axes_lengths: lengths of axes, needed inside groups and checked everywhere, e.g. ``h=8``.
 
     Returns:
-        The rotated tensor, of the same shape, layout, memory order, dtype and device as ``x``.
+        The rotated tensor, of the same shape, layout, memory order, dtype and device as ``x`` (``out`` where
+        given).
 
     Raises:
         LayoutError: the layout string is malformed or does not fit ``x``.
@@ -180,7 +201,39 @@ def compute_rope(
             cos, sin, positions = per_token_tables(cos, sin, shape, positions, offset)
         rotary_dim = checked_tables(cos, sin, rotary_dim, shape.d)
         where = checked_positions(x, shape, cos, positions, offset)
+        if norm_weight is not None:
+            weight, eps, gain_offset = check_norm(norm_weight, norm_eps, norm_weight_offset, x, shape.d)
+            if inplace or inverse:
+                raise FlexRopeError("norm_weight= with inplace=True or inverse=True: the norm is not undone by the "
+                                    "inverse rotation, and is computed out of place; write into out= instead")
+            if out is not None:
+                check_out(parsed, x, out, indexed=out_index is not None)
+                index = None if out_index is None else check_out_index(parsed, x, out, out_index)
+            if not per_token:
+                _check_values(parsed, x, where, cos.shape[0])
+            if (out is not None and out_index is None and torch.is_grad_enabled()
+                    and (x.requires_grad or weight.requires_grad)):
+                raise FlexRopeError("out= with an input that requires grad: functions with out= arguments do not "
+                                    "support automatic differentiation (as in torch)")
+            result = normed_rotation(parsed, x, weight, eps, gain_offset, cos, sin, where, shape.s, rotary_dim,
+                                     bool(interleaved), out=out if out_index is None else None)
+            return result if out_index is None else write_at(parsed, result, out, index)
+        if out_index is not None:
+            if out is None or inplace:
+                raise FlexRopeError("out_index= needs out=, the tensor it indexes (and no inplace=True)")
+            check_out(parsed, x, out, indexed=True)
+            index = check_out_index(parsed, x, out, out_index)
+            rotation = Rotation(parsed, rotary_dim, bool(interleaved))
+            rotated = rope(rotation, cos, sin, [(x, where)], inplace=False, table_len=cos.shape[0],
+                           inverse=bool(inverse), positions_checked=per_token)[0]
+            return write_at(parsed, rotated, out, index)
+        if out is not None:
+            if inplace:
+                raise FlexRopeError("inplace=True and out= both given: pass out=x, or one of them")
+            if check_out(parsed, x, out):
+                inplace, out = True, None
         return rope(Rotation(parsed, rotary_dim, bool(interleaved)), cos, sin, [(x, where)], inplace=bool(inplace),
-                    table_len=cos.shape[0], inverse=bool(inverse), positions_checked=per_token)[0]
+                    table_len=cos.shape[0], inverse=bool(inverse), positions_checked=per_token,
+                    outs=None if out is None else (out,))[0]
     except FlexRopeError as error:
         raise type(error)(f"{_describe(x, layout, axes_lengths)}: {error}") from None

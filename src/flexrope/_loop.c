@@ -294,6 +294,86 @@ DEFINE_ROTATE(rotate_float64, double, double, IDENTITY, IDENTITY, ROWS)
 DEFINE_ROTATE(rotate_bfloat16, uint16_t, float, bf16_load, bf16_store, BF16_ROWS)
 DEFINE_ROTATE(rotate_float16, uint16_t, float, f16_load, f16_store, F16_ROWS)
 
+/* norm_rotate(x, out, cos, sin, plan, positions, gain, eps): the QK-norm then the rotation, one pass over each
+   row: the row loaded into the compute type, its sum of squares (eight partial sums, added in a fixed order),
+   scale = 1 / sqrt(sum / channels + eps), each channel times scale times gain (offset + weight, in the compute
+   type), then the pairs rotated (a c - b s, b c + a s) and the tail past `rotary` stored normalised, each
+   rounded once. The plan is rotate's, with group 1. The sum's order is not torch's, so the norm's last bit
+   may differ from the eager path's. */
+#define DEFINE_NORM_ROTATE(NAME, T, C, LOAD, STORE, SQRT)                                                      \
+    void NAME(const T *x, T *out, const C *cos, const C *sin, const int64_t *plan, const int64_t *positions,   \
+              const C *gain, double eps) {                                                                    \
+        const int64_t ndim = plan[0], tile = plan[1], rotary = plan[3], channels = plan[4];                   \
+        const int64_t interleaved = plan[5], sign = plan[6], threads = plan[7], table_row = plan[8];          \
+        const int64_t *sizes = plan + 9, *x_strides = sizes + ndim, *out_strides = x_strides + ndim;          \
+        const int64_t *table_strides = out_strides + ndim, *positions_strides = table_strides + ndim;       \
+        const int64_t inner = ndim - 1, half = rotary / 2;                                                  \
+        const int64_t x_in = x_strides[inner], out_in = out_strides[inner], table_in = table_strides[inner]; \
+        const int64_t positions_in = positions_strides[inner];                                              \
+        int64_t outer = 1;                                                                                  \
+        for (int64_t d = 0; d < inner; ++d)                                                                 \
+            outer *= sizes[d];                                                                              \
+        const int64_t units = outer * ((sizes[inner] + tile - 1) / tile);                                   \
+        (void)threads;                                                                                      \
+        _Pragma("omp parallel for schedule(static) num_threads(threads) if (threads > 1)")                  \
+        for (int64_t unit = 0; unit < units; ++unit) {                                                      \
+            const int64_t first = unit / outer * tile;                                                      \
+            const int64_t count = sizes[inner] - first < tile ? sizes[inner] - first : tile;               \
+            int64_t rest = unit % outer;                                                                    \
+            int64_t x_at = first * x_in, out_at = first * out_in, table_at = first * table_in;              \
+            int64_t positions_at = first * positions_in;                                                    \
+            for (int64_t d = inner - 1; d >= 0; --d) {                                                     \
+                const int64_t i = rest % sizes[d];                                                          \
+                rest /= sizes[d];                                                                           \
+                x_at += i * x_strides[d];                                                                   \
+                out_at += i * out_strides[d];                                                               \
+                table_at += i * table_strides[d];                                                           \
+                positions_at += i * positions_strides[d];                                                   \
+            }                                                                                               \
+            C buf[channels];                                                                                \
+            for (int64_t row = 0; row < count; ++row) {                                                     \
+                const T *xr = x + x_at + row * x_in;                                                        \
+                T *o = out + out_at + row * out_in;                                                         \
+                const C *c = cos + ANGLES_AT(row), *s = sin + ANGLES_AT(row);                               \
+                C partial[8] = {0, 0, 0, 0, 0, 0, 0, 0};                                                    \
+                int64_t j = 0;                                                                              \
+                for (; j + 8 <= channels; j += 8)                                                           \
+                    for (int k = 0; k < 8; ++k) {                                                           \
+                        buf[j + k] = LOAD(xr[j + k]);                                                       \
+                        partial[k] += buf[j + k] * buf[j + k];                                              \
+                    }                                                                                       \
+                for (; j < channels; ++j) {                                                                 \
+                    buf[j] = LOAD(xr[j]);                                                                   \
+                    partial[0] += buf[j] * buf[j];                                                          \
+                }                                                                                           \
+                const C sum = ((partial[0] + partial[1]) + (partial[2] + partial[3])) +                     \
+                              ((partial[4] + partial[5]) + (partial[6] + partial[7]));                      \
+                const C scale = (C)1 / SQRT(sum / (C)channels + (C)eps);                                    \
+                for (j = 0; j < channels; ++j)                                                              \
+                    buf[j] = buf[j] * scale * gain[j];                                                      \
+                if (interleaved)                                                                            \
+                    for (j = 0; j < half; ++j) {                                                            \
+                        const C a = buf[2 * j], b = buf[2 * j + 1], sj = s[j] * (C)sign;                    \
+                        o[2 * j] = STORE(a * c[j] - b * sj);                                                \
+                        o[2 * j + 1] = STORE(b * c[j] + a * sj);                                            \
+                    }                                                                                       \
+                else                                                                                        \
+                    for (j = 0; j < half; ++j) {                                                            \
+                        const C a = buf[j], b = buf[j + half], sj = s[j] * (C)sign;                         \
+                        o[j] = STORE(a * c[j] - b * sj);                                                    \
+                        o[j + half] = STORE(b * c[j] + a * sj);                                             \
+                    }                                                                                       \
+                for (j = rotary; j < channels; ++j)                                                         \
+                    o[j] = STORE(buf[j]);                                                                   \
+            }                                                                                               \
+        }                                                                                                   \
+    }
+
+DEFINE_NORM_ROTATE(norm_rotate_float32, float, float, IDENTITY, IDENTITY, sqrtf)
+DEFINE_NORM_ROTATE(norm_rotate_float64, double, double, IDENTITY, IDENTITY, sqrt)
+DEFINE_NORM_ROTATE(norm_rotate_bfloat16, uint16_t, float, bf16_load, bf16_store, sqrtf)
+DEFINE_NORM_ROTATE(norm_rotate_float16, uint16_t, float, f16_load, f16_store, sqrtf)
+
 /* tables_float32(inv_freq, n, first, rows, cos, sin): the half-width float32 tables of the positions first ..
    first + rows - 1 (rows x n each, row-major): the float64 angles position * inv_freq[i], their cos and sin
    each rounded once to float32, as tables_at's tensor operations compute them (the same bits on 32 million

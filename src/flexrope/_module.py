@@ -7,10 +7,11 @@ import sys
 import torch
 from torch import nn
 
-from ._dispatch import Rotation, rope
+from ._dispatch import Rotation, check_out, rope
 from ._errors import FlexRopeError
 from ._functional import bound, checked_positions, parse
-from ._positions import RowStarts, Where, check_values, position_tensor, values_on_host
+from ._positions import RowStarts, Where, assert_values_async, check_values, position_tensor, values_on_host
+from ._qknorm import check_norm, norm_settings, normed_rotation
 from ._hf_config import layer_rope, settings_from_hf_config
 from ._scaling import frequencies, parse_scaling, softmax_scale_factor
 from ._tables import check_rotary_dim, precompute_rope_params, tables_at
@@ -143,8 +144,14 @@ class RotaryEmbedding(nn.Module):
                 setattr(self, name, table.to(device=getattr(self, name).device))
         return self
 
-    def _rotate(self, operands: list[tuple[torch.Tensor, int, Where]], inverse: bool) -> tuple[torch.Tensor, ...]:
-        """Rotate each (x, sequence length, where) with the tables its call needs."""
+    def _rotate(self, operands: list[tuple[torch.Tensor, int, Where]], inverse: bool, outs: tuple | None = None
+                ) -> tuple[torch.Tensor, ...]:
+        """Rotate each (x, sequence length, where) with the tables its call needs (into ``outs``, one tensor
+        or None per operand, where given)."""
+        outs = outs or (None,) * len(operands)
+        inplace = all(out is x for out, (x, _, _) in zip(outs, operands))
+        if inplace or not any(out is not None for out in outs):
+            outs = None
         short = self._short_length
         reach = max(_reach(where, length) for _, length, where in operands) if short or self._dynamic else 0
         if self._dynamic and reach > self._plain_limit:
@@ -152,23 +159,26 @@ class RotaryEmbedding(nn.Module):
             inv_freq, attention_factor = frequencies(self._recipe, self.rotary_dim, self.theta_base, reach)
             table = self.cos
             (_, length, where), *others = operands
+            given = outs or (None,) * len(operands)
             if isinstance(where, int) and all(other[1:] == (length, where) for other in others):
-                groups = [(where, length, [x for x, _, _ in operands])]  # q and k at a step share their rows
+                # q and k at a step share their rows
+                groups = [(where, length, [x for x, _, _ in operands], given)]
             else:
-                groups = [(where, length, [x]) for x, length, where in operands]
+                groups = [(where, length, [x], (out,)) for (x, length, where), out in zip(operands, given)]
             out = []
-            for where, length, xs in groups:
+            for where, length, xs, into in groups:
                 rows, local = _rows(where, length)
                 cos, sin = tables_at(inv_freq, rows, dtype=table.dtype, device=table.device,
                                      attention_factor=attention_factor)
-                out += rope(self._rotation, cos, sin, [(x, local) for x in xs], inplace=False,
-                            table_len=cos.shape[0], inverse=inverse, positions_checked=True)
+                out += rope(self._rotation, cos, sin, [(x, local) for x in xs], inplace=inplace,
+                            table_len=cos.shape[0], inverse=inverse, positions_checked=True, outs=into)
             return tuple(out)
         cos, sin = self.cos, self.sin
         if short is not None and reach <= short:
             cos, sin = self.short_cos, self.short_sin
-        return rope(self._rotation, cos, sin, [(x, where) for x, _, where in operands], inplace=False,
-                    table_len=cos.shape[0], inverse=inverse, positions_checked=values_on_host(operands[0][0]))
+        return rope(self._rotation, cos, sin, [(x, where) for x, _, where in operands], inplace=inplace,
+                    table_len=cos.shape[0], inverse=inverse, positions_checked=values_on_host(operands[0][0]),
+                    outs=outs)
 
     @classmethod
     def from_hf_config(cls, config, *, layer_type: str | None = None, layer_idx: int | None = None,
@@ -249,6 +259,10 @@ class RotaryEmbedding(nn.Module):
         k_positions: torch.Tensor | None = None,
         k_offset: int | torch.Tensor | None = None,
         inverse: bool = False,
+        q_out: torch.Tensor | None = None,
+        k_out: torch.Tensor | None = None,
+        q_norm: object = None,
+        k_norm: object = None,
     ):
         """Rotate q (and k), each laid out as the module's layout.
 
@@ -260,15 +274,28 @@ class RotaryEmbedding(nn.Module):
             k_positions, k_offset: k's own positions, when k is not aligned with q (e.g. queries for the new
                 tokens, keys for the whole cache).
             inverse: rotate by the negated angles, undoing a rotation at the same positions.
+            q_out, k_out: tensors of q's (k's) shape, dtype and device, laid out as the module's layout with any
+                strides (``cache_k[:, n:n + s]``), that the rotation is written into, in the same pass, and
+                returned; ``q_out=q`` is in place. As torch's ``out=``, no autograd.
+            q_norm, k_norm: the attention's QK-norm, applied to each head before the rotation in the same pass:
+                a ``torch.nn.RMSNorm`` over the head dim, or a model's own (``.weight`` and ``.eps`` or
+                ``.variance_epsilon``: transformers' Qwen3RMSNorm; Gemma's norms, by class name, scale by
+                ``1 + weight``), or a tuple (weight, eps, offset). Gradients flow to q, k and the weights.
 
         Returns:
-            The rotated q, or ``(q, k)`` when k is given.
+            The rotated q, or ``(q, k)`` when k is given (``q_out``, ``k_out`` where given).
         """
-        if k is None and (k_positions is not None or k_offset is not None):
-            raise self._context(FlexRopeError("k_positions or k_offset was given without k"), "")
+        if k is None and (k_positions is not None or k_offset is not None or k_out is not None):
+            raise self._context(FlexRopeError("k_positions, k_offset or k_out was given without k"), "")
         q_len, q_where = self._positions(q, "q", positions, offset)
+        if k is None and k_norm is not None:
+            raise self._context(FlexRopeError("k_norm was given without k"), "")
+        outs = self._outs([(q, q_out, "q")] + ([] if k is None else [(k, k_out, "k")]))
+        normed = q_norm is not None or k_norm is not None
+        if k is None and normed:
+            return self._normed([(q, q_len, q_where, q_norm, q_out, "q")], inverse)[0]
         if k is None:
-            return self._rotate([(q, q_len, q_where)], inverse)[0]
+            return self._rotate([(q, q_len, q_where)], inverse, outs)[0]
         inherited = k_positions is None and k_offset is None
         if inherited:
             k_positions, k_offset = positions, offset
@@ -278,8 +305,49 @@ class RotaryEmbedding(nn.Module):
                 f"q has {q_len} tokens and k has {k_len}: say where k's tokens are with k_offset= or "
                 f"k_positions= (e.g. k_offset=0 for keys of the whole cache)"
             ), "")
-        q, k = self._rotate([(q, q_len, q_where), (k, k_len, k_where)], inverse)
+        if normed:
+            return self._normed([(q, q_len, q_where, q_norm, q_out, "q"), (k, k_len, k_where, k_norm, k_out, "k")],
+                                inverse)
+        q, k = self._rotate([(q, q_len, q_where), (k, k_len, k_where)], inverse, outs)
         return q, k
+
+    def _normed(self, operands: list[tuple], inverse: bool) -> tuple[torch.Tensor, ...]:
+        """Each (x, sequence length, where, norm, out, name): its norm (where given) and rotation, into out."""
+        try:
+            if inverse or self._dynamic:
+                raise FlexRopeError("q_norm/k_norm with inverse=True or dynamic NTK scaling: normalise first, "
+                                    "then rotate")
+            cos, sin = self.cos, self.sin
+            reach = max(_reach(where, length) for _, length, where, *_ in operands) if self._short_length else 0
+            if self._short_length is not None and reach <= self._short_length:
+                cos, sin = self.short_cos, self.short_sin
+            results = []
+            for x, length, where, norm, out, name in operands:
+                if norm is None:
+                    results += self._rotate([(x, length, where)], False, (out,))
+                    continue
+                weight, eps, offset = check_norm(*norm_settings(norm, f"{name}_norm"), x, self.head_dim,
+                                                 f"{name}_norm")
+                if not isinstance(where, int) and not values_on_host(x):
+                    assert_values_async(where, length, cos.shape[0])
+                if out is not None and torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
+                    raise FlexRopeError(f"{name}_out= with an input that requires grad: functions with out= "
+                                        f"arguments do not support automatic differentiation (as in torch)")
+                results.append(normed_rotation(self.layout, x, weight, eps, offset, cos, sin, where, length,
+                                               self.rotary_dim, self.interleaved, out=out))
+            return tuple(results)
+        except FlexRopeError as error:
+            raise self._context(error, "") from None
+
+    def _outs(self, pairs: list[tuple[torch.Tensor, torch.Tensor | None, str]]) -> tuple | None:
+        """The checked ``q_out`` / ``k_out`` (x itself where it is x: in place), None where neither is given."""
+        if all(out is None for _, out, _ in pairs):
+            return None
+        try:
+            return tuple(None if out is None else x if check_out(self.layout, x, out, name, f"{name}_out") else out
+                         for x, out, name in pairs)
+        except FlexRopeError as error:
+            raise self._context(error, "") from None
 
     def extra_repr(self) -> str:
         parts = [

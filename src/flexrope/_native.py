@@ -166,6 +166,9 @@ def _declare(library: ctypes.CDLL) -> None:
         function = getattr(library, name)
         function.restype = None
         function.argtypes = [ctypes.c_void_p] * 6
+        function = getattr(library, "norm_" + name)
+        function.restype = None
+        function.argtypes = [ctypes.c_void_p] * 7 + [ctypes.c_double]
     library.tables_float32.restype = None
     library.tables_float32.argtypes = [ctypes.c_void_p] + [ctypes.c_int64] * 3 + [ctypes.c_void_p] * 2
 
@@ -304,7 +307,7 @@ def _loaded() -> ctypes.CDLL | None:
 
 
 def _plan(x: torch.Tensor, out: torch.Tensor, table_strides: list[int], positions_strides: list[int],
-          table_row: int, rotary_dim: int, interleaved: bool, inverse: bool, threads: int
+          table_row: int, rotary_dim: int, interleaved: bool, inverse: bool, threads: int, norm: bool = False
           ) -> tuple[Callable, torch.Tensor, int]:
     """The loop for x's dtype, its plan (the array of integers _loop.c reads) and the plan's address, for one
     geometry: the rows (x's dims but the channels, in memory order, unit dims dropped) with the strides of x,
@@ -315,7 +318,7 @@ def _plan(x: torch.Tensor, out: torch.Tensor, table_strides: list[int], position
     varies = [table_strides[d] != 0 or positions_strides[d] != 0 for d in dims]  # the angles, along each dim
     # rows that share their angles along the innermost dim go in groups there (contiguous rows); else along
     # the dim outside it, where they share them there
-    group = GROUP if len(sizes) >= 2 and varies[-1] and not varies[-2] and sizes[-2] >= GROUP else 1
+    group = GROUP if len(sizes) >= 2 and varies[-1] and not varies[-2] and sizes[-2] >= GROUP and not norm else 1
     outer = math.prod(sizes[:-2]) * -(-sizes[-2] // group) if len(sizes) >= 2 else 1
     threads = threads if x.numel() >= THREADED_MIN_ELEMENTS else 1
     # a unit of work is a run of the innermost dim at one group of outer indices; where there are fewer of
@@ -328,7 +331,7 @@ def _plan(x: torch.Tensor, out: torch.Tensor, table_strides: list[int], position
                          threads, table_row, *sizes,
                          *(strides[d] for strides in (x.stride(), out.stride(), table_strides, positions_strides)
                            for d in dims)], dtype=torch.int64)
-    return getattr(_library, _FUNCTIONS[x.dtype]), plan, plan.data_ptr()
+    return getattr(_library, ("norm_" if norm else "") + _FUNCTIONS[x.dtype]), plan, plan.data_ptr()
 
 
 def _aligned(t: torch.Tensor, ndim: int) -> list[int]:
@@ -340,7 +343,8 @@ _plans: dict[tuple, tuple] = {}
 
 
 def rotate(x: torch.Tensor, out: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, where: Where, *,
-           rotary_dim: int, interleaved: bool, inverse: bool) -> bool:
+           rotary_dim: int, interleaved: bool, inverse: bool, gain: torch.Tensor | None = None, eps: float = 0.0
+           ) -> bool:
     """Write the rotation of canonical view ``x`` (*lead, b, h, s, d) into canonical view ``out`` (which may be
     ``x``) by the angles of the tables ``cos``, ``sin`` (context, >= r/2) at ``where`` (an int start, positions
     (s,) or (b, s), or RowStarts; their values already checked), negated where ``inverse``. False, writing
@@ -350,7 +354,10 @@ def rotate(x: torch.Tensor, out: torch.Tensor, cos: torch.Tensor, sin: torch.Ten
 
     The loop reads the tables where they are, at the positions where they are: a geometry seen before costs a
     dict lookup and the call. Tables of another dtype than the computation's (or whose strides differ) are
-    converted, their rows at the positions first."""
+    converted, their rows at the positions first.
+
+    With ``gain`` (the QK-norm's offset + weight, (d,) contiguous in the compute dtype), each row is first
+    RMS-normalised (``eps``) and scaled by it, in the same pass."""
     x_stride, out_stride = x.stride(), out.stride()
     if not (x.is_cpu and x.dtype in _FUNCTIONS and x_stride[-1] == 1 and out_stride[-1] == 1
             and torch._C._len_torch_dispatch_stack() == 0) or _loaded() is None:
@@ -377,7 +384,8 @@ def rotate(x: torch.Tensor, out: torch.Tensor, cos: torch.Tensor, sin: torch.Ten
             cos, sin = cos.contiguous(), sin.contiguous()
         geometry = (cos.shape, cos.stride(), None)
     threads = torch.get_num_threads()
-    key = (x.shape, x_stride, out_stride, geometry, x.dtype, rotary_dim, interleaved, inverse, threads)
+    norm = gain is not None
+    key = (x.shape, x_stride, out_stride, geometry, x.dtype, rotary_dim, interleaved, inverse, threads, norm)
     plan = _plans.get(key)
     if plan is None:
         if len(_plans) >= 256:
@@ -394,10 +402,14 @@ def rotate(x: torch.Tensor, out: torch.Tensor, cos: torch.Tensor, sin: torch.Ten
             aligned = _aligned(positions, 2)
             positions_strides[seq_dim - 2], positions_strides[seq_dim] = aligned
         plan = _plans[key] = _plan(x, out, table_strides, positions_strides, row, rotary_dim, interleaved, inverse,
-                                   threads)
+                                   threads, norm)
     function, _, address = plan
-    function(x.data_ptr(), out.data_ptr(), cos.data_ptr() + first, sin.data_ptr() + first, address,
-             None if positions is None else positions.data_ptr())
+    arguments = (x.data_ptr(), out.data_ptr(), cos.data_ptr() + first, sin.data_ptr() + first, address,
+                 None if positions is None else positions.data_ptr())
+    if norm:
+        function(*arguments, gain.data_ptr(), eps)
+    else:
+        function(*arguments)
     return True
 
 

@@ -1,0 +1,140 @@
+"""QK-norm fused with the rotation: each head's channels RMS-normalised, scaled, then rotated, in one pass.
+
+Qwen3, Gemma 3 and OLMo-style attention normalise every head of q and k over its head dim just before the
+rotation: ``n = x / sqrt(mean(x^2) + eps) * (offset + w)`` (offset 1.0 is Gemma's ``1 + weight``), computed
+in float32 (float64 for float64) and rotated in that dtype, rounded once to x's dtype at the end. The
+backward is written out: the incoming gradient rotated back by the negated angles, then RMSNorm's backward
+for x and w. Plain tensor operations both ways, so torch.compile traces it whole.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from . import _native
+from ._errors import FlexRopeError
+from ._pairs import as_dtype, compute_dtype, expression
+from ._positions import Where, angles_at, position_tensor
+
+
+def check_norm(weight: object, eps: object, offset: object, x: torch.Tensor, head_dim: int, name: str = "norm"
+               ) -> tuple[torch.Tensor, float, float]:
+    """The norm's weight (head_dim,), eps and offset, checked."""
+    if not isinstance(weight, torch.Tensor) or not weight.dtype.is_floating_point or weight.shape != (head_dim,):
+        what = (f"{weight.dtype} tensor of shape {tuple(weight.shape)}" if isinstance(weight, torch.Tensor)
+                else type(weight).__name__)
+        raise FlexRopeError(f"{name}_weight is a {what}: expected a floating tensor ({head_dim},), one weight per "
+                            f"channel of the head dim")
+    if weight.device != x.device:
+        raise FlexRopeError(f"{name}_weight is on {weight.device} but x is on {x.device}: move it with .to()")
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps >= 0:
+        raise FlexRopeError(f"{name}_eps={eps!r}: expected a number >= 0 (e.g. 1e-6)")
+    if isinstance(offset, bool) or not isinstance(offset, (int, float)):
+        raise FlexRopeError(f"{name}_weight_offset={offset!r}: expected a number (0.0, or 1.0 for Gemma's "
+                            f"1 + weight)")
+    return weight, float(eps), float(offset)
+
+
+def _scale(xf: torch.Tensor, eps: float) -> torch.Tensor:
+    return torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+
+
+class NormRope(torch.autograd.Function):
+    """``rotate(x / rms(x) * (offset + w))`` over canonical views, with gradients for x and w."""
+
+    @staticmethod
+    def forward(ctx, x, weight, cos, sin, eps: float, offset: float, rotary_dim: int, interleaved: bool):
+        compute = compute_dtype(x.dtype)
+        xf = as_dtype(x, compute)
+        gain = as_dtype(weight, compute) + offset
+        normed = xf * _scale(xf, eps) * gain
+        ctx.save_for_backward(x, weight, cos, sin)
+        ctx.settings = (eps, offset, rotary_dim, interleaved)
+        return expression(normed, as_dtype(cos, compute), as_dtype(sin, compute), rotary_dim, interleaved
+                          ).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight, cos, sin = ctx.saved_tensors
+        eps, offset, rotary_dim, interleaved = ctx.settings
+        compute = compute_dtype(x.dtype)
+        xf = as_dtype(x, compute)
+        # the rotation's transpose is the rotation by the negated angles
+        grad_n = expression(as_dtype(grad, compute), as_dtype(cos, compute), -as_dtype(sin, compute), rotary_dim,
+                            interleaved)
+        scale = _scale(xf, eps)
+        grad_x = grad_w = None
+        if ctx.needs_input_grad[0]:
+            u = grad_n * (as_dtype(weight, compute) + offset)
+            grad_x = (scale * (u - xf * scale.pow(2) * (u * xf).mean(-1, keepdim=True))).to(x.dtype)
+        if ctx.needs_input_grad[1]:
+            grad_w = (grad_n * xf * scale).flatten(0, -2).sum(0).to(weight.dtype)
+        return grad_x, grad_w, None, None, None, None, None, None
+
+
+def norm_settings(norm: object, name: str) -> tuple[torch.Tensor, float, float]:
+    """(weight, eps, offset) of a model's RMSNorm module: ``torch.nn.RMSNorm`` or anything with ``.weight``
+    and ``.eps`` or ``.variance_epsilon`` (transformers' Qwen3RMSNorm), offset 1.0 for Gemma's norms (their
+    class name starts with "Gemma": they scale by ``1 + weight``); or a tuple (weight, eps, offset)."""
+    if isinstance(norm, tuple) and len(norm) == 3:
+        return norm
+    weight = getattr(norm, "weight", None)
+    attributes = getattr(norm, "__dict__", {})  # plain attributes, without nn.Module's failing __getattr__
+    eps = attributes["eps"] if "eps" in attributes else attributes.get("variance_epsilon")
+    if not isinstance(weight, torch.Tensor):
+        raise FlexRopeError(f"{name} is a {type(norm).__name__}: expected an RMSNorm module (.weight and .eps or "
+                            f".variance_epsilon, e.g. torch.nn.RMSNorm) or a tuple (weight, eps, offset)")
+    if eps is None:  # torch.nn.RMSNorm(eps=None): the dtype's machine epsilon, as it computes
+        eps = torch.finfo(weight.dtype).eps
+    return weight, eps, 1.0 if type(norm).__name__.startswith("Gemma") else 0.0
+
+
+def _native_into(x_c, out_c, weight, eps, offset, cos, sin, where, rotary_dim, interleaved) -> bool:
+    """The norm and rotation by the C loop, in one pass, into ``out_c``; False where it does not apply."""
+    if torch.compiler.is_compiling() or not x_c.is_cpu or os.environ.get("FLEXROPE_BACKEND", "auto") not in (
+            "auto", "native"):
+        return False
+    return _native.rotate(x_c, out_c, cos, sin, where, rotary_dim=rotary_dim, interleaved=interleaved, inverse=False,
+                          gain=_gain(weight, compute_dtype(x_c.dtype), offset), eps=eps)
+
+
+_gains: dict[tuple, torch.Tensor] = {}
+
+
+def _gain(weight: torch.Tensor, dtype: torch.dtype, offset: float) -> torch.Tensor:
+    """offset + weight, contiguous in ``dtype``: made once per version of the weight (a decoding step would
+    otherwise spend two tensor operations on it per call)."""
+    try:
+        key = (weight.data_ptr(), weight._version, weight.shape, weight.stride(), weight.dtype, dtype, offset)
+    except RuntimeError:  # an inference tensor keeps no version
+        key = None
+    gain = _gains.get(key) if key is not None else None
+    if gain is None:
+        gain = (as_dtype(weight.detach(), dtype) + offset).contiguous()
+        if key is not None:
+            if len(_gains) >= 64:
+                _gains.clear()
+            _gains[key] = gain
+    return gain
+
+
+def normed_rotation(layout, x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float, cos: torch.Tensor,
+                    sin: torch.Tensor, where: Where, seq_len: int, rotary_dim: int, interleaved: bool,
+                    out: torch.Tensor | None = None) -> torch.Tensor:
+    """The QK-norm then the rotation of ``x`` (laid out as ``layout``) at ``where``, values already checked;
+    written into ``out`` where given (checked, no gradient needed). Without a gradient to compute, on the
+    CPU, the C loop does it in one pass."""
+    if not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)):
+        target = out if out is not None else torch.empty_like(x)  # x's strides where x is dense
+        if _native_into(layout.canonical(x), layout.canonical(target), weight, eps, offset, cos, sin, where,
+                        rotary_dim, interleaved):
+            torch.autograd.graph.increment_version(target)
+            return target
+    where = position_tensor(where, seq_len)
+    half = rotary_dim // 2
+    c, s = angles_at(cos, where, seq_len, half), angles_at(sin, where, seq_len, half)
+    result = layout.from_canonical(NormRope.apply(layout.canonical(x), weight, c, s, eps, offset, rotary_dim,
+                                                  interleaved))
+    return result if out is None else out.copy_(result)

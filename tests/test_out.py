@@ -1,0 +1,178 @@
+"""out= (q_out= / k_out=): the rotation written straight into a tensor the caller owns, e.g. a KV cache slice.
+
+Every backend (the C loop, eager, compiled, Triton in its interpreter) against rotating then copying,
+bitwise; bad outs refused with nothing written.
+"""
+
+import pytest
+import torch
+
+import flexrope
+from flexrope import FlexRopeError, RotaryEmbedding, compute_rope
+
+BACKENDS = ["native", "eager", "compiled", "triton"]
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request, monkeypatch):
+    if request.param == "triton":
+        pytest.importorskip("triton")
+        if torch.cuda.is_available():
+            pytest.skip("the CPU tensors here need Triton's interpreter")
+    monkeypatch.setenv("FLEXROPE_BACKEND", request.param)
+    return request.param
+
+
+def _tables(d=8, rotary_dim=None, length=32):
+    return flexrope.precompute_rope_params(d, context_length=length, rotary_dim=rotary_dim)
+
+
+# (layout, x shape, cache shape, the cache slice of x's shape at n .. n + s)
+CASES = [
+    ("b s h d", (2, 3, 2, 8), (2, 9, 2, 8), lambda c, n, s: c[:, n:n + s]),
+    ("b h s d", (2, 2, 3, 8), (2, 2, 9, 8), lambda c, n, s: c[:, :, n:n + s]),
+    ("s b h d", (3, 2, 2, 8), (9, 2, 2, 8), lambda c, n, s: c[n:n + s]),
+    # a "b h s d" cache written through a "b s h d" call
+    ("b s h d", (2, 3, 2, 8), (2, 2, 9, 8), lambda c, n, s: c[:, :, n:n + s].transpose(1, 2)),
+    ("b s (h d)", (2, 3, 16), (2, 9, 16), lambda c, n, s: c[:, n:n + s]),
+]
+
+
+@pytest.mark.parametrize("layout, shape, cache_shape, window", CASES)
+@pytest.mark.parametrize("interleaved, rotary_dim", [(False, None), (True, 6), (False, 4)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_out_into_cache_slice_equals_rotate_then_copy(backend, layout, shape, cache_shape, window, interleaved,
+                                                      rotary_dim, dtype):
+    if backend == "compiled" and (interleaved or rotary_dim or dtype != torch.float32):
+        pytest.skip("one variant per layout for the compiled loop (seconds per compile)")
+    cos, sin = _tables(rotary_dim=rotary_dim)
+    lengths = {"h": 2} if "(" in layout else {}
+    x = torch.randn(shape).to(dtype)
+    kwargs = dict(offset=4, interleaved=interleaved, rotary_dim=rotary_dim, **lengths)
+    expected = torch.full(cache_shape, 7.0, dtype=dtype)
+    window(expected, 4, 3).copy_(compute_rope(x, cos, sin, layout, **kwargs))
+    cache = torch.full(cache_shape, 7.0, dtype=dtype)
+    before = x.clone()
+    result = compute_rope(x, cos, sin, layout, out=window(cache, 4, 3), **kwargs)
+    assert result.data_ptr() == window(cache, 4, 3).data_ptr()
+    assert torch.equal(cache, expected)  # the slice bitwise, and nothing outside it touched
+    assert torch.equal(x, before)
+
+
+def test_out_with_positions_equals_rotate_then_copy(backend):
+    cos, sin = _tables()
+    x = torch.randn(2, 3, 2, 8)
+    positions = torch.tensor([[5, 1, 9], [0, 2, 3]])
+    cache = torch.zeros(2, 6, 2, 8)
+    compute_rope(x, cos, sin, "b s h d", positions=positions, out=cache[:, 2:5])
+    assert torch.equal(cache[:, 2:5], compute_rope(x, cos, sin, "b s h d", positions=positions))
+
+
+def test_out_x_itself_is_in_place(backend):
+    cos, sin = _tables()
+    x = torch.randn(2, 3, 2, 8)
+    expected = compute_rope(x, cos, sin, "b s h d", offset=2)
+    assert compute_rope(x, cos, sin, "b s h d", offset=2, out=x) is x
+    assert torch.equal(x, expected)
+
+
+def test_module_q_out_k_out(backend):
+    rope = RotaryEmbedding(8, layout="b s h d", context_length=32)
+    q, k = torch.randn(2, 1, 4, 8), torch.randn(2, 1, 2, 8)
+    q_expected, k_expected = rope(q, k, offset=5)
+    cache_k, q_buffer = torch.zeros(2, 8, 2, 8), torch.empty(2, 1, 4, 8)
+    q_rot, k_rot = rope(q, k, offset=5, q_out=q_buffer, k_out=cache_k[:, 5:6])
+    assert q_rot is q_buffer and k_rot.data_ptr() == cache_k[:, 5:6].data_ptr()
+    assert torch.equal(q_buffer, q_expected) and torch.equal(cache_k[:, 5:6], k_expected)
+    assert cache_k[:, :5].abs().sum() == 0 and cache_k[:, 6:].abs().sum() == 0
+    # only k into the cache, q in place
+    q2 = q.clone()
+    q_rot, _ = rope(q2, k, offset=5, q_out=q2, k_out=cache_k[:, 6:7])
+    assert q_rot is q2 and torch.equal(q2, q_expected) and torch.equal(cache_k[:, 6:7], k_expected)
+
+
+def _refused(match, *args, **kwargs):
+    with pytest.raises(FlexRopeError, match=match):
+        compute_rope(*args, **kwargs)
+
+
+def test_bad_out_is_refused_with_nothing_written():
+    cos, sin = _tables()
+    x = torch.randn(2, 3, 2, 8)
+    buffer = torch.randn(2, 4, 2, 8)
+    kept = buffer.clone()
+    _refused(r"out has shape \(2, 4, 2, 8\) but x has \(2, 3, 2, 8\)", x, cos, sin, "b s h d", out=buffer)
+    _refused(r"out has dtype torch.float64 but x has torch.float32", x, cos, sin, "b s h d",
+             out=torch.zeros(2, 3, 2, 8, dtype=torch.float64))
+    _refused("out is a list", x, cos, sin, "b s h d", out=[0])
+    _refused("overlaps x", buffer[:, :3], cos, sin, "b s h d", out=buffer[:, 1:])
+    _refused("overlap in memory", x, cos, sin, "b s h d", out=torch.zeros(1, 1, 1, 8).expand(2, 3, 2, 8))
+    _refused("position", x, cos, sin, "b s h d", positions=torch.tensor([0, 1, 40]), out=buffer[:, 1:])
+    _refused("out= with x requiring grad", x.requires_grad_(), cos, sin, "b s h d", out=buffer[:, 1:])
+    _refused("inplace=True and out=", x.detach(), cos, sin, "b s h d", inplace=True, out=buffer[:, 1:])
+    assert torch.equal(buffer, kept)
+
+
+def test_views_of_one_buffer_that_share_no_element_are_not_overlap():
+    cos, sin = _tables()
+    qkv = torch.randn(2, 3, 2, 16)  # q in the first 8 channels of each head, its rotation into the last 8
+    q, into = qkv[..., :8], qkv[..., 8:]
+    expected = compute_rope(q, cos, sin, "b s h d")
+    compute_rope(q, cos, sin, "b s h d", out=into)
+    assert torch.equal(into, expected)
+
+
+def test_module_bad_k_out_names_k():
+    rope = RotaryEmbedding(8, layout="b s h d", context_length=32)
+    q, k = torch.randn(2, 1, 4, 8), torch.randn(2, 1, 2, 8)
+    with pytest.raises(FlexRopeError, match=r"k_out has shape \(2, 1, 4, 8\) but k has \(2, 1, 2, 8\)"):
+        rope(q, k, q_out=torch.empty_like(q), k_out=torch.empty_like(q))
+
+
+def _index_copied(x, rotated, cache, index, layout):
+    """The reference: index_copy_ of the unfused rotation, token by token (negative indices skipped)."""
+    expected = cache.clone()
+    seq_dim = layout.split().index("s")
+    for row in range(index.shape[0]):
+        keep = (index[row] >= 0).nonzero().flatten()
+        target, source = expected.select(0, row), rotated.select(0, row)
+        target.index_copy_(seq_dim - 1, index[row][keep], source.index_select(seq_dim - 1, keep))
+    return expected
+
+
+@pytest.mark.parametrize("layout, shape, cache_shape", [("b s h d", (2, 4, 2, 8), (2, 6, 2, 8)),
+                                                       ("b h s d", (2, 2, 4, 8), (2, 2, 6, 8))])
+@pytest.mark.parametrize("per_row", [False, True])
+def test_out_index_equals_index_copy_and_skips_negative(layout, shape, cache_shape, per_row):
+    cos, sin = _tables()
+    x = torch.randn(shape)
+    index = torch.tensor([[5, 0, -1, 2], [1, -3, 4, 3]]) if per_row else torch.tensor([5, -1, 0, 3])
+    cache = torch.randn(cache_shape)
+    expected = _index_copied(x, compute_rope(x, cos, sin, layout, offset=3), cache, index.expand(2, 4), layout)
+    assert compute_rope(x, cos, sin, layout, offset=3, out=cache, out_index=index) is cache
+    assert torch.equal(cache, expected)
+
+
+def test_bad_out_index_is_refused_with_nothing_written():
+    cos, sin = _tables()
+    x, cache = torch.randn(2, 3, 2, 8), torch.randn(2, 5, 2, 8)
+    kept = cache.clone()
+    _refused("past out's sequence length 5", x, cos, sin, "b s h d", out=cache, out_index=torch.tensor([0, 5, 1]))
+    _refused("repeats an index", x, cos, sin, "b s h d", out=cache, out_index=torch.tensor([1, 2, 1]))
+    _refused(r"expected an integer tensor \(3,\) or \(2, 3\)", x, cos, sin, "b s h d", out=cache,
+             out_index=torch.tensor([0, 1]))
+    _refused("needs out=", x, cos, sin, "b s h d", out_index=torch.tensor([0, 1, 2]))
+    assert torch.equal(cache, kept)
+    # repeated negative indices are fine: every one of them is skipped
+    compute_rope(x, cos, sin, "b s h d", out=cache, out_index=torch.tensor([-1, 2, -1]))
+    assert torch.equal(cache[:, [0, 1, 3, 4]], kept[:, [0, 1, 3, 4]])
+
+
+def test_out_under_torch_compile_has_no_graph_break():
+    cos, sin = _tables()
+    x, cache = torch.randn(1, 3, 2, 8), torch.zeros(1, 6, 2, 8)
+    step = torch.compile(lambda x, into: compute_rope(x, cos, sin, "b s h d", offset=1, out=into), fullgraph=True,
+                         backend="eager")
+    step(x, cache[:, 1:4])
+    assert torch.equal(cache[:, 1:4], compute_rope(x, cos, sin, "b s h d", offset=1))
+    assert cache[:, 0].abs().sum() == 0 and cache[:, 4:].abs().sum() == 0

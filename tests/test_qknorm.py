@@ -1,0 +1,142 @@
+"""QK-norm fused with the rotation: against transformers' Qwen3 and Gemma 3 norm-then-rotate, gradients of
+the unfused formula (gradcheck in float64, the weight too), partial and interleaved rotation, torch.compile
+without a graph break, the module's q_norm / k_norm."""
+
+import pytest
+import torch
+
+import flexrope
+from flexrope import FlexRopeError, RotaryEmbedding, compute_rope
+
+qwen3 = pytest.importorskip("transformers.models.qwen3.modeling_qwen3")
+gemma3 = pytest.importorskip("transformers.models.gemma3.modeling_gemma3")
+
+D = 16
+
+
+def _hf(norm_class, dtype):
+    norm = norm_class(D, eps=1e-6)
+    with torch.no_grad():
+        norm.weight.normal_()
+    return norm.to(dtype)
+
+
+def _unfused64(x, weight, offset, eps, cos, sin):
+    """The definition in float64: RMSNorm over the head dim, times (offset + w), then the half-split rotation."""
+    xf = x.double()
+    n = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps) * (offset + weight.double())
+    a, b = n.chunk(2, dim=-1)
+    return torch.cat([a * cos - b * sin, b * cos + a * sin], dim=-1)
+
+
+@pytest.mark.parametrize("norm_class, offset", [(qwen3.Qwen3RMSNorm, 0.0), (gemma3.Gemma3RMSNorm, 1.0)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_matches_transformers_norm_then_rotate(norm_class, offset, dtype):
+    norm = _hf(norm_class, dtype)
+    q = torch.randn(2, 3, 5, D).to(dtype)  # (b h s d), transformers' layout
+    cos, sin = flexrope.precompute_rope_params(D, context_length=64)
+    theirs, _ = qwen3.apply_rotary_pos_emb(norm(q), norm(q), cos[4:9].to(dtype)[None], sin[4:9].to(dtype)[None])
+    eps = getattr(norm, "variance_epsilon", getattr(norm, "eps", None))
+    ours = compute_rope(q, cos, sin, "b h s d", offset=4, norm_weight=norm.weight, norm_eps=eps,
+                        norm_weight_offset=offset)
+    assert ours.dtype == dtype
+    if dtype == torch.float32:
+        torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-5)
+        return
+    # bfloat16: ours is rounded once, theirs at every step; both within bfloat16's rounding of the definition
+    half = D // 2  # seed-format tables repeat the r/2 angles
+    exact = _unfused64(q, norm.weight, offset, eps, cos[4:9, :half].double(), sin[4:9, :half].double())
+    unit = 2.0 ** -8 * exact.abs() * 1.001 + 1e-6  # bfloat16's unit roundoff, relative (float32 angles aside)
+    assert ((ours.double() - exact).abs() <= unit).all()  # rounded once: within half an ulp
+    # theirs rounds each product and sum in bfloat16: within a few roundings of the head's largest channel
+    head_scale = 2.0 ** -8 * exact.abs().amax(-1, keepdim=True)
+    assert ((ours.double() - theirs.double()).abs() <= 8 * head_scale).all()
+
+
+@pytest.mark.parametrize("interleaved, rotary_dim", [(False, None), (False, 8), (True, 12)])
+@pytest.mark.parametrize("offset", [0.0, 1.0])
+def test_gradcheck_x_and_weight(interleaved, rotary_dim, offset):
+    cos, sin = flexrope.precompute_rope_params(D, context_length=16, rotary_dim=rotary_dim, dtype=torch.float64)
+    x = torch.randn(2, 3, 2, D, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(D, dtype=torch.float64, requires_grad=True)
+    positions = torch.tensor([[3, 0, 7], [1, 1, 2]])
+
+    def fn(x, w):
+        return compute_rope(x, cos, sin, "b s h d", positions=positions, interleaved=interleaved,
+                            rotary_dim=rotary_dim, norm_weight=w, norm_eps=1e-5, norm_weight_offset=offset)
+
+    assert torch.autograd.gradcheck(fn, (x, w))
+
+
+def test_gradients_equal_unfused():
+    cos, sin = flexrope.precompute_rope_params(D, context_length=16)
+    x = torch.randn(2, 4, 3, D, requires_grad=True)
+    norm = torch.nn.RMSNorm(D, eps=1e-6)
+    with torch.no_grad():
+        norm.weight.normal_()
+    grad = torch.randn(2, 4, 3, D)
+    compute_rope(norm(x), cos, sin, "b s h d", offset=2).backward(grad)
+    expected_x, expected_w = x.grad.clone(), norm.weight.grad.clone()
+    x.grad = norm.weight.grad = None
+    compute_rope(x, cos, sin, "b s h d", offset=2, norm_weight=norm.weight, norm_eps=1e-6).backward(grad)
+    torch.testing.assert_close(x.grad, expected_x, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(norm.weight.grad, expected_w, rtol=1e-5, atol=1e-5)
+
+
+def test_compiles_without_graph_break():
+    cos, sin = flexrope.precompute_rope_params(D, context_length=16)
+    x, w = torch.randn(1, 3, 2, D), torch.randn(D)
+
+    @torch.compile(fullgraph=True, backend="eager")
+    def fn(x, w):
+        return compute_rope(x, cos, sin, "b s h d", offset=1, norm_weight=w, norm_eps=1e-6)
+
+    # the C loop sums the squares in another order than torch: the last bit may differ
+    torch.testing.assert_close(fn(x, w), compute_rope(x, cos, sin, "b s h d", offset=1, norm_weight=w,
+                                                      norm_eps=1e-6), rtol=0, atol=1e-6)
+
+
+def test_module_q_norm_k_norm_into_the_cache():
+    rope = RotaryEmbedding(D, layout="b s h d", context_length=32)
+    q, k = torch.randn(2, 1, 4, D), torch.randn(2, 1, 2, D)
+    q_norm, k_norm = _hf(qwen3.Qwen3RMSNorm, torch.float32), _hf(gemma3.Gemma3RMSNorm, torch.float32)
+    cos, sin = flexrope.precompute_rope_params(D, context_length=32)
+    q_expected = compute_rope(q_norm(q), cos, sin, "b s h d", offset=5)
+    k_expected = compute_rope(k_norm(k), cos, sin, "b s h d", offset=5)
+    cache_k = torch.zeros(2, 8, 2, D)
+    with torch.no_grad():
+        q_rot, k_rot = rope(q, k, offset=5, q_norm=q_norm, k_norm=k_norm, k_out=cache_k[:, 5:6])
+    torch.testing.assert_close(q_rot, q_expected, rtol=0, atol=1e-5)
+    torch.testing.assert_close(cache_k[:, 5:6], k_expected, rtol=0, atol=1e-5)
+    assert cache_k[:, :5].abs().sum() == 0
+
+
+def test_bad_norm_weight_is_refused():
+    cos, sin = flexrope.precompute_rope_params(D, context_length=16)
+    x = torch.randn(1, 3, 2, D)
+    with pytest.raises(FlexRopeError, match=r"norm_weight is a torch.float32 tensor of shape \(8,\): expected"):
+        compute_rope(x, cos, sin, "b s h d", norm_weight=torch.ones(8))
+    with pytest.raises(FlexRopeError, match="norm_eps=-1"):
+        compute_rope(x, cos, sin, "b s h d", norm_weight=torch.ones(D), norm_eps=-1)
+
+
+@pytest.mark.parametrize("layout, shape", [("b s h d", (2, 5, 3, D)), ("b h s d", (2, 3, 5, D))])
+@pytest.mark.parametrize("interleaved, rotary_dim", [(False, None), (True, 12)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_one_pass_loop_equals_eager_math_into_a_cache(monkeypatch, layout, shape, interleaved, rotary_dim, dtype):
+    """The C loop's norm and rotation (default on the CPU without a gradient) against the eager formula (the
+    autograd path), through out= into a cache slice and with per-row positions."""
+    cos, sin = flexrope.precompute_rope_params(D, context_length=32, rotary_dim=rotary_dim)
+    x, w = torch.randn(shape, dtype=dtype), torch.randn(D, dtype=dtype)
+    positions = torch.tensor([[3, 0, 7, 7, 2], [1, 1, 2, 9, 4]])
+    kwargs = dict(positions=positions, interleaved=interleaved, rotary_dim=rotary_dim, norm_weight=w, norm_eps=1e-5,
+                  norm_weight_offset=0.5)
+    seq_dim = layout.split().index("s")
+    cache = torch.zeros(*shape[:seq_dim], 9, *shape[seq_dim + 1:], dtype=dtype)
+    into = cache.narrow(seq_dim, 2, 5)
+    assert compute_rope(x, cos, sin, layout, out=into, **kwargs).data_ptr() == into.data_ptr()
+    monkeypatch.setenv("FLEXROPE_BACKEND", "eager")
+    expected = compute_rope(x, cos, sin, layout, **kwargs)
+    tolerance = 4 * torch.finfo(dtype).eps
+    torch.testing.assert_close(into, expected, rtol=tolerance, atol=tolerance)
+    assert cache.narrow(seq_dim, 0, 2).abs().sum() == 0 and cache.narrow(seq_dim, 7, 2).abs().sum() == 0
