@@ -142,3 +142,14 @@ def test_family_matches_transformers(model_type):
 @pytest.mark.parametrize("model_type", ["llama", "cohere", "deepseek_v3", "gemma3_text", "phi"])
 def test_family_matches_transformers_in_bfloat16(model_type):
     _check(model_type, torch.bfloat16)
+
+
+def test_every_multi_axis_family_is_sent_to_the_multi_axis_module():
+    from flexrope._mrope_families import FAMILIES as MULTI_AXIS_FAMILIES
+
+    not_sent = sorted(name for name in MULTI_AXIS_FAMILIES if not (name in FAMILIES and FAMILIES[name].multiaxis))
+    assert not not_sent, f"read as 1-D (or unknown) by RotaryEmbedding.from_hf_config: {not_sent}"
+    flat = {"model_type": "qwen2_vl", "hidden_size": 256, "num_attention_heads": 2, "max_position_embeddings": 64,
+            "rope_scaling": {"type": "mrope", "mrope_section": [16, 24, 24]}}  # an older Qwen2-VL config.json
+    with pytest.raises(FlexRopeError, match="MultiAxisRotaryEmbedding.from_hf_config"):
+        RotaryEmbedding.from_hf_config(flat)

@@ -86,7 +86,10 @@ _MULTI_AXIS_TYPES = """
     qwen2_5_omni_thinker qwen2_5_vl_text qwen2_vl_text qwen3_5_moe_text qwen3_5_text qwen3_omni_moe_text
     qwen3_omni_moe_thinker qwen3_vl_moe_text qwen3_vl_text qwen4_exp_text qwen2_5_omni_talker
     qwen3_omni_moe_talker_text
-""".split()
+    cohere_compass cosmos3_edge cosmos3_omni ernie4_5_vl_moe glm46v glm4v glm4v_moe glm_image glm_ocr hunyuan_vl
+    hy_v4_vl minicpmv4_7 paddleocr_vl qwen2_5_omni qwen2_5_vl qwen2_vl qwen3_5 qwen3_5_moe qwen3_omni_moe qwen3_vl
+    qwen3_vl_moe qwen4_exp
+""".split()  # the second group: composite configs, or flat config.json files of the older checkpoints
 
 FAMILIES: dict[str, Family] = {
     **{name: HALF_SPLIT for name in _HALF_SPLIT_TYPES},
