@@ -28,14 +28,28 @@ __attribute__((constructor)) static void announce(void) {
     FILE *f = marker ? fopen(marker, "a") : NULL;
     if (f) { fputs("planted library ran\n", f); fclose(f); }
 }
-void rotate_float32(void) {}
-void rotate_float64(void) {}
-void rotate_bfloat16(void) {}
-void rotate_float16(void) {}
-#ifndef WITHOUT_TABLES
-void tables_float32(void) {}
-#endif
 """
+
+
+class _Exported:
+    """Records the functions ``_native._declare`` looks up: the ones a planted library must export too."""
+
+    def __init__(self):
+        self.names = []
+
+    def __getattr__(self, name):
+        self.names.append(name)
+        return type("Function", (), {})()
+
+
+def _planted_source() -> str:
+    """A library exporting every function of the loop (doing nothing), all but tables_float32 under
+    -DWITHOUT_TABLES."""
+    exported = _Exported()
+    _native._declare(exported)
+    stubs = [f"void {name}(void) {{}}" if name != "tables_float32" else
+             f"#ifndef WITHOUT_TABLES\nvoid {name}(void) {{}}\n#endif" for name in dict.fromkeys(exported.names)]
+    return PLANTED_C + "\n".join(stubs) + "\n"
 
 
 def _cc(source: Path, out: Path, *flags: str) -> Path:
@@ -51,7 +65,7 @@ def built(tmp_path_factory):
     good = root / "good" / _native._name(compiler)
     good.parent.mkdir()
     _native._compile(compiler, good)
-    (root / "planted.c").write_text(PLANTED_C)
+    (root / "planted.c").write_text(_planted_source())
     planted = _cc(root / "planted.c", root / "planted.so")
     lacking = _cc(root / "planted.c", root / "lacking.so", "-DWITHOUT_TABLES")
     return {"good": good, "planted": planted, "lacking": lacking, "name": good.name}
