@@ -17,10 +17,10 @@ from flexrope import _native, compute_rope
 from .strategies import layouts
 
 
-@pytest.fixture(scope="module")
-def patch():
-    with pytest.MonkeyPatch.context() as patch:
-        yield patch
+@pytest.fixture
+def patch(monkeypatch):
+    """Per test: a threshold or a backend one test sets never reaches the next."""
+    return monkeypatch
 
 
 def _both(patch, fn):
@@ -37,8 +37,13 @@ def _both(patch, fn):
 @settings(max_examples=40)
 @given(case=layouts(), interleaved=st.booleans(), partial=st.booleans(), per_row=st.booleans(), inverse=st.booleans(),
        start=st.none() | st.integers(0, 26), seed=st.integers(0, 99))
-def test_every_layout_equals_eager_bitwise_in_and_out_of_place(patch, case, interleaved, partial, per_row, inverse,
-                                                              start, seed):
+def test_every_layout_equals_eager_bitwise_in_and_out_of_place(case, interleaved, partial, per_row, inverse, start,
+                                                              seed):
+    with pytest.MonkeyPatch.context() as patch:  # hypothesis runs the body many times per fixture
+        _every_layout_case(patch, case, interleaved, partial, per_row, inverse, start, seed)
+
+
+def _every_layout_case(patch, case, interleaved, partial, per_row, inverse, start, seed):
     text, lengths, canonical, x, _ = case
     d = canonical.shape[-1]
     rotary_dim = d - 2 if partial and d > 2 else None
@@ -393,3 +398,57 @@ def test_in_place_inside_inference_mode(patch):
         x = torch.randn(2, 3, 5, 8)
         fast, slow = _both(patch, lambda: compute_rope(x.clone(), cos, sin, offset=1, inplace=True))
     assert torch.equal(fast, slow)
+
+
+DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
+
+
+def _wheres(b, s, context):
+    generator = torch.Generator().manual_seed(1)
+    return (dict(offset=3), dict(offset=torch.arange(b) * 2), dict(positions=torch.randint(0, context - 1, (s,),
+                                                                                           generator=generator)),
+            dict(positions=torch.randint(0, context - 1, (b, s), generator=generator)), dict(offset=5, inverse=True))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("interleaved", [False, True])
+@pytest.mark.parametrize("layout, heads", [("b h s d", 6), ("b h s d", 4), ("b h s d", 2), ("b s h d", 6)])
+def test_non_dense_input_written_into_a_dense_output_by_its_own_strides(patch, dtype, interleaved, layout, heads):
+    """Out of place on a view that is not dense (a window of a wider head dim, every other token, every other
+    head): the result is a fresh dense tensor whose strides are not x's, and each row of it, grouped (4 or more
+    heads of "b h s d" share their angles, with or without a remainder) or not, and its pass-through channels
+    land by out's strides."""
+    d, rotary_dim, b, s = 16, 10, 2, 9
+    cos, sin = flexrope.precompute_rope_params(d, context_length=32, rotary_dim=rotary_dim)
+    shape = (b, 2 * heads, 2 * s + 1, d + 6) if layout == "b h s d" else (b, 2 * s + 1, 2 * heads, d + 6)
+    base = torch.randn(shape).to(dtype)
+    x = base[:, ::2, 1::2, 3:3 + d] if layout == "b h s d" else base[:, 1::2, ::2, 3:3 + d]
+    before = base.clone()
+    for where in _wheres(b, s, 32):
+        kwargs = dict(interleaved=interleaved, rotary_dim=rotary_dim, **where)
+        fast, slow = _both(patch, lambda: compute_rope(x, cos, sin, layout, **kwargs))
+        assert fast.is_contiguous() and fast.stride() != x.stride()
+        assert torch.equal(fast, slow), (fast.float() - slow.float()).abs().max()
+        assert torch.equal(fast[..., rotary_dim:], x[..., rotary_dim:])  # the tail, copied
+        assert torch.equal(base, before)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("interleaved", [False, True])
+def test_sin_strided_unlike_cos(patch, dtype, interleaved):
+    """cos contiguous and sin a slice of a wider table, a transposed copy, or every other row of a longer one
+    (and the other way round, and both strided alike): each table read by its own strides."""
+    d, b, s = 16, 2, 7
+    cos, sin = flexrope.precompute_rope_params(d, context_length=32)
+    strided = (lambda t: torch.cat([t, torch.randn(32, 8)], dim=-1)[:, :d],  # a slice of a wider table
+               lambda t: t.t().contiguous().t(),  # column-major
+               lambda t: torch.stack([t, torch.randn_like(t)], dim=1).flatten(0, 1)[::2])  # every other row
+    x = torch.randn(b, 4, s, d).to(dtype)
+    for where in _wheres(b, s, 32):
+        kwargs = dict(interleaved=interleaved, **where)
+        want = _both(patch, lambda: compute_rope(x, cos, sin, **kwargs))[1]
+        for view in strided:
+            assert torch.equal(view(sin), sin) and view(sin).stride() != sin.stride()
+            for tables in ((cos, view(sin)), (view(cos), sin), (view(cos), view(sin))):
+                fast, slow = _both(patch, lambda: compute_rope(x, *tables, **kwargs))
+                assert torch.equal(fast, slow) and torch.equal(fast, want)
