@@ -283,13 +283,32 @@ def test_positions_read_through_their_strides_in_any_integer_dtype(patch):
         assert torch.equal(fast, slow)
 
 
-def test_empty_tensors(patch):
-    patch.setenv("FLEXROPE_BACKEND", "native")
-    cos, sin = flexrope.precompute_rope_params(8, context_length=32)
+@pytest.mark.parametrize("backend", ["native", "eager", "small"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+def test_empty_tensors(monkeypatch, backend, dtype):
+    """A batch, heads or tokens of length 0: out of place a new tensor of x's dtype, device and strides
+    (x's memory format, as for any dense x) with x untouched; in place x itself; gradients of x's shape and
+    dtype. Through the C loop, the eager kernels and the few-operation path for small calls."""
+    monkeypatch.setenv("FLEXROPE_BACKEND", "native" if backend == "native" else "eager")
+    if backend == "eager":
+        monkeypatch.setattr(flexrope._eager, "SMALL_ELEMENTS", -1)
+    cos, sin = flexrope.precompute_rope_params(8, context_length=32, rotary_dim=6)
     for shape in [(0, 2, 5, 8), (2, 0, 5, 8), (2, 3, 0, 8)]:
-        x = torch.randn(shape)
-        assert compute_rope(x, cos, sin).shape == shape
-        assert compute_rope(x, cos, sin, inplace=True) is x
+        for x, layout in ((torch.randn(shape).to(dtype), "b h s d"),
+                          (torch.randn(shape).to(dtype).transpose(1, 2), "b s h d"),  # heads outermost in memory
+                          (torch.randn(shape).to(dtype).permute(2, 0, 1, 3), "s b h d")):
+            batch = x.shape[layout.split().index("b")]
+            for where in (dict(offset=3), dict(offset=torch.arange(batch))):
+                version = x._version
+                out = compute_rope(x, cos, sin, layout, rotary_dim=6, **where)
+                assert out is not x and out.shape == x.shape and out.dtype == dtype and out.device == x.device
+                assert out.stride() == x.stride() and x._version == version
+                assert compute_rope(x, cos, sin, layout, rotary_dim=6, inplace=True, **where) is x
+            grad_x = x.detach().requires_grad_()
+            out = compute_rope(grad_x, cos, sin, layout, rotary_dim=6, offset=1)
+            assert out.requires_grad and out.shape == x.shape
+            (grad,) = torch.autograd.grad(out, grad_x, torch.ones_like(out))
+            assert grad.shape == x.shape and grad.dtype == dtype
 
 
 def _half_bits(t: torch.Tensor) -> torch.Tensor:
