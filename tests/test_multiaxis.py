@@ -61,9 +61,9 @@ def test_qwen_vl_mrope_matches_transformers(kind, layout, dtype):
         assert ours.dtype == dtype and ((ours.float() - theirs.float()).abs() <= bound).all()
 
 
-def _scores(rope, q, k, positions):
-    q2, k2 = rope(q, k, positions=positions)
-    return (q2 * k2).sum(-1)
+def _scores(rope, q, k, q_positions, k_positions):
+    """Every query against every key, (1, 1, s, s): each rotated at its own positions."""
+    return rope(q, positions=q_positions) @ rope(k, positions=k_positions).transpose(-1, -2)
 
 
 @settings(max_examples=30)
@@ -77,15 +77,19 @@ def test_scores_depend_only_on_the_difference_of_positions_on_every_axis(shift, 
     gen = torch.Generator().manual_seed(seed)
     q, k = torch.randn(1, 1, 5, 16, dtype=torch.float64, generator=gen), torch.randn(1, 1, 5, 16, dtype=torch.float64,
                                                                                      generator=gen)
-    positions = torch.randint(0, 40, (3, 5), generator=gen)
-    moved = positions + torch.tensor(shift)[:, None]
+    q_positions, k_positions = torch.randint(0, 40, (2, 3, 5), generator=gen)
+    moved = torch.tensor(shift)[:, None]
     rope = rope.double()
-    torch.testing.assert_close(_scores(rope, q, k, positions), _scores(rope, q, k, moved), atol=1e-9, rtol=0)
-    # and the scores are those of each pair turned by its own axis's position: axes swapped would still be
-    # invariant under a shift, but not these numbers
-    want = _reference(q, positions, rope.pair_axes, assignment, frequencies, interleaved) * _reference(
-        k, positions, rope.pair_axes, assignment, frequencies, interleaved)
-    torch.testing.assert_close(_scores(rope, q, k, positions), want.sum(-1), atol=1e-9, rtol=0)
+    scores = _scores(rope, q, k, q_positions, k_positions)
+    torch.testing.assert_close(scores, _scores(rope, q, k, q_positions + moved, k_positions + moved), atol=1e-9,
+                               rtol=0)
+    # and each pair turns by its own axis's position: with two axes swapped the scores still move with a
+    # shift of every axis, but they are not these numbers
+    want = _reference(q, q_positions, rope.pair_axes, assignment, frequencies, interleaved) @ _reference(
+        k, k_positions, rope.pair_axes, assignment, frequencies, interleaved).transpose(-1, -2)
+    torch.testing.assert_close(scores, want, atol=1e-9, rtol=0)
+    one_axis = torch.tensor([[0], [7], [0]])  # the queries moved along y alone: other scores
+    assert not torch.allclose(scores, _scores(rope, q, k, q_positions + one_axis, k_positions), atol=1e-6)
 
 
 def _reference(x, positions, pair_axes, assignment, frequencies, interleaved, theta=10_000.0):
