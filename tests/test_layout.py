@@ -4,6 +4,7 @@ small calls), in place and out of place."""
 
 import itertools
 
+import einops
 import pytest
 import torch
 
@@ -24,6 +25,19 @@ def _not_self_inverse(layout):
 
 def test_most_layouts_are_not_their_own_inverse():
     assert {"h d s b", "s b h d", "h s b d", "s h d b"} <= {t for t in LAYOUTS if _not_self_inverse(t)}
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_canonical_view_and_its_inverse(layout):
+    """The canonical view is what einops makes of the layout, and the view back (which the Triton kernel
+    inside a compiled graph writes through) gives x again, shape and values."""
+    parsed = parse_layout(layout)
+    x = torch.randn(*(SIZES[n] for n in layout.split()))
+    canonical = parsed.canonical(x)
+    assert torch.equal(canonical, einops.rearrange(x, f"{layout} -> b h s d"))
+    back = parsed.from_canonical(canonical)
+    assert back.shape == x.shape and torch.equal(back, x)
+    assert torch.equal(parsed.from_canonical(canonical * 2), x * 2)
 
 
 def _backend(monkeypatch, backend):
