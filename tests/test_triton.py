@@ -42,7 +42,12 @@ def _tables(head_dim=8, rotary_dim=None, dtype=torch.float32):
 
 @settings(max_examples=25)
 @given(case=layouts(), interleaved=st.booleans(), partial=st.booleans(), per_row=st.booleans(), data=st.data())
-def test_every_layout_equals_eager_bitwise(monkeypatch_session, case, interleaved, partial, per_row, data):
+def test_every_layout_equals_eager_bitwise(case, interleaved, partial, per_row, data):
+    with pytest.MonkeyPatch.context() as patch:  # per example: the backend it sets never reaches the next test
+        _every_layout_case(patch, case, interleaved, partial, per_row, data)
+
+
+def _every_layout_case(patch, case, interleaved, partial, per_row, data):
     text, lengths, canonical, x, _ = case
     d = canonical.shape[-1]
     rotary_dim = d - 2 if partial and d > 2 else None
@@ -52,18 +57,12 @@ def test_every_layout_equals_eager_bitwise(monkeypatch_session, case, interleave
     seed = data.draw(st.integers(0, 1000))
     positions = torch.randint(0, 32 - 6, (b, s) if per_row else (s,), generator=torch.Generator().manual_seed(seed))
     kwargs = dict(interleaved=interleaved, rotary_dim=rotary_dim, positions=positions.to(DEVICE), **lengths)
-    fast, slow = _both(monkeypatch_session, lambda: compute_rope(x, cos, sin, text, **kwargs))
+    fast, slow = _both(patch, lambda: compute_rope(x, cos, sin, text, **kwargs))
     assert torch.equal(fast, slow) and fast.stride() == slow.stride()
     inplace = x.clone()
-    _backend(monkeypatch_session, "triton")
+    _backend(patch, "triton")
     assert compute_rope(inplace, cos, sin, text, inplace=True, **kwargs) is inplace
     assert torch.equal(inplace, slow)
-
-
-@pytest.fixture(scope="module")
-def monkeypatch_session():
-    with pytest.MonkeyPatch.context() as patch:
-        yield patch
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
