@@ -359,3 +359,17 @@ def test_bfloat16_results_at_midpoints_round_to_even(monkeypatch, interleaved):
     first, second = (out[:, 0::2], out[:, 1::2]) if interleaved else (out[:, :4], out[:, 4:])
     assert torch.equal(first.view(torch.int16), (values - zero).bfloat16().view(torch.int16))
     assert torch.equal(second.view(torch.int16), (values + zero).bfloat16().view(torch.int16))
+
+
+def test_sin_strided_unlike_cos(monkeypatch):
+    """cos contiguous and sin column-major or every other row of a longer table (and the other way round):
+    the kernel reads both through one set of strides, so they are copied alike first."""
+    cos, sin = _tables(8)
+    strided = (lambda t: t.t().contiguous().t(), lambda t: torch.stack([t, torch.randn_like(t)], 1).flatten(0, 1)[::2])
+    x = torch.randn(2, 3, 5, 8, device=DEVICE)
+    for where in (dict(offset=3), dict(positions=torch.tensor([[4, 0, 9, 2, 31], [1, 2, 3, 4, 5]], device=DEVICE))):
+        want = _both(monkeypatch, lambda: compute_rope(x, cos, sin, **where))[1]
+        for view in strided:
+            for tables in ((cos, view(sin)), (view(cos), sin)):
+                fast, slow = _both(monkeypatch, lambda: compute_rope(x, *tables, **where))
+                assert torch.equal(fast, slow) and torch.equal(fast, want)
