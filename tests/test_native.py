@@ -423,20 +423,36 @@ DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
 
 
 def _wheres(b, s, context):
+    """An int start, row starts (every other element of a tensor), positions (s,) and (b, s), and inverse."""
     generator = torch.Generator().manual_seed(1)
-    return (dict(offset=3), dict(offset=torch.arange(b) * 2), dict(positions=torch.randint(0, context - 1, (s,),
-                                                                                           generator=generator)),
+    return (dict(offset=3), dict(offset=(torch.arange(2 * b) * 3)[::2]),
+            dict(positions=torch.randint(0, context - 1, (s,), generator=generator)),
             dict(positions=torch.randint(0, context - 1, (b, s), generator=generator)), dict(offset=5, inverse=True))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("interleaved", [False, True])
 @pytest.mark.parametrize("layout, heads", [("b h s d", 6), ("b h s d", 4), ("b h s d", 2), ("b s h d", 6)])
-def test_non_dense_input_written_into_a_dense_output_by_its_own_strides(patch, dtype, interleaved, layout, heads):
+@pytest.mark.parametrize("tiles", ["whole", "short", "threads"])
+def test_non_dense_input_written_into_a_dense_output_by_its_own_strides(patch, dtype, interleaved, layout, heads,
+                                                                        tiles):
     """Out of place on a view that is not dense (a window of a wider head dim, every other token, every other
     head): the result is a fresh dense tensor whose strides are not x's, and each row of it, grouped (4 or more
     heads of "b h s d" share their angles, with or without a remainder) or not, and its pass-through channels
-    land by out's strides."""
+    land by out's strides; with the tokens walked whole, in short tiles (8 and 1), or shared among 8 threads
+    (tiles that start past the first token)."""
+    patch.setattr(_native, "_plans", {})
+    if tiles == "short":
+        patch.setattr(_native, "TABLE_TILE_BYTES", 1)
+    if tiles == "threads":
+        patch.setattr(_native, "THREADED_MIN_ELEMENTS", 1)
+        threads = torch.get_num_threads()
+        torch.set_num_threads(8)  # more than the 4 outer rows: tiles of 2 tokens
+        try:
+            return test_non_dense_input_written_into_a_dense_output_by_its_own_strides(patch, dtype, interleaved,
+                                                                                       layout, heads, "whole")
+        finally:
+            torch.set_num_threads(threads)
     d, rotary_dim, b, s = 16, 10, 2, 9
     cos, sin = flexrope.precompute_rope_params(d, context_length=32, rotary_dim=rotary_dim)
     shape = (b, 2 * heads, 2 * s + 1, d + 6) if layout == "b h s d" else (b, 2 * s + 1, 2 * heads, d + 6)
