@@ -61,9 +61,9 @@ def test_qwen_vl_mrope_matches_transformers(kind, layout, dtype):
         assert ours.dtype == dtype and ((ours.float() - theirs.float()).abs() <= bound).all()
 
 
-def _scores(rope, q, k, positions):
-    q2, k2 = rope(q, k, positions=positions)
-    return (q2 * k2).sum(-1)
+def _scores(rope, q, k, q_positions, k_positions):
+    """Every query against every key, (1, 1, s, s): each rotated at its own positions."""
+    return rope(q, positions=q_positions) @ rope(k, positions=k_positions).transpose(-1, -2)
 
 
 @settings(max_examples=30)
@@ -77,10 +77,66 @@ def test_scores_depend_only_on_the_difference_of_positions_on_every_axis(shift, 
     gen = torch.Generator().manual_seed(seed)
     q, k = torch.randn(1, 1, 5, 16, dtype=torch.float64, generator=gen), torch.randn(1, 1, 5, 16, dtype=torch.float64,
                                                                                      generator=gen)
-    positions = torch.randint(0, 40, (3, 5), generator=gen)
-    moved = positions + torch.tensor(shift)[:, None]
+    q_positions, k_positions = torch.randint(0, 40, (2, 3, 5), generator=gen)
+    moved = torch.tensor(shift)[:, None]
     rope = rope.double()
-    torch.testing.assert_close(_scores(rope, q, k, positions), _scores(rope, q, k, moved), atol=1e-9, rtol=0)
+    scores = _scores(rope, q, k, q_positions, k_positions)
+    torch.testing.assert_close(scores, _scores(rope, q, k, q_positions + moved, k_positions + moved), atol=1e-9,
+                               rtol=0)
+    # and each pair turns by its own axis's position: with two axes swapped the scores still move with a
+    # shift of every axis, but they are not these numbers
+    want = _reference(q, q_positions, rope.pair_axes, assignment, frequencies, interleaved) @ _reference(
+        k, k_positions, rope.pair_axes, assignment, frequencies, interleaved).transpose(-1, -2)
+    torch.testing.assert_close(scores, want, atol=1e-9, rtol=0)
+    one_axis = torch.tensor([[0], [7], [0]])  # the queries moved along y alone: other scores
+    assert not torch.allclose(scores, _scores(rope, q, k, q_positions + one_axis, k_positions), atol=1e-6)
+
+
+def _reference(x, positions, pair_axes, assignment, frequencies, interleaved, theta=10_000.0):
+    """x (1, 1, s, 16) with its 8 pairs turned, from the definition: axes t, y, x of 2, 3, 3 pairs; pair j of
+    axis a at the position on a times theta^(-2j / 16) ("shared") or theta^(-2k / (2 n_a)) for the k-th pair
+    of axis a ("per_axis"); sections: t t y y y x x x; round robin: t y x t y x y x."""
+    owners = {"sections": [0, 0, 1, 1, 1, 2, 2, 2], "round_robin": [0, 1, 2, 0, 1, 2, 1, 2]}[assignment]
+    assert list(pair_axes) == owners
+    sizes, seen, out = (2, 3, 3), [0, 0, 0], x.clone()
+    for j, a in enumerate(owners):
+        k, seen[a] = seen[a], seen[a] + 1
+        freq = theta ** (-2 * j / 16) if frequencies == "shared" else theta ** (-2 * k / (2 * sizes[a]))
+        angle = positions[a].double() * freq
+        first, second = (2 * j, 2 * j + 1) if interleaved else (j, j + 8)
+        a_, b_ = x[..., first], x[..., second]
+        out[..., first], out[..., second] = a_ * angle.cos() - b_ * angle.sin(), b_ * angle.cos() + a_ * angle.sin()
+    return out
+
+
+@pytest.mark.parametrize("small", ["t", "y", "x"])
+def test_a_position_past_a_smaller_axis_is_an_error_naming_the_axis_position_and_limit(small):
+    """Each axis has its own context_length: a position within the others' but past its own is a FlexRopeError
+    (not an index error from its table), on every path: positions as a tensor, per row, as a dict, a grid, and
+    .tables."""
+    limits = {"t": 64, "y": 64, "x": 64, small: 4}
+    rope = MultiAxisRotaryEmbedding(16, axes={"t": 2, "y": 3, "x": 3}, context_length=limits)
+    grid = MultiAxisRotaryEmbedding(16, axes={"t": 2, "y": 3, "x": 3}, layout="b (t y x) h d", context_length=limits)
+    axis = "tyx".index(small)
+    positions = torch.zeros(3, 6, dtype=torch.long)
+    positions[axis, 4] = 9
+    match = rf"axis '{small}': positions reach position 9, past the axis's context_length of 4: pass " \
+            rf"context_length=\{{\.\.\., '{small}': 10\}} or more"
+    q = torch.randn(2, 2, 6, 16)
+    calls = [lambda: rope(q, positions=positions), lambda: rope(q, positions=positions[:, None].expand(3, 2, 6)),
+             lambda: rope(q, q, positions=dict(zip("tyx", positions))), lambda: rope.tables(positions)]
+    for call in calls:
+        with pytest.raises(FlexRopeError, match=match):
+            call()
+    lengths = {"t": 1, "y": 1, "x": 1, small: 5}
+    with pytest.raises(FlexRopeError, match=rf"axis '{small}': positions reach position 4, past the axis's "
+                                            "context_length of 4"):
+        grid(torch.randn(1, 5, 2, 16), **lengths)
+    assert rope(q, positions=positions.clamp(max=3)).shape == q.shape  # within every axis's own limit
+    negative = positions.clone()
+    negative[axis, 0] = -1
+    with pytest.raises(FlexRopeError, match=f"axis '{small}': positions hold position -1: positions must be >= 0"):
+        rope(q, positions=negative)
 
 
 def test_grid_form_equals_explicit_positions_and_the_flattening_order_matters():
@@ -149,7 +205,8 @@ CALL_ERRORS = [
     (dict(positions={"t": torch.arange(6)}), r"positions for axes \['t'\]: expected exactly \['t', 'y', 'x'\]"),
     (dict(positions=torch.zeros(2, 6, dtype=torch.long)), "the first dim must be the number of axes, 3"),
     (dict(positions=torch.zeros(3, 5, dtype=torch.long)), r"positions of shape \(3, 5\): expected \(3, 6\)"),
-    (dict(positions=torch.full((3, 6), 64)), "axis 't': positions reach position 64, past the table's 64"),
+    (dict(positions=torch.full((3, 6), 64)), "axis 't': positions reach position 64, past the axis's context_length of "
+                                             r"64: pass context_length=\{\.\.\., 't': 65\} or more"),
     (dict(t=1, y=2, x=4), "grid lengths .* multiply to 8, but the sequence has 6 tokens"),
     (dict(t=1, y=2), "expected t=, y=, x="),
     (dict(), "no positions"),

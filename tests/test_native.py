@@ -17,10 +17,10 @@ from flexrope import _native, compute_rope
 from flexrope.testing import layout_cases
 
 
-@pytest.fixture(scope="module")
-def patch():
-    with pytest.MonkeyPatch.context() as patch:
-        yield patch
+@pytest.fixture
+def patch(monkeypatch):
+    """Per test: a threshold or a backend one test sets never reaches the next."""
+    return monkeypatch
 
 
 def _both(patch, fn):
@@ -37,8 +37,13 @@ def _both(patch, fn):
 @settings(max_examples=40)
 @given(case=layout_cases(), interleaved=st.booleans(), partial=st.booleans(), per_row=st.booleans(),
        inverse=st.booleans(), start=st.none() | st.integers(0, 26), seed=st.integers(0, 99))
-def test_every_layout_equals_eager_bitwise_in_and_out_of_place(patch, case, interleaved, partial, per_row, inverse,
-                                                              start, seed):
+def test_every_layout_equals_eager_bitwise_in_and_out_of_place(case, interleaved, partial, per_row, inverse, start,
+                                                              seed):
+    with pytest.MonkeyPatch.context() as patch:  # hypothesis runs the body many times per fixture
+        _every_layout_case(patch, case, interleaved, partial, per_row, inverse, start, seed)
+
+
+def _every_layout_case(patch, case, interleaved, partial, per_row, inverse, start, seed):
     text, lengths, canonical, x, _ = case
     d = canonical.shape[-1]
     rotary_dim = d - 2 if partial and d > 2 else None
@@ -278,13 +283,32 @@ def test_positions_read_through_their_strides_in_any_integer_dtype(patch):
         assert torch.equal(fast, slow)
 
 
-def test_empty_tensors(patch):
-    patch.setenv("FLEXROPE_BACKEND", "native")
-    cos, sin = flexrope.precompute_rope_params(8, context_length=32)
+@pytest.mark.parametrize("backend", ["native", "eager", "small"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+def test_empty_tensors(monkeypatch, backend, dtype):
+    """A batch, heads or tokens of length 0: out of place a new tensor of x's dtype, device and strides
+    (x's memory format, as for any dense x) with x untouched; in place x itself; gradients of x's shape and
+    dtype. Through the C loop, the eager kernels and the few-operation path for small calls."""
+    monkeypatch.setenv("FLEXROPE_BACKEND", "native" if backend == "native" else "eager")
+    if backend == "eager":
+        monkeypatch.setattr(flexrope._eager, "SMALL_ELEMENTS", -1)
+    cos, sin = flexrope.precompute_rope_params(8, context_length=32, rotary_dim=6)
     for shape in [(0, 2, 5, 8), (2, 0, 5, 8), (2, 3, 0, 8)]:
-        x = torch.randn(shape)
-        assert compute_rope(x, cos, sin).shape == shape
-        assert compute_rope(x, cos, sin, inplace=True) is x
+        for x, layout in ((torch.randn(shape).to(dtype), "b h s d"),
+                          (torch.randn(shape).to(dtype).transpose(1, 2), "b s h d"),  # heads outermost in memory
+                          (torch.randn(shape).to(dtype).permute(2, 0, 1, 3), "s b h d")):
+            batch = x.shape[layout.split().index("b")]
+            for where in (dict(offset=3), dict(offset=torch.arange(batch))):
+                version = x._version
+                out = compute_rope(x, cos, sin, layout, rotary_dim=6, **where)
+                assert out is not x and out.shape == x.shape and out.dtype == dtype and out.device == x.device
+                assert out.stride() == x.stride() and x._version == version
+                assert compute_rope(x, cos, sin, layout, rotary_dim=6, inplace=True, **where) is x
+            grad_x = x.detach().requires_grad_()
+            out = compute_rope(grad_x, cos, sin, layout, rotary_dim=6, offset=1)
+            assert out.requires_grad and out.shape == x.shape
+            (grad,) = torch.autograd.grad(out, grad_x, torch.ones_like(out))
+            assert grad.shape == x.shape and grad.dtype == dtype
 
 
 def _half_bits(t: torch.Tensor) -> torch.Tensor:
@@ -393,3 +417,73 @@ def test_in_place_inside_inference_mode(patch):
         x = torch.randn(2, 3, 5, 8)
         fast, slow = _both(patch, lambda: compute_rope(x.clone(), cos, sin, offset=1, inplace=True))
     assert torch.equal(fast, slow)
+
+
+DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
+
+
+def _wheres(b, s, context):
+    """An int start, row starts (every other element of a tensor), positions (s,) and (b, s), and inverse."""
+    generator = torch.Generator().manual_seed(1)
+    return (dict(offset=3), dict(offset=(torch.arange(2 * b) * 3)[::2]),
+            dict(positions=torch.randint(0, context - 1, (s,), generator=generator)),
+            dict(positions=torch.randint(0, context - 1, (b, s), generator=generator)), dict(offset=5, inverse=True))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("interleaved", [False, True])
+@pytest.mark.parametrize("layout, heads", [("b h s d", 6), ("b h s d", 4), ("b h s d", 2), ("b s h d", 6)])
+@pytest.mark.parametrize("tiles", ["whole", "short", "threads"])
+def test_non_dense_input_written_into_a_dense_output_by_its_own_strides(patch, dtype, interleaved, layout, heads,
+                                                                        tiles):
+    """Out of place on a view that is not dense (a window of a wider head dim, every other token, every other
+    head): the result is a fresh dense tensor whose strides are not x's, and each row of it, grouped (4 or more
+    heads of "b h s d" share their angles, with or without a remainder) or not, and its pass-through channels
+    land by out's strides; with the tokens walked whole, in short tiles (8 and 1), or shared among 8 threads
+    (tiles that start past the first token)."""
+    patch.setattr(_native, "_plans", {})
+    if tiles == "short":
+        patch.setattr(_native, "TABLE_TILE_BYTES", 1)
+    if tiles == "threads":
+        patch.setattr(_native, "THREADED_MIN_ELEMENTS", 1)
+        threads = torch.get_num_threads()
+        torch.set_num_threads(8)  # more than the 4 outer rows: tiles of 2 tokens
+        try:
+            return test_non_dense_input_written_into_a_dense_output_by_its_own_strides(patch, dtype, interleaved,
+                                                                                       layout, heads, "whole")
+        finally:
+            torch.set_num_threads(threads)
+    d, rotary_dim, b, s = 16, 10, 2, 9
+    cos, sin = flexrope.precompute_rope_params(d, context_length=32, rotary_dim=rotary_dim)
+    shape = (b, 2 * heads, 2 * s + 1, d + 6) if layout == "b h s d" else (b, 2 * s + 1, 2 * heads, d + 6)
+    base = torch.randn(shape).to(dtype)
+    x = base[:, ::2, 1::2, 3:3 + d] if layout == "b h s d" else base[:, 1::2, ::2, 3:3 + d]
+    before = base.clone()
+    for where in _wheres(b, s, 32):
+        kwargs = dict(interleaved=interleaved, rotary_dim=rotary_dim, **where)
+        fast, slow = _both(patch, lambda: compute_rope(x, cos, sin, layout, **kwargs))
+        assert fast.is_contiguous() and fast.stride() != x.stride()
+        assert torch.equal(fast, slow), (fast.float() - slow.float()).abs().max()
+        assert torch.equal(fast[..., rotary_dim:], x[..., rotary_dim:])  # the tail, copied
+        assert torch.equal(base, before)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("interleaved", [False, True])
+def test_sin_strided_unlike_cos(patch, dtype, interleaved):
+    """cos contiguous and sin a slice of a wider table, a transposed copy, or every other row of a longer one
+    (and the other way round, and both strided alike): each table read by its own strides."""
+    d, b, s = 16, 2, 7
+    cos, sin = flexrope.precompute_rope_params(d, context_length=32)
+    strided = (lambda t: torch.cat([t, torch.randn(32, 8)], dim=-1)[:, :d],  # a slice of a wider table
+               lambda t: t.t().contiguous().t(),  # column-major
+               lambda t: torch.stack([t, torch.randn_like(t)], dim=1).flatten(0, 1)[::2])  # every other row
+    x = torch.randn(b, 4, s, d).to(dtype)
+    for where in _wheres(b, s, 32):
+        kwargs = dict(interleaved=interleaved, **where)
+        want = _both(patch, lambda: compute_rope(x, cos, sin, **kwargs))[1]
+        for view in strided:
+            assert torch.equal(view(sin), sin) and view(sin).stride() != sin.stride()
+            for tables in ((cos, view(sin)), (view(cos), sin), (view(cos), view(sin))):
+                fast, slow = _both(patch, lambda: compute_rope(x, *tables, **kwargs))
+                assert torch.equal(fast, slow) and torch.equal(fast, want)

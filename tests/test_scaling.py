@@ -333,3 +333,37 @@ def test_dynamic_ntk_negative_positions_are_still_errors():
     rope = RotaryEmbedding.from_hf_config(_dynamic_config())
     with pytest.raises(FlexRopeError, match="hold position -1: positions must be >= 0"):
         rope(torch.randn(1, 4, 3, 64), positions=torch.tensor([0, -1, 2]))
+
+
+YARN = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": ORIGINAL}
+# Each a recipe transformers' own initialisation functions (ROPE_INIT_FUNCTIONS) compute from the same dict.
+RECIPES = {
+    "yarn-mscale-only": {**YARN, "mscale": 0.707},
+    "yarn-mscale-all-dim-only": {**YARN, "mscale_all_dim": 0.8},
+    "yarn-both-mscales": {**YARN, "mscale": 1.3, "mscale_all_dim": 0.6},
+    "yarn-mscale-factor-16": {**YARN, "factor": 16.0, "mscale": 2.0},
+    "proportional-factor": {"rope_type": "proportional", "factor": 8.0, "partial_rotary_factor": 0.25},
+    "proportional-factor-whole": {"rope_type": "proportional", "factor": 3.0},
+    "proportional-no-factor": {"rope_type": "proportional", "partial_rotary_factor": 0.5},
+}
+
+
+@pytest.mark.parametrize("name", RECIPES)
+def test_recipes_equal_transformers_init_functions(name):
+    """YaRN's attention factor with mscale but not mscale_all_dim (0.1 ln(factor) + 1: mscale alone is
+    ignored), and the other way round, and both; Gemma 4's proportional frequencies divided by a factor. The
+    inverse frequencies and the factor on cos and sin as transformers computes them, and the tables with them."""
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    scaling = RECIPES[name]
+    config = transformers.LlamaConfig(hidden_size=HIDDEN, num_attention_heads=HEADS, max_position_embeddings=MAX_POS,
+                                      rope_parameters={**scaling, "rope_theta": 10_000.0})
+    hf_inv, hf_attention = ROPE_INIT_FUNCTIONS[scaling["rope_type"]](config, "cpu")
+    recipe = parse_scaling(scaling, rotary_dim=64, head_dim=64, theta_base=10_000.0)
+    inv, attention = frequencies(recipe, 64, 10_000.0, 96)
+    torch.testing.assert_close(inv.float(), hf_inv, rtol=4 * EPS32, atol=0)
+    assert attention == pytest.approx(hf_attention, rel=1e-12)
+    cos, sin = precompute_rope_params(64, context_length=16, scaling=scaling, dtype=torch.float64)
+    angles = torch.arange(16, dtype=torch.float64)[:, None] * hf_inv.double()
+    torch.testing.assert_close(cos[:, :32], hf_attention * angles.cos(), rtol=0, atol=1e-5)
+    torch.testing.assert_close(sin[:, :32], hf_attention * angles.sin(), rtol=0, atol=1e-5)

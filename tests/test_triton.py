@@ -42,7 +42,12 @@ def _tables(head_dim=8, rotary_dim=None, dtype=torch.float32):
 
 @settings(max_examples=25)
 @given(case=layout_cases(), interleaved=st.booleans(), partial=st.booleans(), per_row=st.booleans(), data=st.data())
-def test_every_layout_equals_eager_bitwise(monkeypatch_session, case, interleaved, partial, per_row, data):
+def test_every_layout_equals_eager_bitwise(case, interleaved, partial, per_row, data):
+    with pytest.MonkeyPatch.context() as patch:  # per example: the backend it sets never reaches the next test
+        _every_layout_case(patch, case, interleaved, partial, per_row, data)
+
+
+def _every_layout_case(patch, case, interleaved, partial, per_row, data):
     text, lengths, canonical, x, _ = case
     d = canonical.shape[-1]
     rotary_dim = d - 2 if partial and d > 2 else None
@@ -52,18 +57,12 @@ def test_every_layout_equals_eager_bitwise(monkeypatch_session, case, interleave
     seed = data.draw(st.integers(0, 1000))
     positions = torch.randint(0, 32 - 6, (b, s) if per_row else (s,), generator=torch.Generator().manual_seed(seed))
     kwargs = dict(interleaved=interleaved, rotary_dim=rotary_dim, positions=positions.to(DEVICE), **lengths)
-    fast, slow = _both(monkeypatch_session, lambda: compute_rope(x, cos, sin, text, **kwargs))
+    fast, slow = _both(patch, lambda: compute_rope(x, cos, sin, text, **kwargs))
     assert torch.equal(fast, slow) and fast.stride() == slow.stride()
     inplace = x.clone()
-    _backend(monkeypatch_session, "triton")
+    _backend(patch, "triton")
     assert compute_rope(inplace, cos, sin, text, inplace=True, **kwargs) is inplace
     assert torch.equal(inplace, slow)
-
-
-@pytest.fixture(scope="module")
-def monkeypatch_session():
-    with pytest.MonkeyPatch.context() as patch:
-        yield patch
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
@@ -321,3 +320,56 @@ def test_a_batch_of_more_rows_than_a_grid_axis_of_65535(monkeypatch):
     compute_rope(torch.zeros(70_000, 2, 3, 8, device=DEVICE), cos, sin, "b h s d")
     (grid,) = grids
     assert grid == (70_000, 1) and max(grid[1:]) <= 65535
+
+
+@pytest.mark.parametrize("interleaved", [False, True])
+def test_positions_of_one_row_shared_by_a_batch(monkeypatch, interleaved):
+    """Positions (1, s) with a batch of 3: every row reads the one row of positions (its batch stride is 0),
+    not the rows past it; as (s,) positions and as the eager backend give it."""
+    cos, sin = _tables(8, rotary_dim=6)
+    x = torch.randn(3, 5, 2, 8, device=DEVICE)
+    row = torch.tensor([[4, 0, 9, 2, 31]], device=DEVICE)
+    padded = torch.tensor([[4, 0, 9, 2, 31], [7, 7, 7, 7, 7], [1, 1, 1, 1, 1]], device=DEVICE)[:1]  # rows behind it
+    for positions in (row, padded):
+        kwargs = dict(positions=positions, interleaved=interleaved, rotary_dim=6)
+        fast, slow = _both(monkeypatch, lambda: compute_rope(x, cos, sin, "b s h d", **kwargs))
+        assert torch.equal(fast, slow)
+        assert torch.equal(fast, compute_rope(x, cos, sin, "b s h d", positions=positions[0], interleaved=interleaved,
+                                              rotary_dim=6))
+        y = x.clone()
+        compute_rope(y, cos, sin, "b s h d", inplace=True, **kwargs)
+        assert torch.equal(y, slow)
+
+
+@pytest.mark.parametrize("interleaved", [False, True])
+def test_bfloat16_results_at_midpoints_round_to_even(monkeypatch, interleaved):
+    """x = 1, cos = v and sin = 0: each result is v - 0 or v + 0 in float32, v halfway between two bfloat16
+    numbers (with an even and with an odd last bit below it), and one float32 ulp either side: rounded as
+    torch's own float32 -> bfloat16 conversion rounds them (to nearest, ties to even)."""
+    _backend(monkeypatch, "triton")
+    below = torch.tensor([1.0, 1.0078125, 3.0, -2.5, 1e-3, 7e5, -6e-30, 2.0**100]).bfloat16().float()
+    step = below.view(torch.int32) + (1 << 16)
+    midpoints = ((below.double() + step.view(torch.float32).double()) / 2).float()
+    assert torch.equal(midpoints.bfloat16().view(torch.int16) & 1, torch.zeros(8, dtype=torch.int16))  # ties: even
+    up, down = torch.tensor(float("inf")), torch.tensor(float("-inf"))
+    values = torch.cat([midpoints, midpoints.nextafter(up), midpoints.nextafter(down), below]).view(-1, 4)
+    zero = torch.zeros_like(values)
+    x = torch.ones(1, 1, values.shape[0], 8, dtype=torch.bfloat16, device=DEVICE)
+    out = compute_rope(x, values.to(DEVICE), zero.to(DEVICE), rotary_dim=8, interleaved=interleaved)[0, 0].cpu()
+    first, second = (out[:, 0::2], out[:, 1::2]) if interleaved else (out[:, :4], out[:, 4:])
+    assert torch.equal(first.view(torch.int16), (values - zero).bfloat16().view(torch.int16))
+    assert torch.equal(second.view(torch.int16), (values + zero).bfloat16().view(torch.int16))
+
+
+def test_sin_strided_unlike_cos(monkeypatch):
+    """cos contiguous and sin column-major or every other row of a longer table (and the other way round):
+    the kernel reads both through one set of strides, so they are copied alike first."""
+    cos, sin = _tables(8)
+    strided = (lambda t: t.t().contiguous().t(), lambda t: torch.stack([t, torch.randn_like(t)], 1).flatten(0, 1)[::2])
+    x = torch.randn(2, 3, 5, 8, device=DEVICE)
+    for where in (dict(offset=3), dict(positions=torch.tensor([[4, 0, 9, 2, 31], [1, 2, 3, 4, 5]], device=DEVICE))):
+        want = _both(monkeypatch, lambda: compute_rope(x, cos, sin, **where))[1]
+        for view in strided:
+            for tables in ((cos, view(sin)), (view(cos), sin)):
+                fast, slow = _both(monkeypatch, lambda: compute_rope(x, *tables, **where))
+                assert torch.equal(fast, slow) and torch.equal(fast, want)

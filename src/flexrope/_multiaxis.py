@@ -24,7 +24,6 @@ from ._errors import FlexRopeError, LayoutError
 from ._functional import bound, parse, per_token_tables
 from ._mrope_families import multiaxis_settings
 from ._layout import AXES, Layout
-from ._positions import check_values
 from ._tables import check_rotary_dim
 
 
@@ -273,11 +272,17 @@ class MultiAxisRotaryEmbedding(nn.Module):
             in_range = ((positions >= 0) & (positions < limits)).all()
             torch._assert_async(in_range, f"flexrope: positions out of the range of an axis: {self.context_length}")
             return
-        for i, name in enumerate(self.axes):
-            try:
-                check_values(positions[i], positions.shape[-1], self.context_length[name])
-            except FlexRopeError as error:
-                raise FlexRopeError(f"axis {name!r}: {error}") from None
+        for i, (name, limit) in enumerate(self.context_length.items()):  # each axis against its own limit
+            values = positions[i]
+            if values.numel() == 0 or values.device.type == "meta":
+                continue
+            low, high = torch.aminmax(values)
+            if low < 0:
+                raise FlexRopeError(f"axis {name!r}: positions hold position {int(low)}: positions must be >= 0")
+            if high >= limit:
+                raise FlexRopeError(f"axis {name!r}: positions reach position {int(high)}, past the axis's "
+                                    f"context_length of {limit}: pass context_length={{..., {name!r}: "
+                                    f"{int(high) + 1}}} or more")
 
     def tables(self, positions: torch.Tensor | Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-token cos and sin (s, r) or (b, s, r) in the seed format, for ``positions`` as ``forward``
