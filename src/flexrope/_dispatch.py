@@ -281,6 +281,9 @@ def check_out(layout: Layout, x: torch.Tensor, out: object, x_name: str = "x", o
     compiling = torch.compiler.is_compiling()  # a traced graph has no addresses: x itself is out is x there
     if out is x or not compiling and (out.data_ptr() == x.data_ptr() and out.stride() == x.stride()
                                       and out.untyped_storage().data_ptr() == x.untyped_storage().data_ptr()):
+        if indexed:
+            raise FlexRopeError(f"{out_name} is {x_name} itself with an out_index: its tokens would be overwritten "
+                                f"while they are read; write into another tensor (e.g. the cache)")
         return True
     if torch.is_grad_enabled() and (x.requires_grad or out.requires_grad):
         who = x_name if x.requires_grad else out_name
@@ -348,6 +351,27 @@ def write_at(layout: Layout, rotated: torch.Tensor, out: torch.Tensor, index: to
     rows, tokens = (index >= 0).nonzero(as_tuple=True)
     target[rows, index[rows, tokens]] = source[rows, tokens]
     return out
+
+
+def rope_at(rotation: Rotation, cos: torch.Tensor, sin: torch.Tensor, x: torch.Tensor, where: Where,
+            out: torch.Tensor, index: torch.Tensor, *, table_len: int, inverse: bool = False,
+            positions_checked: bool = False) -> torch.Tensor:
+    """The rotation of ``x`` written at the sequence indices ``index`` (b, s) of ``out`` (both checked: check_out
+    with indexed=True, check_out_index), negative ones skipped; out returned. On the CPU the C loop writes each
+    row at its index in the one pass; elsewhere the rotation goes through a temporary."""
+    if x.is_cpu and requested_backend() in ("auto", "native") and not torch.compiler.is_compiling():
+        if not (isinstance(where, int) or positions_checked):
+            _check_values(rotation.layout, x, where, table_len)
+            positions_checked = True
+        layout = rotation.layout
+        if _native.rotate(layout.canonical(x), layout.canonical(out), cos, sin, where,
+                          rotary_dim=rotation.rotary_dim, interleaved=rotation.interleaved, inverse=inverse,
+                          out_index=index):
+            torch.autograd.graph.increment_version(out)
+            return out
+    rotated = rope(rotation, cos, sin, [(x, where)], inplace=False, table_len=table_len, inverse=inverse,
+                   positions_checked=positions_checked)[0]
+    return write_at(rotation.layout, rotated, out, index)
 
 
 def rope(rotation: Rotation, cos: torch.Tensor, sin: torch.Tensor, operands: list[tuple[torch.Tensor, Where]], *,

@@ -6,7 +6,7 @@ import torch
 
 import difflib
 
-from ._dispatch import Rotation, _check_values, check_out, check_out_index, rope, write_at
+from ._dispatch import Rotation, _check_values, check_out, check_out_index, rope, rope_at
 from ._qknorm import check_norm, normed_rotation
 from ._errors import FlexRopeError, LayoutError
 from ._kinds import check_layout
@@ -206,6 +206,9 @@ def compute_rope(
             if inplace or inverse:
                 raise FlexRopeError("norm_weight= with inplace=True or inverse=True: the norm is not undone by the "
                                     "inverse rotation, and is computed out of place; write into out= instead")
+            index = None
+            if out_index is not None and out is None:
+                raise FlexRopeError("out_index= needs out=, the tensor it indexes")
             if out is not None:
                 check_out(parsed, x, out, indexed=out_index is not None)
                 index = None if out_index is None else check_out_index(parsed, x, out, out_index)
@@ -215,18 +218,15 @@ def compute_rope(
                     and (x.requires_grad or weight.requires_grad)):
                 raise FlexRopeError("out= with an input that requires grad: functions with out= arguments do not "
                                     "support automatic differentiation (as in torch)")
-            result = normed_rotation(parsed, x, weight, eps, gain_offset, cos, sin, where, shape.s, rotary_dim,
-                                     bool(interleaved), out=out if out_index is None else None)
-            return result if out_index is None else write_at(parsed, result, out, index)
+            return normed_rotation(parsed, x, weight, eps, gain_offset, cos, sin, where, shape.s, rotary_dim,
+                                   bool(interleaved), out=out, out_index=index)
         if out_index is not None:
             if out is None or inplace:
                 raise FlexRopeError("out_index= needs out=, the tensor it indexes (and no inplace=True)")
             check_out(parsed, x, out, indexed=True)
             index = check_out_index(parsed, x, out, out_index)
-            rotation = Rotation(parsed, rotary_dim, bool(interleaved))
-            rotated = rope(rotation, cos, sin, [(x, where)], inplace=False, table_len=cos.shape[0],
-                           inverse=bool(inverse), positions_checked=per_token)[0]
-            return write_at(parsed, rotated, out, index)
+            return rope_at(Rotation(parsed, rotary_dim, bool(interleaved)), cos, sin, x, where, out, index,
+                           table_len=cos.shape[0], inverse=bool(inverse), positions_checked=per_token)
         if out is not None:
             if inplace:
                 raise FlexRopeError("inplace=True and out= both given: pass out=x, or one of them")
