@@ -14,7 +14,7 @@ import os
 import torch
 
 from . import _native
-from ._dispatch import write_at
+from ._dispatch import triton_fused, write_at
 from ._errors import FlexRopeError
 from ._pairs import as_dtype, compute_dtype, expression
 from ._positions import Where, angles_at, position_tensor
@@ -138,6 +138,10 @@ def normed_rotation(layout, x: torch.Tensor, weight: torch.Tensor, eps: float, o
         if _native_into(layout.canonical(x), layout.canonical(target), weight, eps, offset, cos, sin, where,
                         rotary_dim, interleaved, out_index):
             torch.autograd.graph.increment_version(target)
+            return target
+        if not torch.compiler.is_compiling() and triton_fused(  # (traced: the gain's cache key reads addresses)
+                layout, x, target, cos, sin, where, rotary_dim, interleaved,
+                gain=_gain(weight, compute_dtype(x.dtype), offset), eps=eps, index=out_index):
             return target
     if out_index is not None:  # elsewhere: into a temporary, then written at the indices
         return write_at(layout, normed_rotation(layout, x, weight, eps, offset, cos, sin, where, seq_len, rotary_dim,
