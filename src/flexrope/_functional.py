@@ -168,10 +168,10 @@ def compute_rope(
             and returned, in the same pass (no copy). ``out=x`` rotates in place; a tensor sharing only some of
             x's memory is refused. As torch's ``out=``, it does not support autograd.
         out_index: integer tensor (s,) or (b, s): each token's sequence index in ``out`` (a ring buffer, a
-            cache shared by packed sequences), whose sequence length may then differ from x's; a negative
-            index skips its token (padding). An index past out's length is an error; so is one repeated
-            within a row, where checked (CPU tensors; on a GPU the check would sync, and which token lands
-            there is unspecified).
+            cache shared by packed sequences), whose sequence length may then differ from x's, written there in
+            the rotation's own pass (the C loop, the Triton kernel); a negative index skips its token
+            (padding). An index past out's length is an error; so is one repeated within a row, where checked
+            (CPU tensors; on a GPU the check would sync, and which token lands there is unspecified).
         norm_weight: (d,) weights of an RMSNorm over each head's channels, applied before the rotation in the
             same pass (QK-norm: Qwen3, Gemma 3, OLMo): ``x / sqrt(mean(x^2) + norm_eps) * (norm_weight_offset
             + norm_weight)`` computed in float32 (float64 for float64) and rotated without rounding in between.
