@@ -140,3 +140,24 @@ def test_eager_backend_writes_the_same_through_a_temporary(monkeypatch, norm):
     assert torch.equal(cache, expected)
     if not norm:  # the norm's sum runs in another order in the loop: its last bit may differ from eager's
         assert torch.equal(looped, cache)
+
+
+def test_module_norm_step_without_gradients_equals_the_general_path():
+    """The direct loop call of a no-grad normed step (q and k) against the general path, bitwise, also where k's
+    channels are not contiguous (the loop does not take k: the general path does, and q stays on the loop)."""
+    rope = flexrope.RotaryEmbedding(8, layout="b s h d", context_length=32)
+    q = torch.randn(2, 1, 4, 8)
+    k = torch.randn(2, 1, 8, 2).transpose(-1, -2).reshape(2, 1, 2, 8)  # contiguous
+    k_strided = torch.randn(2, 1, 2, 16)[..., ::2]  # channel stride 2
+    norms = dict(q_norm=torch.nn.RMSNorm(8, eps=1e-6), k_norm=(torch.randn(8), 1e-5, 1.0))
+    torch.nn.init.normal_(norms["q_norm"].weight)
+    for keys in (k, k_strided):
+        cache = torch.zeros(2, 5, 2, 8)
+        with torch.no_grad():  # compute_rope: the general path (normed_rotation)
+            expected_q = compute_rope(q, rope.cos, rope.sin, "b s h d", offset=3,
+                                      norm_weight=norms["q_norm"].weight, norm_eps=1e-6)
+            expected_k = compute_rope(keys, rope.cos, rope.sin, "b s h d", offset=3, norm_weight=norms["k_norm"][0],
+                                      norm_eps=1e-5, norm_weight_offset=1.0)
+            got_q, got_k = rope(q, keys, offset=3, k_out=cache[:, 3:4], **norms)
+        assert torch.equal(got_q, expected_q) and torch.equal(cache[:, 3:4], expected_k)
+        assert torch.equal(cache[:, :3], torch.zeros(2, 3, 2, 8))

@@ -11,7 +11,9 @@ from ._dispatch import Rotation, check_out, check_out_index, rope, rope_at, writ
 from ._errors import FlexRopeError
 from ._functional import bound, checked_positions, parse
 from ._positions import RowStarts, Where, assert_values_async, check_values, position_tensor, values_on_host
-from ._qknorm import check_norm, norm_settings, normed_rotation
+from . import _native
+from ._pairs import compute_dtype
+from ._qknorm import _gain, check_norm, native_applies, norm_settings, normed_rotation
 from ._hf_config import layer_rope, settings_from_hf_config
 from ._scaling import frequencies, parse_scaling, softmax_scale_factor
 from ._tables import check_rotary_dim, precompute_rope_params, tables_at
@@ -336,6 +338,10 @@ class RotaryEmbedding(nn.Module):
             reach = max(_reach(where, length) for _, length, where, *_ in operands) if self._short_length else 0
             if self._short_length is not None and reach <= self._short_length:
                 cos, sin = self.short_cos, self.short_sin
+            if indices is None and not torch.is_grad_enabled() and native_applies(operands[0][0]):
+                looped = self._looped(operands, cos, sin)
+                if looped is not None:
+                    return looped
             results = []
             for i, (x, length, where, norm, out, name) in enumerate(operands):
                 index = None if indices is None else indices[i]
@@ -355,6 +361,29 @@ class RotaryEmbedding(nn.Module):
             return tuple(results)
         except FlexRopeError as error:
             raise self._context(error, "") from None
+
+    def _looped(self, operands: list[tuple], cos: torch.Tensor, sin: torch.Tensor) -> tuple | None:
+        """A call without gradients on the CPU, each operand normed (a decoding step): straight to the C loop,
+        norm, rotation and write in one pass per operand, with the checks of the general path (which takes an
+        operand the loop does not); None where an operand has no norm."""
+        if any(norm is None or not x.is_cpu for x, _, _, norm, _, _ in operands):
+            return None
+        calls = []
+        for x, length, where, norm, out, name in operands:  # every check before anything is written
+            weight, eps, offset = check_norm(*norm_settings(norm, f"{name}_norm"), x, self.head_dim, f"{name}_norm")
+            calls.append((x, length, where, weight, eps, offset, out))
+        layout, results = self.layout, []
+        for x, length, where, weight, eps, offset, out in calls:
+            target = out if out is not None else torch.empty_like(x)  # x's strides where x is dense
+            if _native.rotate(layout.canonical(x), layout.canonical(target), cos, sin, where,
+                              rotary_dim=self.rotary_dim, interleaved=self.interleaved, inverse=False,
+                              gain=_gain(weight, compute_dtype(x.dtype), offset), eps=eps):
+                torch.autograd.graph.increment_version(target)
+                results.append(target)
+            else:  # e.g. channels not contiguous: the general path
+                results.append(normed_rotation(layout, x, weight, eps, offset, cos, sin, where, length,
+                                               self.rotary_dim, self.interleaved, out=out))
+        return tuple(results)
 
     def _outs(self, pairs: list[tuple]) -> tuple | None:
         """The checked ``q_out`` / ``k_out`` (x itself where it is x: in place), None where neither is given.
