@@ -147,7 +147,7 @@ def test_module_norm_step_without_gradients_equals_the_general_path():
     channels are not contiguous (the loop does not take k: the general path does, and q stays on the loop)."""
     rope = flexrope.RotaryEmbedding(8, layout="b s h d", context_length=32)
     q = torch.randn(2, 1, 4, 8)
-    k = torch.randn(2, 1, 8, 2).transpose(-1, -2).reshape(2, 1, 2, 8)  # contiguous
+    k = torch.randn(2, 1, 2, 8)
     k_strided = torch.randn(2, 1, 2, 16)[..., ::2]  # channel stride 2
     norms = dict(q_norm=torch.nn.RMSNorm(8, eps=1e-6), k_norm=(torch.randn(8), 1e-5, 1.0))
     torch.nn.init.normal_(norms["q_norm"].weight)
