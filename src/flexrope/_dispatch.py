@@ -281,6 +281,9 @@ def check_out(layout: Layout, x: torch.Tensor, out: object, x_name: str = "x", o
     compiling = torch.compiler.is_compiling()  # a traced graph has no addresses: x itself is out is x there
     if out is x or not compiling and (out.data_ptr() == x.data_ptr() and out.stride() == x.stride()
                                       and out.untyped_storage().data_ptr() == x.untyped_storage().data_ptr()):
+        if indexed:
+            raise FlexRopeError(f"{out_name} is {x_name} itself with an out_index: its tokens would be overwritten "
+                                f"while they are read; write into another tensor (e.g. the cache)")
         return True
     if torch.is_grad_enabled() and (x.requires_grad or out.requires_grad):
         who = x_name if x.requires_grad else out_name
@@ -348,6 +351,77 @@ def write_at(layout: Layout, rotated: torch.Tensor, out: torch.Tensor, index: to
     rows, tokens = (index >= 0).nonzero(as_tuple=True)
     target[rows, index[rows, tokens]] = source[rows, tokens]
     return out
+
+
+def triton_fused(layout: Layout, x: torch.Tensor, out: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                 where: Where, rotary_dim: int, interleaved: bool, inverse: bool = False,
+                 gain: torch.Tensor | None = None, eps: float = 0.0, index: torch.Tensor | None = None) -> bool:
+    """The QK-norm (``gain``: offset + weight in the compute dtype) and / or the write at out's sequence
+    indices ``index`` (b, s), fused with the rotation in one Triton launch, where the Triton backend runs x
+    (CUDA, or CPU tensors under its interpreter when forced); False, writing nothing, elsewhere. Positions and
+    indices are checked on the device, as the kernel reads them."""
+    requested = requested_backend()
+    if not (requested == "triton" or x.is_cuda and requested == "auto") or not TRITON_INSTALLED:
+        return False
+    if torch.compiler.is_compiling() or not (x.is_cuda or _interpreted()) or not all(
+            plain(t) for t in (x, out, cos, sin, gain, index, where) if isinstance(t, torch.Tensor)):
+        return False
+    from . import _triton
+
+    if isinstance(where, RowStarts):
+        positions, start, mode = where.starts, 0, _triton.ROW_STARTS
+    elif isinstance(where, torch.Tensor):
+        positions, start, mode = where, 0, _triton.POSITIONS
+    else:
+        positions, start, mode = None, where, _triton.START
+    if positions is not None and positions.device != x.device:
+        positions = positions.to(x.device)
+    ok = _triton.flag(x.device)
+    _triton.launch([_triton.Operand(layout.canonical(x), layout.canonical(out), start, positions, mode, gain, eps,
+                                    index)], cos, sin, rotary_dim=rotary_dim, interleaved=interleaved,
+                   inverse=inverse, inplace=False, ok=ok)
+    torch.autograd.graph.increment_version(out)
+    if positions is not None:
+        _check_flag(ok, cos.shape[0])
+    if index is not None:
+        _check_index_flag(_triton.index_flag(x.device), layout.canonical(out).shape[-2])
+    return True
+
+
+def _check_index_flag(ok: torch.Tensor, length: int) -> None:
+    message = f"flexrope: out_index holds an index >= out's sequence length {length}"
+    if ok.device.type != "cpu":  # queued on the device: no sync
+        torch._assert_async(ok, message)
+        return
+    try:  # Triton's interpreter: the flag is host memory, and the check is immediate
+        torch._assert_async(ok, message)
+    except RuntimeError:
+        ok.fill_(1)
+        raise FlexRopeError(message.removeprefix("flexrope: ")) from None
+
+
+def rope_at(rotation: Rotation, cos: torch.Tensor, sin: torch.Tensor, x: torch.Tensor, where: Where,
+            out: torch.Tensor, index: torch.Tensor, *, table_len: int, inverse: bool = False,
+            positions_checked: bool = False) -> torch.Tensor:
+    """The rotation of ``x`` written at the sequence indices ``index`` (b, s) of ``out`` (both checked: check_out
+    with indexed=True, check_out_index), negative ones skipped; out returned. On the CPU the C loop writes each
+    row at its index in the one pass; elsewhere the rotation goes through a temporary."""
+    if x.is_cpu and requested_backend() in ("auto", "native") and not torch.compiler.is_compiling():
+        if not (isinstance(where, int) or positions_checked):
+            _check_values(rotation.layout, x, where, table_len)
+            positions_checked = True
+        layout = rotation.layout
+        if _native.rotate(layout.canonical(x), layout.canonical(out), cos, sin, where,
+                          rotary_dim=rotation.rotary_dim, interleaved=rotation.interleaved, inverse=inverse,
+                          out_index=index):
+            torch.autograd.graph.increment_version(out)
+            return out
+    if triton_fused(rotation.layout, x, out, cos, sin, where, rotation.rotary_dim, rotation.interleaved, inverse,
+                    index=index):
+        return out
+    rotated = rope(rotation, cos, sin, [(x, where)], inplace=False, table_len=table_len, inverse=inverse,
+                   positions_checked=positions_checked)[0]
+    return write_at(rotation.layout, rotated, out, index)
 
 
 def rope(rotation: Rotation, cos: torch.Tensor, sin: torch.Tensor, operands: list[tuple[torch.Tensor, Where]], *,

@@ -6,7 +6,7 @@ import torch
 
 import difflib
 
-from ._dispatch import Rotation, _check_values, check_out, check_out_index, rope, write_at
+from ._dispatch import Rotation, _check_values, check_out, check_out_index, rope, rope_at
 from ._qknorm import check_norm, normed_rotation
 from ._errors import FlexRopeError, LayoutError
 from ._kinds import check_layout
@@ -168,10 +168,10 @@ def compute_rope(
             and returned, in the same pass (no copy). ``out=x`` rotates in place; a tensor sharing only some of
             x's memory is refused. As torch's ``out=``, it does not support autograd.
         out_index: integer tensor (s,) or (b, s): each token's sequence index in ``out`` (a ring buffer, a
-            cache shared by packed sequences), whose sequence length may then differ from x's; a negative
-            index skips its token (padding). An index past out's length is an error; so is one repeated
-            within a row, where checked (CPU tensors; on a GPU the check would sync, and which token lands
-            there is unspecified).
+            cache shared by packed sequences), whose sequence length may then differ from x's, written there in
+            the rotation's own pass (the C loop, the Triton kernel); a negative index skips its token
+            (padding). An index past out's length is an error; so is one repeated within a row, where checked
+            (CPU tensors; on a GPU the check would sync, and which token lands there is unspecified).
         norm_weight: (d,) weights of an RMSNorm over each head's channels, applied before the rotation in the
             same pass (QK-norm: Qwen3, Gemma 3, OLMo): ``x / sqrt(mean(x^2) + norm_eps) * (norm_weight_offset
             + norm_weight)`` computed in float32 (float64 for float64) and rotated without rounding in between.
@@ -206,6 +206,9 @@ def compute_rope(
             if inplace or inverse:
                 raise FlexRopeError("norm_weight= with inplace=True or inverse=True: the norm is not undone by the "
                                     "inverse rotation, and is computed out of place; write into out= instead")
+            index = None
+            if out_index is not None and out is None:
+                raise FlexRopeError("out_index= needs out=, the tensor it indexes")
             if out is not None:
                 check_out(parsed, x, out, indexed=out_index is not None)
                 index = None if out_index is None else check_out_index(parsed, x, out, out_index)
@@ -215,18 +218,15 @@ def compute_rope(
                     and (x.requires_grad or weight.requires_grad)):
                 raise FlexRopeError("out= with an input that requires grad: functions with out= arguments do not "
                                     "support automatic differentiation (as in torch)")
-            result = normed_rotation(parsed, x, weight, eps, gain_offset, cos, sin, where, shape.s, rotary_dim,
-                                     bool(interleaved), out=out if out_index is None else None)
-            return result if out_index is None else write_at(parsed, result, out, index)
+            return normed_rotation(parsed, x, weight, eps, gain_offset, cos, sin, where, shape.s, rotary_dim,
+                                   bool(interleaved), out=out, out_index=index)
         if out_index is not None:
             if out is None or inplace:
                 raise FlexRopeError("out_index= needs out=, the tensor it indexes (and no inplace=True)")
             check_out(parsed, x, out, indexed=True)
             index = check_out_index(parsed, x, out, out_index)
-            rotation = Rotation(parsed, rotary_dim, bool(interleaved))
-            rotated = rope(rotation, cos, sin, [(x, where)], inplace=False, table_len=cos.shape[0],
-                           inverse=bool(inverse), positions_checked=per_token)[0]
-            return write_at(parsed, rotated, out, index)
+            return rope_at(Rotation(parsed, rotary_dim, bool(interleaved)), cos, sin, x, where, out, index,
+                           table_len=cos.shape[0], inverse=bool(inverse), positions_checked=per_token)
         if out is not None:
             if inplace:
                 raise FlexRopeError("inplace=True and out= both given: pass out=x, or one of them")

@@ -145,10 +145,11 @@ static inline uint16_t f16_store(float f) {
 #define ROWS(...) ROWS_PAIRED(SIDE_BY_SIDE, HALVES, __VA_ARGS__)
 #define BF16_ROWS(...) ROWS_PAIRED(BF16_WORDS, HALVES, __VA_ARGS__)
 
-/* rotate(x, out, cos, sin, plan, positions), the plan being one array of a geometry's integers (made once per
-   geometry, so that a call passes six arguments): ndim, tile, group, rotary, channels, interleaved, sign,
-   threads, table_row, then sizes, x_strides, out_strides, table_strides and positions_strides, five arrays of
-   ndim.
+/* rotate(x, out, cos, sin, plan, positions, out_index), the plan being one array of a geometry's integers (made
+   once per geometry, so that a call passes seven arguments): ndim, tile, group, rotary, channels, interleaved,
+   sign, threads, table_row, then sizes, x_strides, out_strides, table_strides, positions_strides and
+   index_strides, six arrays of ndim, then out_seq. Where out_index is given (NULL otherwise; group is then 1),
+   each row is written at out's sequence index it holds (OUT_AT), or skipped where that is negative.
 
    The rows are the dims `sizes` (ndim >= 1, memory order, outermost first) with the strides of x, out and
    the tables. A row's angles are the tables' at the sum of its indices times table_strides, plus, where
@@ -166,7 +167,8 @@ static inline uint16_t f16_store(float f) {
    for cores. sign is 1, or -1 to rotate by the negated angles. */
 #define GROUP 4
 #define DEFINE_ROTATE(NAME, T, C, LOAD, STORE, ROWS)                                                           \
-    void NAME(const T *x, T *out, const C *cos, const C *sin, const int64_t *plan, const int64_t *positions) { \
+    void NAME(const T *x, T *out, const C *cos, const C *sin, const int64_t *plan, const int64_t *positions,   \
+              const int64_t *out_index) {                                                                     \
         const int64_t ndim = plan[0], tile = plan[1], group = plan[2], rotary = plan[3], channels = plan[4];   \
         const int64_t interleaved = plan[5], sign = plan[6], threads = plan[7], table_row = plan[8];          \
         const int64_t *sizes = plan + 9, *x_strides = sizes + ndim, *out_strides = x_strides + ndim;          \
@@ -174,6 +176,8 @@ static inline uint16_t f16_store(float f) {
         const int64_t inner = ndim - 1, half = rotary / 2;                                                  \
         const int64_t x_in = x_strides[inner], out_in = out_strides[inner], table_in = table_strides[inner]; \
         const int64_t positions_in = positions_strides[inner];                                              \
+        const int64_t *index_strides = positions_strides + ndim, out_seq = index_strides[ndim];             \
+        const int64_t index_in = index_strides[inner];                                                      \
         const int64_t mids = group > 1 ? sizes[inner - 1] : 1, per_mid = (mids + group - 1) / group;       \
         const int64_t x_mid = group > 1 ? x_strides[inner - 1] : 0;                                         \
         const int64_t out_mid = group > 1 ? out_strides[inner - 1] : 0;                                     \
@@ -188,7 +192,7 @@ static inline uint16_t f16_store(float f) {
             const int64_t count = sizes[inner] - first < tile ? sizes[inner] - first : tile;               \
             int64_t rest = unit % outer, rows = 1;                                                          \
             int64_t x_at = first * x_in, out_at = first * out_in, table_at = first * table_in;              \
-            int64_t positions_at = first * positions_in;                                                    \
+            int64_t positions_at = first * positions_in, index_at = first * index_in;                       \
             for (int64_t d = inner - 1; d >= 0; --d) {                                                     \
                 int64_t i;                                                                                  \
                 if (d == inner - 1 && group > 1) {                                                          \
@@ -203,22 +207,32 @@ static inline uint16_t f16_store(float f) {
                 out_at += i * out_strides[d];                                                               \
                 table_at += i * table_strides[d];                                                           \
                 positions_at += i * positions_strides[d];                                                   \
+                index_at += i * index_strides[d];                                                           \
             }                                                                                               \
             int64_t row = 0;                                                                                \
             if (rows == GROUP) /* GROUP indices of the grouped dim at each index of the innermost */         \
                 for (; row < count; ++row)                                                                  \
                     ROWS(T, C, LOAD, STORE, GROUP, x_at + row * x_in, out_at + row * out_in,                \
                          ANGLES_AT(row), x_mid, out_mid)                                                    \
-            else if (table_in == 0 && positions_in == 0) /* the innermost rows share their angles */         \
+            else if (table_in == 0 && positions_in == 0 && !out_index) /* rows that share their angles */    \
                 for (; row + GROUP <= count; row += GROUP)                                                  \
                     ROWS(T, C, LOAD, STORE, GROUP, x_at + row * x_in, out_at + row * out_in, ANGLES_AT(0),  \
                          x_in, out_in)                                                                      \
-            for (; row < count; ++row)                                                                      \
+            for (; row < count; ++row) {                                                                    \
+                if (SKIPPED(row))                                                                           \
+                    continue;                                                                               \
                 for (int64_t r = 0; r < rows; ++r)                                                          \
-                    ROWS(T, C, LOAD, STORE, 1, x_at + row * x_in + r * x_mid,                               \
-                         out_at + row * out_in + r * out_mid, ANGLES_AT(row), 0, 0)                         \
+                    ROWS(T, C, LOAD, STORE, 1, x_at + row * x_in + r * x_mid, OUT_AT(row) + r * out_mid,    \
+                         ANGLES_AT(row), 0, 0)                                                              \
+            }                                                                                               \
         }                                                                                                   \
     }
+
+/* Where in out the unit's row `row` goes: with out_index (int64, values checked by the caller), at the
+   sequence index it holds for the row (out_seq, out's stride along the sequence, times it; out_strides are 0
+   along the sequence then), and a negative index skips the row. */
+#define OUT_AT(row) (out_at + (row) * out_in + (out_index ? out_index[index_at + (row) * index_in] * out_seq : 0))
+#define SKIPPED(row) (out_index && out_index[index_at + (row) * index_in] < 0)
 
 /* Where in the tables the angles of the unit's row `row` (along the innermost dim) are. */
 #define ANGLES_AT(row)                                                                                        \
@@ -302,7 +316,7 @@ DEFINE_ROTATE(rotate_float16, uint16_t, float, f16_load, f16_store, F16_ROWS)
    may differ from the eager path's. */
 #define DEFINE_NORM_ROTATE(NAME, T, C, LOAD, STORE, SQRT)                                                      \
     void NAME(const T *x, T *out, const C *cos, const C *sin, const int64_t *plan, const int64_t *positions,   \
-              const C *gain, double eps) {                                                                    \
+              const int64_t *out_index, const C *gain, double eps) {                                          \
         const int64_t ndim = plan[0], tile = plan[1], rotary = plan[3], channels = plan[4];                   \
         const int64_t interleaved = plan[5], sign = plan[6], threads = plan[7], table_row = plan[8];          \
         const int64_t *sizes = plan + 9, *x_strides = sizes + ndim, *out_strides = x_strides + ndim;          \
@@ -310,6 +324,8 @@ DEFINE_ROTATE(rotate_float16, uint16_t, float, f16_load, f16_store, F16_ROWS)
         const int64_t inner = ndim - 1, half = rotary / 2;                                                  \
         const int64_t x_in = x_strides[inner], out_in = out_strides[inner], table_in = table_strides[inner]; \
         const int64_t positions_in = positions_strides[inner];                                              \
+        const int64_t *index_strides = positions_strides + ndim, out_seq = index_strides[ndim];             \
+        const int64_t index_in = index_strides[inner];                                                      \
         int64_t outer = 1;                                                                                  \
         for (int64_t d = 0; d < inner; ++d)                                                                 \
             outer *= sizes[d];                                                                              \
@@ -321,7 +337,7 @@ DEFINE_ROTATE(rotate_float16, uint16_t, float, f16_load, f16_store, F16_ROWS)
             const int64_t count = sizes[inner] - first < tile ? sizes[inner] - first : tile;               \
             int64_t rest = unit % outer;                                                                    \
             int64_t x_at = first * x_in, out_at = first * out_in, table_at = first * table_in;              \
-            int64_t positions_at = first * positions_in;                                                    \
+            int64_t positions_at = first * positions_in, index_at = first * index_in;                       \
             for (int64_t d = inner - 1; d >= 0; --d) {                                                     \
                 const int64_t i = rest % sizes[d];                                                          \
                 rest /= sizes[d];                                                                           \
@@ -329,11 +345,14 @@ DEFINE_ROTATE(rotate_float16, uint16_t, float, f16_load, f16_store, F16_ROWS)
                 out_at += i * out_strides[d];                                                               \
                 table_at += i * table_strides[d];                                                           \
                 positions_at += i * positions_strides[d];                                                   \
+                index_at += i * index_strides[d];                                                           \
             }                                                                                               \
             C buf[channels];                                                                                \
             for (int64_t row = 0; row < count; ++row) {                                                     \
+                if (SKIPPED(row))                                                                           \
+                    continue;                                                                               \
                 const T *xr = x + x_at + row * x_in;                                                        \
-                T *o = out + out_at + row * out_in;                                                         \
+                T *o = out + OUT_AT(row);                                                                   \
                 const C *c = cos + ANGLES_AT(row), *s = sin + ANGLES_AT(row);                               \
                 C partial[8] = {0, 0, 0, 0, 0, 0, 0, 0};                                                    \
                 int64_t j = 0;                                                                              \

@@ -7,11 +7,13 @@ import sys
 import torch
 from torch import nn
 
-from ._dispatch import Rotation, check_out, rope
+from ._dispatch import Rotation, check_out, check_out_index, rope, rope_at, write_at
 from ._errors import FlexRopeError
 from ._functional import bound, checked_positions, parse
 from ._positions import RowStarts, Where, assert_values_async, check_values, position_tensor, values_on_host
-from ._qknorm import check_norm, norm_settings, normed_rotation
+from . import _native
+from ._pairs import compute_dtype
+from ._qknorm import _gain, check_norm, native_applies, norm_settings, normed_rotation
 from ._hf_config import layer_rope, settings_from_hf_config
 from ._scaling import frequencies, parse_scaling, softmax_scale_factor
 from ._tables import check_rotary_dim, precompute_rope_params, tables_at
@@ -263,6 +265,8 @@ class RotaryEmbedding(nn.Module):
         k_out: torch.Tensor | None = None,
         q_norm: object = None,
         k_norm: object = None,
+        q_out_index: torch.Tensor | None = None,
+        k_out_index: torch.Tensor | None = None,
     ):
         """Rotate q (and k), each laid out as the module's layout.
 
@@ -281,19 +285,28 @@ class RotaryEmbedding(nn.Module):
                 a ``torch.nn.RMSNorm`` over the head dim, or a model's own (``.weight`` and ``.eps`` or
                 ``.variance_epsilon``: transformers' Qwen3RMSNorm; Gemma's norms, by class name, scale by
                 ``1 + weight``), or a tuple (weight, eps, offset). Gradients flow to q, k and the weights.
+            q_out_index, k_out_index: integer tensors (s,) or (b, s) of q's (k's) tokens: each token's sequence
+                index in ``q_out`` (``k_out``), as ``compute_rope``'s ``out_index``: a ring buffer or a shared
+                cache written by index, a negative index skipping its token; the out's sequence length may then
+                differ.
 
         Returns:
             The rotated q, or ``(q, k)`` when k is given (``q_out``, ``k_out`` where given).
         """
-        if k is None and (k_positions is not None or k_offset is not None or k_out is not None):
-            raise self._context(FlexRopeError("k_positions, k_offset or k_out was given without k"), "")
+        if k is None and (k_positions is not None or k_offset is not None or k_out is not None
+                          or k_out_index is not None):
+            raise self._context(FlexRopeError("k_positions, k_offset, k_out or k_out_index was given without k"), "")
         q_len, q_where = self._positions(q, "q", positions, offset)
         if k is None and k_norm is not None:
             raise self._context(FlexRopeError("k_norm was given without k"), "")
-        outs = self._outs([(q, q_out, "q")] + ([] if k is None else [(k, k_out, "k")]))
+        outs = self._outs([(q, q_out, "q", q_out_index)] + ([] if k is None else [(k, k_out, "k", k_out_index)]))
+        indices = None
+        if q_out_index is not None or k_out_index is not None:
+            indices = self._indices([(q, outs[0], "q", q_out_index)] + ([] if k is None else
+                                                                         [(k, outs[1], "k", k_out_index)]))
         normed = q_norm is not None or k_norm is not None
-        if k is None and normed:
-            return self._normed([(q, q_len, q_where, q_norm, q_out, "q")], inverse)[0]
+        if k is None and (normed or indices):
+            return self._normed([(q, q_len, q_where, q_norm, q_out, "q")], inverse, indices)[0]
         if k is None:
             return self._rotate([(q, q_len, q_where)], inverse, outs)[0]
         inherited = k_positions is None and k_offset is None
@@ -305,15 +318,19 @@ class RotaryEmbedding(nn.Module):
                 f"q has {q_len} tokens and k has {k_len}: say where k's tokens are with k_offset= or "
                 f"k_positions= (e.g. k_offset=0 for keys of the whole cache)"
             ), "")
-        if normed:
+        if normed or indices:
             return self._normed([(q, q_len, q_where, q_norm, q_out, "q"), (k, k_len, k_where, k_norm, k_out, "k")],
-                                inverse)
+                                inverse, indices)
         q, k = self._rotate([(q, q_len, q_where), (k, k_len, k_where)], inverse, outs)
         return q, k
 
-    def _normed(self, operands: list[tuple], inverse: bool) -> tuple[torch.Tensor, ...]:
-        """Each (x, sequence length, where, norm, out, name): its norm (where given) and rotation, into out."""
+    def _normed(self, operands: list[tuple], inverse: bool, indices: tuple | None = None) -> tuple[torch.Tensor, ...]:
+        """Each (x, sequence length, where, norm, out, name): its norm (where given) and rotation, into out (at the
+        checked out indices of ``indices``, one per operand, where given)."""
         try:
+            if indices is not None and not any(norm is not None for *_, norm, _, _ in operands):
+                return tuple(self._at(x, length, where, out, index, inverse)
+                             for (x, length, where, _, out, _), index in zip(operands, indices))
             if inverse or self._dynamic:
                 raise FlexRopeError("q_norm/k_norm with inverse=True or dynamic NTK scaling: normalise first, "
                                     "then rotate")
@@ -321,10 +338,16 @@ class RotaryEmbedding(nn.Module):
             reach = max(_reach(where, length) for _, length, where, *_ in operands) if self._short_length else 0
             if self._short_length is not None and reach <= self._short_length:
                 cos, sin = self.short_cos, self.short_sin
+            if indices is None and not torch.is_grad_enabled() and native_applies(operands[0][0]):
+                looped = self._looped(operands, cos, sin)
+                if looped is not None:
+                    return looped
             results = []
-            for x, length, where, norm, out, name in operands:
+            for i, (x, length, where, norm, out, name) in enumerate(operands):
+                index = None if indices is None else indices[i]
                 if norm is None:
-                    results += self._rotate([(x, length, where)], False, (out,))
+                    results.append(self._at(x, length, where, out, index, False) if index is not None else
+                                   self._rotate([(x, length, where)], False, (out,))[0])
                     continue
                 weight, eps, offset = check_norm(*norm_settings(norm, f"{name}_norm"), x, self.head_dim,
                                                  f"{name}_norm")
@@ -334,20 +357,73 @@ class RotaryEmbedding(nn.Module):
                     raise FlexRopeError(f"{name}_out= with an input that requires grad: functions with out= "
                                         f"arguments do not support automatic differentiation (as in torch)")
                 results.append(normed_rotation(self.layout, x, weight, eps, offset, cos, sin, where, length,
-                                               self.rotary_dim, self.interleaved, out=out))
+                                               self.rotary_dim, self.interleaved, out=out, out_index=index))
             return tuple(results)
         except FlexRopeError as error:
             raise self._context(error, "") from None
 
-    def _outs(self, pairs: list[tuple[torch.Tensor, torch.Tensor | None, str]]) -> tuple | None:
-        """The checked ``q_out`` / ``k_out`` (x itself where it is x: in place), None where neither is given."""
-        if all(out is None for _, out, _ in pairs):
+    def _looped(self, operands: list[tuple], cos: torch.Tensor, sin: torch.Tensor) -> tuple | None:
+        """A call without gradients on the CPU, each operand normed (a decoding step): straight to the C loop,
+        norm, rotation and write in one pass per operand, with the checks of the general path (which takes an
+        operand the loop does not); None where an operand has no norm."""
+        if any(norm is None or not x.is_cpu for x, _, _, norm, _, _ in operands):
+            return None
+        calls = []
+        for x, length, where, norm, out, name in operands:  # every check before anything is written
+            weight, eps, offset = check_norm(*norm_settings(norm, f"{name}_norm"), x, self.head_dim, f"{name}_norm")
+            calls.append((x, length, where, weight, eps, offset, out))
+        layout, results = self.layout, []
+        for x, length, where, weight, eps, offset, out in calls:
+            target = out if out is not None else torch.empty_like(x)  # x's strides where x is dense
+            if _native.rotate(layout.canonical(x), layout.canonical(target), cos, sin, where,
+                              rotary_dim=self.rotary_dim, interleaved=self.interleaved, inverse=False,
+                              gain=_gain(weight, compute_dtype(x.dtype), offset), eps=eps):
+                torch.autograd.graph.increment_version(target)
+                results.append(target)
+            else:  # e.g. channels not contiguous: the general path
+                results.append(normed_rotation(layout, x, weight, eps, offset, cos, sin, where, length,
+                                               self.rotary_dim, self.interleaved, out=out))
+        return tuple(results)
+
+    def _outs(self, pairs: list[tuple]) -> tuple | None:
+        """The checked ``q_out`` / ``k_out`` (x itself where it is x: in place), None where neither is given.
+        Each pair: (x, out, name, out_index)."""
+        if all(out is None and index is None for _, out, _, index in pairs):
             return None
         try:
-            return tuple(None if out is None else x if check_out(self.layout, x, out, name, f"{name}_out") else out
-                         for x, out, name in pairs)
+            for _, out, name, index in pairs:
+                if index is not None and out is None:
+                    raise FlexRopeError(f"{name}_out_index= needs {name}_out=, the tensor it indexes")
+            return tuple(None if out is None else x if check_out(self.layout, x, out, name, f"{name}_out",
+                                                                 indexed=index is not None) else out
+                         for x, out, name, index in pairs)
         except FlexRopeError as error:
             raise self._context(error, "") from None
+
+    def _indices(self, pairs: list[tuple]) -> tuple:
+        """Each (x, checked out, name, out_index): the out_index checked, (b, s), or None."""
+        try:
+            checked = []
+            for x, out, name, index in pairs:
+                try:
+                    checked.append(None if index is None else check_out_index(self.layout, x, out, index))
+                except FlexRopeError as error:
+                    raise FlexRopeError(str(error).replace("out_index", f"{name}_out_index", 1)) from None
+            return tuple(checked)
+        except FlexRopeError as error:
+            raise self._context(error, "") from None
+
+    def _at(self, x, length, where, out, index, inverse) -> torch.Tensor:
+        """The rotation of x written into out at the checked indices ``index`` (or into out, where None)."""
+        if index is None:
+            return self._rotate([(x, length, where)], inverse, (out,))[0]
+        if self._dynamic:  # tables computed per call: through a temporary
+            return write_at(self.layout, self._rotate([(x, length, where)], inverse, None)[0], out, index)
+        cos, sin = self.cos, self.sin
+        if self._short_length is not None and _reach(where, length) <= self._short_length:
+            cos, sin = self.short_cos, self.short_sin
+        return rope_at(self._rotation, cos, sin, x, where, out, index, table_len=cos.shape[0], inverse=inverse,
+                       positions_checked=values_on_host(x))
 
     def extra_repr(self) -> str:
         parts = [

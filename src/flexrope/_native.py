@@ -165,10 +165,10 @@ def _declare(library: ctypes.CDLL) -> None:
     for name in _FUNCTIONS.values():
         function = getattr(library, name)
         function.restype = None
-        function.argtypes = [ctypes.c_void_p] * 6
+        function.argtypes = [ctypes.c_void_p] * 7
         function = getattr(library, "norm_" + name)
         function.restype = None
-        function.argtypes = [ctypes.c_void_p] * 7 + [ctypes.c_double]
+        function.argtypes = [ctypes.c_void_p] * 8 + [ctypes.c_double]
     library.tables_float32.restype = None
     library.tables_float32.argtypes = [ctypes.c_void_p] + [ctypes.c_int64] * 3 + [ctypes.c_void_p] * 2
 
@@ -307,18 +307,25 @@ def _loaded() -> ctypes.CDLL | None:
 
 
 def _plan(x: torch.Tensor, out: torch.Tensor, table_strides: list[int], positions_strides: list[int],
-          table_row: int, rotary_dim: int, interleaved: bool, inverse: bool, threads: int, norm: bool = False
-          ) -> tuple[Callable, torch.Tensor, int]:
+          table_row: int, rotary_dim: int, interleaved: bool, inverse: bool, threads: int, norm: bool = False,
+          index_strides: list[int] | None = None) -> tuple[Callable, torch.Tensor, int]:
     """The loop for x's dtype, its plan (the array of integers _loop.c reads) and the plan's address, for one
     geometry: the rows (x's dims but the channels, in memory order, unit dims dropped) with the strides of x,
-    out, the tables and the positions along each dim of x."""
+    out, the tables, the positions and the out_index (``index_strides``, where rows go to out at the sequence
+    indices it holds) along each dim of x."""
+    out_strides, out_seq = list(out.stride()), 0
+    if index_strides is not None:  # along the sequence, out is reached through the index
+        out_seq, out_strides[x.ndim - 2] = out_strides[x.ndim - 2], 0
+    else:
+        index_strides = [0] * x.ndim
     order = memory_order(x)[:-1]
     dims = [d for d in order if x.shape[d] != 1] or [0]  # unit dims move no pointer
     sizes = [x.shape[d] for d in dims]
     varies = [table_strides[d] != 0 or positions_strides[d] != 0 for d in dims]  # the angles, along each dim
     # rows that share their angles along the innermost dim go in groups there (contiguous rows); else along
     # the dim outside it, where they share them there
-    group = GROUP if len(sizes) >= 2 and varies[-1] and not varies[-2] and sizes[-2] >= GROUP and not norm else 1
+    group = (GROUP if len(sizes) >= 2 and varies[-1] and not varies[-2] and sizes[-2] >= GROUP and not norm
+             and not any(index_strides) and not out_seq else 1)
     outer = math.prod(sizes[:-2]) * -(-sizes[-2] // group) if len(sizes) >= 2 else 1
     threads = threads if x.numel() >= THREADED_MIN_ELEMENTS else 1
     # a unit of work is a run of the innermost dim at one group of outer indices; where there are fewer of
@@ -329,8 +336,8 @@ def _plan(x: torch.Tensor, out: torch.Tensor, table_strides: list[int], position
         tile = min(tile, max(8, TABLE_TILE_BYTES // (rotary_dim * compute_dtype(x.dtype).itemsize)))
     plan = torch.tensor([len(sizes), tile, group, rotary_dim, x.shape[-1], int(interleaved), -1 if inverse else 1,
                          threads, table_row, *sizes,
-                         *(strides[d] for strides in (x.stride(), out.stride(), table_strides, positions_strides)
-                           for d in dims)], dtype=torch.int64)
+                         *(strides[d] for strides in (x.stride(), out_strides, table_strides, positions_strides,
+                                                      index_strides) for d in dims), out_seq], dtype=torch.int64)
     return getattr(_library, ("norm_" if norm else "") + _FUNCTIONS[x.dtype]), plan, plan.data_ptr()
 
 
@@ -343,8 +350,8 @@ _plans: dict[tuple, tuple] = {}
 
 
 def rotate(x: torch.Tensor, out: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, where: Where, *,
-           rotary_dim: int, interleaved: bool, inverse: bool, gain: torch.Tensor | None = None, eps: float = 0.0
-           ) -> bool:
+           rotary_dim: int, interleaved: bool, inverse: bool, gain: torch.Tensor | None = None, eps: float = 0.0,
+           out_index: torch.Tensor | None = None) -> bool:
     """Write the rotation of canonical view ``x`` (*lead, b, h, s, d) into canonical view ``out`` (which may be
     ``x``) by the angles of the tables ``cos``, ``sin`` (context, >= r/2) at ``where`` (an int start, positions
     (s,) or (b, s), or RowStarts; their values already checked), negated where ``inverse``. False, writing
@@ -357,13 +364,19 @@ def rotate(x: torch.Tensor, out: torch.Tensor, cos: torch.Tensor, sin: torch.Ten
     converted, their rows at the positions first.
 
     With ``gain`` (the QK-norm's offset + weight, (d,) contiguous in the compute dtype), each row is first
-    RMS-normalised (``eps``) and scaled by it, in the same pass."""
+    RMS-normalised (``eps``) and scaled by it, in the same pass.
+
+    With ``out_index`` (int64 (b, s), its values checked: each below out's sequence length, none repeated in a
+    row), ``out`` may differ from x in its sequence length, and each token's row is written at the sequence
+    index it holds there, or skipped where that is negative."""
     x_stride, out_stride = x.stride(), out.stride()
     if not (x.is_cpu and x.dtype in _FUNCTIONS and x_stride[-1] == 1 and out_stride[-1] == 1
             and torch._C._len_torch_dispatch_stack() == 0) or _loaded() is None:
         return False
     if not (plain(x) and plain(cos) and plain(sin) and (isinstance(where, int) or plain(
             where.starts if isinstance(where, RowStarts) else where))):  # out: x, or made like it
+        return False
+    if out_index is not None and not (plain(out) and plain(out_index)):
         return False
     if x.numel() == 0:
         return True
@@ -385,7 +398,10 @@ def rotate(x: torch.Tensor, out: torch.Tensor, cos: torch.Tensor, sin: torch.Ten
         geometry = (cos.shape, cos.stride(), None)
     threads = torch.get_num_threads()
     norm = gain is not None
-    key = (x.shape, x_stride, out_stride, geometry, x.dtype, rotary_dim, interleaved, inverse, threads, norm)
+    if out_index is not None and out_index.dtype != torch.int64:
+        out_index = out_index.to(torch.int64)
+    indexed = out_index is not None and (out_index.shape, out_index.stride())
+    key = (x.shape, x_stride, out_stride, geometry, x.dtype, rotary_dim, interleaved, inverse, threads, norm, indexed)
     plan = _plans.get(key)
     if plan is None:
         if len(_plans) >= 256:
@@ -401,11 +417,16 @@ def rotate(x: torch.Tensor, out: torch.Tensor, cos: torch.Tensor, sin: torch.Ten
         elif positions is not None:  # (s,) or (b, s), over the b and s dims
             aligned = _aligned(positions, 2)
             positions_strides[seq_dim - 2], positions_strides[seq_dim] = aligned
+        index_strides = None
+        if out_index is not None:  # (b, s), over the b and s dims
+            index_strides = [0] * ndim
+            index_strides[seq_dim - 2], index_strides[seq_dim] = _aligned(out_index, 2)
         plan = _plans[key] = _plan(x, out, table_strides, positions_strides, row, rotary_dim, interleaved, inverse,
-                                   threads, norm)
+                                   threads, norm, index_strides)
     function, _, address = plan
     arguments = (x.data_ptr(), out.data_ptr(), cos.data_ptr() + first, sin.data_ptr() + first, address,
-                 None if positions is None else positions.data_ptr())
+                 None if positions is None else positions.data_ptr(),
+                 None if out_index is None else out_index.data_ptr())
     if norm:
         function(*arguments, gain.data_ptr(), eps)
     else:

@@ -14,6 +14,7 @@ import os
 import torch
 
 from . import _native
+from ._dispatch import triton_fused, write_at
 from ._errors import FlexRopeError
 from ._pairs import as_dtype, compute_dtype, expression
 from ._positions import Where, angles_at, position_tensor
@@ -91,13 +92,19 @@ def norm_settings(norm: object, name: str) -> tuple[torch.Tensor, float, float]:
     return weight, eps, 1.0 if type(norm).__name__.startswith("Gemma") else 0.0
 
 
-def _native_into(x_c, out_c, weight, eps, offset, cos, sin, where, rotary_dim, interleaved) -> bool:
-    """The norm and rotation by the C loop, in one pass, into ``out_c``; False where it does not apply."""
-    if torch.compiler.is_compiling() or not x_c.is_cpu or os.environ.get("FLEXROPE_BACKEND", "auto") not in (
-            "auto", "native"):
+def native_applies(x: torch.Tensor) -> bool:
+    """Whether the C loop may run a call on ``x`` (the CPU, eagerly, the backend not forced to another)."""
+    return x.is_cpu and not torch.compiler.is_compiling() and os.environ.get("FLEXROPE_BACKEND", "auto") in (
+        "auto", "native")
+
+
+def _native_into(x_c, out_c, weight, eps, offset, cos, sin, where, rotary_dim, interleaved, out_index=None) -> bool:
+    """The norm and rotation by the C loop, in one pass, into ``out_c`` (at ``out_index`` where given); False
+    where it does not apply."""
+    if not native_applies(x_c):
         return False
     return _native.rotate(x_c, out_c, cos, sin, where, rotary_dim=rotary_dim, interleaved=interleaved, inverse=False,
-                          gain=_gain(weight, compute_dtype(x_c.dtype), offset), eps=eps)
+                          gain=_gain(weight, compute_dtype(x_c.dtype), offset), eps=eps, out_index=out_index)
 
 
 _gains: dict[tuple, torch.Tensor] = {}
@@ -122,16 +129,23 @@ def _gain(weight: torch.Tensor, dtype: torch.dtype, offset: float) -> torch.Tens
 
 def normed_rotation(layout, x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float, cos: torch.Tensor,
                     sin: torch.Tensor, where: Where, seq_len: int, rotary_dim: int, interleaved: bool,
-                    out: torch.Tensor | None = None) -> torch.Tensor:
+                    out: torch.Tensor | None = None, out_index: torch.Tensor | None = None) -> torch.Tensor:
     """The QK-norm then the rotation of ``x`` (laid out as ``layout``) at ``where``, values already checked;
-    written into ``out`` where given (checked, no gradient needed). Without a gradient to compute, on the
-    CPU, the C loop does it in one pass."""
+    written into ``out`` where given (checked, no gradient needed), at the sequence indices ``out_index`` (b, s)
+    where given (checked). Without a gradient to compute, on the CPU, the C loop does it in one pass."""
     if not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)):
         target = out if out is not None else torch.empty_like(x)  # x's strides where x is dense
         if _native_into(layout.canonical(x), layout.canonical(target), weight, eps, offset, cos, sin, where,
-                        rotary_dim, interleaved):
+                        rotary_dim, interleaved, out_index):
             torch.autograd.graph.increment_version(target)
             return target
+        if not torch.compiler.is_compiling() and triton_fused(  # (traced: the gain's cache key reads addresses)
+                layout, x, target, cos, sin, where, rotary_dim, interleaved,
+                gain=_gain(weight, compute_dtype(x.dtype), offset), eps=eps, index=out_index):
+            return target
+    if out_index is not None:  # elsewhere: into a temporary, then written at the indices
+        return write_at(layout, normed_rotation(layout, x, weight, eps, offset, cos, sin, where, seq_len, rotary_dim,
+                                                interleaved), out, out_index)
     where = position_tensor(where, seq_len)
     half = rotary_dim // 2
     c, s = angles_at(cos, where, seq_len, half), angles_at(sin, where, seq_len, half)

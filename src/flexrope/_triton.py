@@ -62,7 +62,11 @@ def _rotate_operand(
     HALF: tl.constexpr, TAIL: tl.constexpr, INTERLEAVED: tl.constexpr, MODE: tl.constexpr,
     INVERSE: tl.constexpr, COPY_TAIL: tl.constexpr, COMPUTE: tl.constexpr, ROUND_BF16: tl.constexpr,
     WIDE: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_T: tl.constexpr,
+    gain_ptr, idx_ptr, iok_ptr, eps, i_sb, i_ss, out_len, NORM: tl.constexpr, INDEXED: tl.constexpr,
 ):
+    # NORM: each row RMS-normalised over its channels (sum of squares, then the scale, then times the gain, in
+    # COMPUTE) before the rotation. INDEXED: each token written at the sequence index of out that idx_ptr holds,
+    # skipped where that is negative; one >= out_len leaves it unwritten and writes 0 into the flag at iok_ptr.
     # offsets in int64: a tensor of 2^31 elements or more (a long context) has int32 strides whose products with
     # an index do not fit in int32 (they wrapped, and the kernel wrote out of x); the channels' offsets too where
     # a channel stride times the head dim reaches 2^31 (WIDE: the channels outermost in a huge tensor)
@@ -90,35 +94,74 @@ def _rotate_operand(
     cos, sin = cos[:, None, :], sin[:, None, :]
     h = (pid_h * BLOCK_H + tl.arange(0, BLOCK_H)).to(tl.int64)
     rows = token[:, None] & (h < H)[None, :]
+    if INDEXED:
+        o_s = tl.load(idx_ptr + b * i_sb + s * i_ss, mask=token, other=-1).to(tl.int64)
+        past = token & (o_s >= out_len)
+        tl.store(iok_ptr + s * 0, tl.zeros_like(s), mask=past)
+        written = rows & ((o_s >= 0) & ~past)[:, None]
+    else:
+        o_s = s
+        written = rows
     x_row = x_ptr + lead * x_sl + b * x_sb + s[:, None] * x_ss + h[None, :] * x_sh
-    o_row = out_ptr + lead * o_sl + b * o_sb + s[:, None] * o_ss + h[None, :] * o_sh
+    o_row = out_ptr + lead * o_sl + b * o_sb + o_s[:, None] * o_ss + h[None, :] * o_sh
+    t = tl.arange(0, BLOCK_T)
+    if WIDE:
+        t = t.to(tl.int64)
+    tail_mask = rows[:, :, None] & (t < TAIL)[None, None, :]
+    if NORM:
+        if TAIL > 0:
+            tail_n = tl.load(x_row[:, :, None] + (2 * HALF + t)[None, None, :] * x_sd, mask=tail_mask,
+                             other=0.0).to(COMPUTE)
     if INTERLEAVED:
         # one contiguous load of the 2 * HALF channels, split into the pairs' first and second channels
         c = tl.arange(0, 2 * BLOCK_P)
         if WIDE:
             c = c.to(tl.int64)
         mask = rows[:, :, None] & (c < 2 * HALF)[None, None, :]
-        pairs = tl.load(x_row[:, :, None] + c[None, None, :] * x_sd, mask=mask, other=0.0)
-        a, b2 = tl.split(tl.reshape(pairs.to(COMPUTE), (BLOCK_S, BLOCK_H, BLOCK_P, 2)))
+        pairs = tl.load(x_row[:, :, None] + c[None, None, :] * x_sd, mask=mask, other=0.0).to(COMPUTE)
+        if NORM:
+            squares = tl.sum(pairs * pairs, axis=2)
+            if TAIL > 0:
+                squares += tl.sum(tail_n * tail_n, axis=2)
+            scale = (1.0 / tl.sqrt(squares / (2 * HALF + TAIL) + eps))[:, :, None]
+            gain = tl.load(gain_ptr + c, mask=c < 2 * HALF, other=0.0).to(COMPUTE)[None, None, :]
+            pairs = pairs * scale * gain
+            if TAIL > 0:
+                tail_n = tail_n * scale * tl.load(gain_ptr + 2 * HALF + t, mask=t < TAIL, other=0.0
+                                                  ).to(COMPUTE)[None, None, :]
+        a, b2 = tl.split(tl.reshape(pairs, (BLOCK_S, BLOCK_H, BLOCK_P, 2)))
         out = tl.reshape(tl.join(a * cos - b2 * sin, b2 * cos + a * sin), (BLOCK_S, BLOCK_H, 2 * BLOCK_P))
         stored = _stored(out, out_ptr.dtype.element_ty, ROUND_BF16)
-        tl.store(o_row[:, :, None] + c[None, None, :] * o_sd, stored, mask=mask)
+        tl.store(o_row[:, :, None] + c[None, None, :] * o_sd, stored,
+                 mask=written[:, :, None] & (c < 2 * HALF)[None, None, :])
     else:
         mask = rows[:, :, None] & (j < HALF)[None, None, :]
         first, second = j[None, None, :], (j + HALF)[None, None, :]
         a = tl.load(x_row[:, :, None] + first * x_sd, mask=mask, other=0.0).to(COMPUTE)
         b2 = tl.load(x_row[:, :, None] + second * x_sd, mask=mask, other=0.0).to(COMPUTE)
+        if NORM:
+            squares = tl.sum(a * a, axis=2) + tl.sum(b2 * b2, axis=2)
+            if TAIL > 0:
+                squares += tl.sum(tail_n * tail_n, axis=2)
+            scale = (1.0 / tl.sqrt(squares / (2 * HALF + TAIL) + eps))[:, :, None]
+            a = a * scale * tl.load(gain_ptr + j, mask=j < HALF, other=0.0).to(COMPUTE)[None, None, :]
+            b2 = b2 * scale * tl.load(gain_ptr + HALF + j, mask=j < HALF, other=0.0).to(COMPUTE)[None, None, :]
+            if TAIL > 0:
+                tail_n = tail_n * scale * tl.load(gain_ptr + 2 * HALF + t, mask=t < TAIL, other=0.0
+                                                  ).to(COMPUTE)[None, None, :]
+        mask = written[:, :, None] & (j < HALF)[None, None, :]
         tl.store(o_row[:, :, None] + first * o_sd, _stored(a * cos - b2 * sin, out_ptr.dtype.element_ty, ROUND_BF16),
                  mask=mask)
         tl.store(o_row[:, :, None] + second * o_sd, _stored(b2 * cos + a * sin, out_ptr.dtype.element_ty, ROUND_BF16),
                  mask=mask)
     if COPY_TAIL:
-        t = tl.arange(0, BLOCK_T)
-        if WIDE:
-            t = t.to(tl.int64)
-        mask = rows[:, :, None] & (t < TAIL)[None, None, :]
-        tail = tl.load(x_row[:, :, None] + (2 * HALF + t)[None, None, :] * x_sd, mask=mask)
-        tl.store(o_row[:, :, None] + (2 * HALF + t)[None, None, :] * o_sd, tail, mask=mask)
+        tail_written = written[:, :, None] & (t < TAIL)[None, None, :]
+        if NORM:
+            tl.store(o_row[:, :, None] + (2 * HALF + t)[None, None, :] * o_sd,
+                     _stored(tail_n, out_ptr.dtype.element_ty, ROUND_BF16), mask=tail_written)
+        else:
+            tail = tl.load(x_row[:, :, None] + (2 * HALF + t)[None, None, :] * x_sd, mask=tail_mask)
+            tl.store(o_row[:, :, None] + (2 * HALF + t)[None, None, :] * o_sd, tail, mask=tail_written)
 
 
 @triton.jit
@@ -136,7 +179,28 @@ def _rope_one(
         pid % s_blocks, pid // s_blocks, tl.program_id(1), x_ptr, out_ptr, cos_ptr, sin_ptr, pos_ptr, ok_ptr,
         B, H, S, start, table_len, x_sl, x_sb, x_sh, x_ss, x_sd, o_sl, o_sb, o_sh, o_ss, o_sd, p_sb, p_ss,
         t_row, t_col, HALF, TAIL, INTERLEAVED, MODE, INVERSE, COPY_TAIL, COMPUTE, ROUND_BF16, WIDE, BLOCK_S, BLOCK_H,
-        BLOCK_P, BLOCK_T,
+        BLOCK_P, BLOCK_T, cos_ptr, pos_ptr, ok_ptr, 0.0, 0, 0, 0, False, False,
+    )
+
+
+@triton.jit
+def _rope_fused(
+    cos_ptr, sin_ptr, ok_ptr, B, table_len, t_row, t_col, s_blocks,
+    x_ptr, out_ptr, pos_ptr, H, S, start,
+    x_sl, x_sb, x_sh, x_ss, x_sd, o_sl, o_sb, o_sh, o_ss, o_sd, p_sb, p_ss,
+    gain_ptr, idx_ptr, iok_ptr, eps, i_sb, i_ss, out_len,
+    HALF: tl.constexpr, TAIL: tl.constexpr, INTERLEAVED: tl.constexpr, INVERSE: tl.constexpr,
+    COPY_TAIL: tl.constexpr, COMPUTE: tl.constexpr, ROUND_BF16: tl.constexpr, MODE: tl.constexpr,
+    WIDE: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_T: tl.constexpr,
+    NORM: tl.constexpr, INDEXED: tl.constexpr,
+):
+    """One tensor, its QK-norm fused (NORM) and / or written at out's sequence indices (INDEXED)."""
+    pid = tl.program_id(0)
+    _rotate_operand(
+        pid % s_blocks, pid // s_blocks, tl.program_id(1), x_ptr, out_ptr, cos_ptr, sin_ptr, pos_ptr, ok_ptr,
+        B, H, S, start, table_len, x_sl, x_sb, x_sh, x_ss, x_sd, o_sl, o_sb, o_sh, o_ss, o_sd, p_sb, p_ss,
+        t_row, t_col, HALF, TAIL, INTERLEAVED, MODE, INVERSE, COPY_TAIL, COMPUTE, ROUND_BF16, WIDE, BLOCK_S, BLOCK_H,
+        BLOCK_P, BLOCK_T, gain_ptr, idx_ptr, iok_ptr, eps, i_sb, i_ss, out_len, NORM, INDEXED,
     )
 
 
@@ -159,7 +223,7 @@ def _rope_two(
             pid_s, pid_lb, pid_h, x_ptr, out_ptr, cos_ptr, sin_ptr, pos_ptr, ok_ptr, B, H, S, start, table_len,
             x_sl, x_sb, x_sh, x_ss, x_sd, o_sl, o_sb, o_sh, o_ss, o_sd, p_sb, p_ss, t_row, t_col,
             HALF, TAIL, INTERLEAVED, MODE, INVERSE, COPY_TAIL, COMPUTE, ROUND_BF16, WIDE, BLOCK_S, BLOCK_H, BLOCK_P,
-            BLOCK_T,
+            BLOCK_T, cos_ptr, pos_ptr, ok_ptr, 0.0, 0, 0, 0, False, False,
         )
     else:
         _rotate_operand(
@@ -167,7 +231,7 @@ def _rope_two(
             ystart, table_len,
             y_sl, y_sb, y_sh, y_ss, y_sd, yo_sl, yo_sb, yo_sh, yo_ss, yo_sd, yp_sb, yp_ss, t_row, t_col,
             HALF, TAIL, INTERLEAVED, YMODE, INVERSE, COPY_TAIL, COMPUTE, ROUND_BF16, WIDE, BLOCK_S, BLOCK_H, BLOCK_P,
-            BLOCK_T,
+            BLOCK_T, cos_ptr, ypos_ptr, ok_ptr, 0.0, 0, 0, 0, False, False,
         )
 
 
@@ -181,6 +245,9 @@ class Operand(NamedTuple):
     start: int
     positions: torch.Tensor | None
     mode: int
+    gain: torch.Tensor | None = None  # the QK-norm's offset + weight (d,), in the compute dtype
+    eps: float = 0.0
+    index: torch.Tensor | None = None  # (b, s): each token's sequence index in out
 
 
 def _merged(t: torch.Tensor) -> tuple[tuple[int, ...], tuple[int, ...]] | None:
@@ -198,6 +265,12 @@ def _merged(t: torch.Tensor) -> tuple[tuple[int, ...], tuple[int, ...]] | None:
 @functools.lru_cache(maxsize=None)
 def flag(device: torch.device) -> torch.Tensor:
     """A one-element int32 flag per device: 1 while every position read on the device was in range."""
+    return torch.ones(1, dtype=torch.int32, device=device)
+
+
+@functools.lru_cache(maxsize=None)
+def index_flag(device: torch.device) -> torch.Tensor:
+    """A one-element int32 flag per device: 1 while every out_index read on the device was in range."""
     return torch.ones(1, dtype=torch.int32, device=device)
 
 
@@ -241,6 +314,7 @@ def _plan(operands: list[Operand], cos: torch.Tensor, sin: torch.Tensor, rotary_
     # allow 65535 on CUDA, fewer than the rows of a batch of windows), token blocks fastest; head blocks second
     grid = (s_blocks * shape[0] * shape[1], sum(blocks))
     head = [shape[1], cos.shape[0], *table_stride, s_blocks] + ([blocks[0]] if len(operands) == 2 else [])
+    fused = operands[0].gain is not None or operands[0].index is not None
     around_start = []
     for op, (x, out) in zip(operands, views):
         pos, p_sb, p_ss = op.positions, 0, 0
@@ -251,7 +325,11 @@ def _plan(operands: list[Operand], cos: torch.Tensor, sin: torch.Tensor, rotary_
                 p_ss = pos.stride(0)
             else:
                 p_sb, p_ss = (pos.stride(0) if pos.shape[0] > 1 else 0), pos.stride(1)
-        around_start.append(((x[0][2], x[0][3]), (*x[1], *out[1], p_sb, p_ss)))
+        after = (*x[1], *out[1], p_sb, p_ss)
+        if fused:  # the index's strides over (b, s) and out's sequence length
+            after += ((0, 0) if op.index is None else (op.index.stride(0) if op.index.shape[0] > 1 else 0,
+                                                       op.index.stride(1))) + (out[0][3],)
+        around_start.append(((x[0][2], x[0][3]), after))
     constants = dict(
         HALF=half, TAIL=tail, INTERLEAVED=interleaved, INVERSE=inverse, COPY_TAIL=tail > 0 and not inplace,
         COMPUTE=tl.float64 if operands[0].x.dtype == torch.float64 else tl.float32, ROUND_BF16=INTERPRETED,
@@ -261,6 +339,9 @@ def _plan(operands: list[Operand], cos: torch.Tensor, sin: torch.Tensor, rotary_
     )
     if len(operands) == 2:
         constants["YMODE"] = operands[1].mode
+    if fused:
+        constants.update(NORM=operands[0].gain is not None, INDEXED=operands[0].index is not None)
+        return _rope_fused, grid, head, around_start, constants, copy_tables
     return _rope_one if len(operands) == 1 else _rope_two, grid, head, around_start, constants, copy_tables
 
 
@@ -273,8 +354,9 @@ def launch(
 ) -> None:
     """Rotate one or two operands (the same lead and batch lengths, dtype and device) in one launch. A geometry
     seen before costs a dict lookup: its plan holds everything but the tensors and the int starts."""
-    key = (*((op.x.shape, op.x.stride(), op.out.stride(), op.mode,
-              None if op.positions is None else (op.positions.shape, op.positions.stride())) for op in operands),
+    key = (*((op.x.shape, op.x.stride(), op.out.stride(), op.out.shape, op.mode,
+              None if op.positions is None else (op.positions.shape, op.positions.stride()), op.gain is not None,
+              None if op.index is None else (op.index.shape, op.index.stride())) for op in operands),
            cos.shape, cos.stride(), sin.stride(), operands[0].x.dtype, rotary_dim, interleaved, inverse, inplace)
     plan = _plans.get(key, False)
     if plan is False:
@@ -292,7 +374,12 @@ def launch(
         cos, sin = cos.contiguous(), sin.contiguous()
     args = [cos, sin, ok, *head]
     for op, (before, after) in zip(operands, around_start):
+        if kernel is _rope_fused:  # the index's strides and out's length follow the norm's and index's tensors
+            after, (i_sb, i_ss, out_len) = after[:-3], after[-3:]
         args += [op.x, op.out, op.x if op.positions is None else op.positions, *before, op.start, *after]
+        if kernel is _rope_fused:
+            args += [op.x if op.gain is None else op.gain, op.x if op.index is None else op.index,
+                     index_flag(op.x.device), op.eps, i_sb, i_ss, out_len]
     kernel[grid](*args, **constants)
 
 
