@@ -17,6 +17,9 @@ _ALIASES = {
     "hidden_size": ("hidden_size", "n_embd", "d_model"),
     "num_attention_heads": ("num_attention_heads", "n_head"),
     "max_position_embeddings": ("max_position_embeddings", "n_positions"),
+    # what JetMoe's (kv_channels) and Zamba 2's (attention_head_dim) config objects read as head_dim: a plain
+    # config.json has only these keys, and hidden_size / heads is another number there
+    "head_dim": ("head_dim", "attention_head_dim", "kv_channels"),
 }
 
 
