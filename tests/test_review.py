@@ -1,6 +1,12 @@
 """Defects found by an adversarial review, one test each."""
 
+import re
+
+import pytest
+
+import flexrope
 from flexrope import RotaryEmbedding
+from flexrope.testing import check_rope
 
 
 def test_config_json_head_dim_under_the_family_name_of_it():
@@ -12,3 +18,18 @@ def test_config_json_head_dim_under_the_family_name_of_it():
               "attention_head_dim": 160, "max_position_embeddings": 64}
     assert RotaryEmbedding.from_hf_config(jetmoe).head_dim == 128
     assert RotaryEmbedding.from_hf_config(zamba2).head_dim == 160
+
+
+def test_check_rope_counts_nan_outputs_as_off():
+    # a RoPE writing NaN into one channel: the diagnosis located it but said "(0 elements of ... off)"
+    cos, sin = flexrope.precompute_rope_params(16, context_length=64)
+
+    def nan_channel(x):
+        y = flexrope.compute_rope(x, cos, sin, "b h s d")
+        y[..., 0] = float("nan")
+        return y
+
+    with pytest.raises(AssertionError) as caught:
+        check_rope(nan_channel, "b h s d", head_dim=16)
+    off = re.search(r"\((\d+) elements? of (\d+) off", str(caught.value))
+    assert off is not None and int(off.group(1)) == int(off.group(2)) // 16, str(caught.value)
