@@ -3,6 +3,7 @@
 import re
 
 import pytest
+import torch
 
 import flexrope
 from flexrope import RotaryEmbedding
@@ -33,3 +34,17 @@ def test_check_rope_counts_nan_outputs_as_off():
         check_rope(nan_channel, "b h s d", head_dim=16)
     off = re.search(r"\((\d+) elements? of (\d+) off", str(caught.value))
     assert off is not None and int(off.group(1)) == int(off.group(2)) // 16, str(caught.value)
+
+
+def test_norm_weight_cast_per_call_is_not_served_a_stale_gain():
+    # norm_weight=w.float() makes a temporary each call; a freed one leaves its address and version 0 to the next,
+    # whose values (after an optimizer step) differ: a gain cached on (address, version) was served stale
+    cos, sin = flexrope.precompute_rope_params(16, context_length=8)
+    x = torch.randn(1, 1, 4, 16, generator=torch.Generator().manual_seed(0))
+    unit = flexrope.compute_rope(x, cos, sin, norm_weight=torch.ones(16))
+    weight = torch.ones(16, dtype=torch.bfloat16)
+    for step in range(1, 25):
+        with torch.no_grad():
+            weight.fill_(step % 5 + 1)
+        y = flexrope.compute_rope(x, cos, sin, norm_weight=weight.float())
+        torch.testing.assert_close(y, unit * (step % 5 + 1), msg=f"step {step}")
