@@ -48,3 +48,15 @@ def test_norm_weight_cast_per_call_is_not_served_a_stale_gain():
             weight.fill_(step % 5 + 1)
         y = flexrope.compute_rope(x, cos, sin, norm_weight=weight.float())
         torch.testing.assert_close(y, unit * (step % 5 + 1), msg=f"step {step}")
+
+
+def test_fused_norm_keeps_the_memory_order_of_x_with_gradients():
+    # with a partial rotation the norm's autograd path returned the canonical (b h s d) memory order for a
+    # contiguous (b s h d) x, so a training step's q.view(b, s, h * d) failed where it works without norm_weight
+    cos, sin = flexrope.precompute_rope_params(16, context_length=8, rotary_dim=8)
+    x = torch.randn(2, 5, 3, 16, requires_grad=True)
+    weight = torch.randn(16, requires_grad=True)
+    y = flexrope.compute_rope(x, cos, sin, "b s h d", rotary_dim=8, norm_weight=weight)
+    assert y.stride() == x.stride()
+    y.view(2, 5, 48).sum().backward()
+    assert x.grad is not None and weight.grad is not None

@@ -140,4 +140,8 @@ def normed_rotation(layout, x: torch.Tensor, weight: torch.Tensor, eps: float, o
     c, s = angles_at(cos, where, seq_len, half), angles_at(sin, where, seq_len, half)
     result = layout.from_canonical(NormRope.apply(layout.canonical(x), weight, c, s, eps, offset, rotary_dim,
                                                   interleaved))
-    return result if out is None else out.copy_(result)
+    if out is None:  # x's memory order, as every other path returns it (the function returns the canonical one)
+        out = torch.empty_like(x)
+        if out.stride() == result.stride():
+            return result
+    return out.copy_(result)
