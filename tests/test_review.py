@@ -60,3 +60,13 @@ def test_fused_norm_keeps_the_memory_order_of_x_with_gradients():
     assert y.stride() == x.stride()
     y.view(2, 5, 48).sum().backward()
     assert x.grad is not None and weight.grad is not None
+
+
+@pytest.mark.parametrize("bad", [{"num_attention_heads": 0}, {"num_attention_heads": "4"}, {"rope_scaling": [1, 2]},
+                                 {"rope_parameters": "linear"}])
+def test_malformed_config_values_raise_flexrope_error(bad):
+    # were ZeroDivisionError, TypeError and ValueError from inside the reader
+    config = {"model_type": "llama", "hidden_size": 64, "num_attention_heads": 4, "max_position_embeddings": 32,
+              **bad}
+    with pytest.raises(flexrope.FlexRopeError, match=repr(next(iter(bad.values()))).replace("[", r"\[")):
+        RotaryEmbedding.from_hf_config(config)
