@@ -70,3 +70,14 @@ def test_malformed_config_values_raise_flexrope_error(bad):
               **bad}
     with pytest.raises(flexrope.FlexRopeError, match=repr(next(iter(bad.values()))).replace("[", r"\[")):
         RotaryEmbedding.from_hf_config(config)
+
+
+@pytest.mark.parametrize("flag", ["interleaved", "inplace", "inverse"])
+def test_flags_given_as_strings_are_refused(flag):
+    # interleaved="false" is truthy: it silently paired the other channels
+    cos, sin = flexrope.precompute_rope_params(16, context_length=8)
+    x = torch.randn(1, 2, 4, 16)
+    before = x.clone()
+    with pytest.raises(flexrope.FlexRopeError, match=f"{flag}='false'"):
+        flexrope.compute_rope(x, cos, sin, **{flag: "false"})
+    assert torch.equal(x, before)
