@@ -1,5 +1,6 @@
 """Defects found by an adversarial review, one test each."""
 
+import os
 import re
 
 import pytest
@@ -81,3 +82,18 @@ def test_flags_given_as_strings_are_refused(flag):
     with pytest.raises(flexrope.FlexRopeError, match=f"{flag}='false'"):
         flexrope.compute_rope(x, cos, sin, **{flag: "false"})
     assert torch.equal(x, before)
+
+
+@pytest.mark.parametrize("shape", [(2, 0, 3, 16), (2, 5, 0, 16)])
+def test_triton_backend_takes_an_empty_sequence_or_head_axis(monkeypatch, shape):
+    # the default CUDA path raised ZeroDivisionError planning a launch for an empty chunk
+    if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("Triton runs CPU tensors only under TRITON_INTERPRET=1")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    monkeypatch.setenv("FLEXROPE_BACKEND", "triton")
+    cos, sin = flexrope.precompute_rope_params(16, context_length=8, device=device)
+    x = torch.randn(shape, device=device)
+    assert flexrope.compute_rope(x, cos, sin, "b s h d").shape == shape
+    rope = RotaryEmbedding(16, layout="b s h d", context_length=8).to(device)
+    q, k = rope(x, torch.randn(2, shape[1], 1, 16, device=device))
+    assert q.shape == shape
