@@ -32,6 +32,10 @@ void rotate_float32(void) {}
 void rotate_float64(void) {}
 void rotate_bfloat16(void) {}
 void rotate_float16(void) {}
+void norm_rotate_float32(void) {}
+void norm_rotate_float64(void) {}
+void norm_rotate_bfloat16(void) {}
+void norm_rotate_float16(void) {}
 #ifndef WITHOUT_TABLES
 void tables_float32(void) {}
 #endif
