@@ -126,7 +126,8 @@ def _run_triton(layout, rotary_dim, interleaved, cos, sin, xs, wheres, row_start
             continue
         out, out_c = (given, layout.canonical(given)) if given is not None else _canonical_out(layout, x, inplace)
         outs.append(out)
-        operands.append(_triton.Operand(out_c if inplace else layout.canonical(x), out_c, start, positions, mode))
+        if x.numel():  # an empty one has nothing to rotate (and the kernel's plan divides by each length)
+            operands.append(_triton.Operand(out_c if inplace else layout.canonical(x), out_c, start, positions, mode))
     if compiling:
         return tuple(outs)
     ok = _triton.flag(device)

@@ -194,6 +194,9 @@ def compute_rope(
         torch.Size([2, 10, 4, 16])
     """
     try:
+        for name, flag in (("interleaved", interleaved), ("inplace", inplace), ("inverse", inverse)):
+            if isinstance(flag, str) or flag not in (True, False):  # bool("false") is True
+                raise FlexRopeError(f"{name}={flag!r}: expected True or False")
         parsed = parse(layout, axes_lengths)
         shape = bound(parsed, x)
         per_token = isinstance(cos, torch.Tensor) and cos.ndim == 3

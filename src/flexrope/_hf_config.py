@@ -17,6 +17,9 @@ _ALIASES = {
     "hidden_size": ("hidden_size", "n_embd", "d_model"),
     "num_attention_heads": ("num_attention_heads", "n_head"),
     "max_position_embeddings": ("max_position_embeddings", "n_positions"),
+    # what JetMoe's (kv_channels) and Zamba 2's (attention_head_dim) config objects read as head_dim: a plain
+    # config.json has only these keys, and hidden_size / heads is another number there
+    "head_dim": ("head_dim", "attention_head_dim", "kv_channels"),
 }
 
 
@@ -46,9 +49,11 @@ def _layer_config(config, layer_type: str):
 
 def _parameters(config, layer_type: str | None) -> dict:
     # transformers >= 5 keeps theta and the recipe in rope_parameters; older configs in rope_theta/rope_scaling
-    parameters = config_value(config, "rope_parameters")
+    name, parameters = "rope_parameters", config_value(config, "rope_parameters")
     if parameters is None:
-        parameters = config_value(config, "rope_scaling")
+        name, parameters = "rope_scaling", config_value(config, "rope_scaling")
+    if parameters is not None and not isinstance(parameters, dict):
+        raise FlexRopeError(f"{name}={parameters!r}: expected a dict such as {{'rope_type': 'linear', 'factor': 2.0}}")
     parameters = dict(parameters or {})
     types = [name for name, value in parameters.items() if isinstance(value, dict)]
     if types:
@@ -127,6 +132,8 @@ def settings_from_hf_config(config, layer_type: str | None = None) -> dict:
         hidden, heads = config_value(layer, "hidden_size"), config_value(layer, "num_attention_heads")
         if hidden is None or heads is None:
             raise FlexRopeError("the config has neither 'head_dim' nor 'hidden_size' and 'num_attention_heads'")
+        if type(hidden) is not int or type(heads) is not int or hidden <= 0 or heads <= 0:
+            raise FlexRopeError(f"hidden_size={hidden!r} and num_attention_heads={heads!r}: expected positive ints")
         head_dim = hidden // heads
     theta = parameters.pop("rope_theta", None)
     if theta is None:

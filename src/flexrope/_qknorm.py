@@ -10,6 +10,7 @@ for x and w. Plain tensor operations both ways, so torch.compile traces it whole
 from __future__ import annotations
 
 import os
+import weakref
 
 import torch
 
@@ -107,7 +108,7 @@ def _native_into(x_c, out_c, weight, eps, offset, cos, sin, where, rotary_dim, i
                           gain=_gain(weight, compute_dtype(x_c.dtype), offset), eps=eps, out_index=out_index)
 
 
-_gains: dict[tuple, torch.Tensor] = {}
+_gains: dict[tuple, tuple[weakref.ref, torch.Tensor]] = {}
 
 
 def _gain(weight: torch.Tensor, dtype: torch.dtype, offset: float) -> torch.Tensor:
@@ -117,13 +118,15 @@ def _gain(weight: torch.Tensor, dtype: torch.dtype, offset: float) -> torch.Tens
         key = (weight.data_ptr(), weight._version, weight.shape, weight.stride(), weight.dtype, dtype, offset)
     except RuntimeError:  # an inference tensor keeps no version
         key = None
-    gain = _gains.get(key) if key is not None else None
-    if gain is None:
+    # the entry holds the weight itself (weakly): a freed temporary (w.float() per call) leaves its address and
+    # version 0 to the next one, whose values differ
+    owner, gain = _gains.get(key, (None, None)) if key is not None else (None, None)
+    if gain is None or owner() is not weight:
         gain = (as_dtype(weight.detach(), dtype) + offset).contiguous()
         if key is not None:
             if len(_gains) >= 64:
                 _gains.clear()
-            _gains[key] = gain
+            _gains[key] = (weakref.ref(weight), gain)
     return gain
 
 
@@ -151,4 +154,8 @@ def normed_rotation(layout, x: torch.Tensor, weight: torch.Tensor, eps: float, o
     c, s = angles_at(cos, where, seq_len, half), angles_at(sin, where, seq_len, half)
     result = layout.from_canonical(NormRope.apply(layout.canonical(x), weight, c, s, eps, offset, rotary_dim,
                                                   interleaved))
-    return result if out is None else out.copy_(result)
+    if out is None:  # x's memory order, as every other path returns it (the function returns the canonical one)
+        out = torch.empty_like(x)
+        if out.stride() == result.stride():
+            return result
+    return out.copy_(result)

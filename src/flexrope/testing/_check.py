@@ -353,7 +353,7 @@ def _largest_error(spec: _Spec, examples: list[_Example]) -> str:
     position = int(example.positions.expand(error.shape[:-1])[tuple(index[:-1])])
     offsets = torch.arange(example.x.numel()).view(example.x.shape)
     in_x = tuple(int(i) for i in torch.unravel_index(spec.layout.canonical(offsets)[tuple(index)], example.x.shape))
-    off = int((error > example.bound).sum())
+    off = int((~(error <= example.bound)).sum())  # NaN is off too
     row = f" of batch row {b}" if lead == [] else f" of batch row {b} (leading index {tuple(lead)})"
     return (f"no known mistake explains it; the largest error, {float(error[tuple(index)]):.3g}, is at token {s} "
             f"(position {position}), head {h}, channel {c}{row}: x{list(in_x)} in {spec.layout.text!r}, expected "

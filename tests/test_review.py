@@ -1,0 +1,99 @@
+"""Defects found by an adversarial review, one test each."""
+
+import os
+import re
+
+import pytest
+import torch
+
+import flexrope
+from flexrope import RotaryEmbedding
+from flexrope.testing import check_rope
+
+
+def test_config_json_head_dim_under_the_family_name_of_it():
+    # JetMoe keeps the head dim in kv_channels, Zamba 2 in attention_head_dim (its kv_channels is another
+    # number): the config objects map head_dim onto them, a plain config.json does not; hidden / heads differs
+    jetmoe = {"model_type": "jetmoe", "hidden_size": 2048, "num_attention_heads": 32, "kv_channels": 128,
+              "max_position_embeddings": 64}
+    zamba2 = {"model_type": "zamba2", "hidden_size": 2560, "num_attention_heads": 32, "kv_channels": 80,
+              "attention_head_dim": 160, "max_position_embeddings": 64}
+    assert RotaryEmbedding.from_hf_config(jetmoe).head_dim == 128
+    assert RotaryEmbedding.from_hf_config(zamba2).head_dim == 160
+
+
+def test_check_rope_counts_nan_outputs_as_off():
+    # a RoPE writing NaN into one channel: the diagnosis located it but said "(0 elements of ... off)"
+    cos, sin = flexrope.precompute_rope_params(16, context_length=64)
+
+    def nan_channel(x):
+        y = flexrope.compute_rope(x, cos, sin, "b h s d")
+        y[..., 0] = float("nan")
+        return y
+
+    with pytest.raises(AssertionError) as caught:
+        check_rope(nan_channel, "b h s d", head_dim=16)
+    off = re.search(r"\((\d+) elements? of (\d+) off", str(caught.value))
+    assert off is not None and int(off.group(1)) == int(off.group(2)) // 16, str(caught.value)
+
+
+def test_norm_weight_cast_per_call_is_not_served_a_stale_gain():
+    # norm_weight=w.float() makes a temporary each call; a freed one leaves its address and version 0 to the next,
+    # whose values (after an optimizer step) differ: a gain cached on (address, version) was served stale
+    cos, sin = flexrope.precompute_rope_params(16, context_length=8)
+    x = torch.randn(1, 1, 4, 16, generator=torch.Generator().manual_seed(0))
+    unit = flexrope.compute_rope(x, cos, sin, norm_weight=torch.ones(16))
+    weight = torch.ones(16, dtype=torch.bfloat16)
+    for step in range(1, 25):
+        with torch.no_grad():
+            weight.fill_(step % 5 + 1)
+        y = flexrope.compute_rope(x, cos, sin, norm_weight=weight.float())
+        torch.testing.assert_close(y, unit * (step % 5 + 1), msg=f"step {step}")
+
+
+def test_fused_norm_keeps_the_memory_order_of_x_with_gradients():
+    # with a partial rotation the norm's autograd path returned the canonical (b h s d) memory order for a
+    # contiguous (b s h d) x, so a training step's q.view(b, s, h * d) failed where it works without norm_weight
+    cos, sin = flexrope.precompute_rope_params(16, context_length=8, rotary_dim=8)
+    x = torch.randn(2, 5, 3, 16, requires_grad=True)
+    weight = torch.randn(16, requires_grad=True)
+    y = flexrope.compute_rope(x, cos, sin, "b s h d", rotary_dim=8, norm_weight=weight)
+    assert y.stride() == x.stride()
+    y.view(2, 5, 48).sum().backward()
+    assert x.grad is not None and weight.grad is not None
+
+
+@pytest.mark.parametrize("bad", [{"num_attention_heads": 0}, {"num_attention_heads": "4"}, {"rope_scaling": [1, 2]},
+                                 {"rope_parameters": "linear"}])
+def test_malformed_config_values_raise_flexrope_error(bad):
+    # were ZeroDivisionError, TypeError and ValueError from inside the reader
+    config = {"model_type": "llama", "hidden_size": 64, "num_attention_heads": 4, "max_position_embeddings": 32,
+              **bad}
+    with pytest.raises(flexrope.FlexRopeError, match=repr(next(iter(bad.values()))).replace("[", r"\[")):
+        RotaryEmbedding.from_hf_config(config)
+
+
+@pytest.mark.parametrize("flag", ["interleaved", "inplace", "inverse"])
+def test_flags_given_as_strings_are_refused(flag):
+    # interleaved="false" is truthy: it silently paired the other channels
+    cos, sin = flexrope.precompute_rope_params(16, context_length=8)
+    x = torch.randn(1, 2, 4, 16)
+    before = x.clone()
+    with pytest.raises(flexrope.FlexRopeError, match=f"{flag}='false'"):
+        flexrope.compute_rope(x, cos, sin, **{flag: "false"})
+    assert torch.equal(x, before)
+
+
+@pytest.mark.parametrize("shape", [(2, 0, 3, 16), (2, 5, 0, 16)])
+def test_triton_backend_takes_an_empty_sequence_or_head_axis(monkeypatch, shape):
+    # the default CUDA path raised ZeroDivisionError planning a launch for an empty chunk
+    if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("Triton runs CPU tensors only under TRITON_INTERPRET=1")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    monkeypatch.setenv("FLEXROPE_BACKEND", "triton")
+    cos, sin = flexrope.precompute_rope_params(16, context_length=8, device=device)
+    x = torch.randn(shape, device=device)
+    assert flexrope.compute_rope(x, cos, sin, "b s h d").shape == shape
+    rope = RotaryEmbedding(16, layout="b s h d", context_length=8).to(device)
+    q, k = rope(x, torch.randn(2, shape[1], 1, 16, device=device))
+    assert q.shape == shape
