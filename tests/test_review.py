@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import flexrope
-from flexrope import RotaryEmbedding
+from flexrope import FlexRopeError, RotaryEmbedding
 from flexrope.testing import check_rope
 
 
@@ -97,3 +97,9 @@ def test_triton_backend_takes_an_empty_sequence_or_head_axis(monkeypatch, shape)
     rope = RotaryEmbedding(16, layout="b s h d", context_length=8).to(device)
     q, k = rope(x, torch.randn(2, shape[1], 1, 16, device=device))
     assert q.shape == shape
+
+
+def test_module_interleaved_must_be_a_bool():
+    with pytest.raises(FlexRopeError, match=r"interleaved='false': expected True or False"):
+        flexrope.RotaryEmbedding(head_dim=16, context_length=8, interleaved="false")
+    assert flexrope.RotaryEmbedding(head_dim=16, context_length=8, interleaved=1).interleaved is True

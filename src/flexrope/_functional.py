@@ -78,6 +78,14 @@ def per_token_tables(
     return cos.reshape(rows * seq_len, -1), sin.reshape(rows * seq_len, -1), where.view(rows, seq_len)
 
 
+def checked_flag(name: str, flag: object) -> bool:
+    """A yes/no argument as a bool: True, False (0, 1, numpy's booleans); a string is refused, since
+    bool("false") is True."""
+    if isinstance(flag, str) or flag not in (True, False):
+        raise FlexRopeError(f"{name}={flag!r}: expected True or False")
+    return bool(flag)
+
+
 def _check_x(x: object) -> None:
     if not isinstance(x, torch.Tensor):
         raise FlexRopeError(f"x is a {type(x).__name__}: expected a torch.Tensor")
@@ -195,8 +203,7 @@ def compute_rope(
     """
     try:
         for name, flag in (("interleaved", interleaved), ("inplace", inplace), ("inverse", inverse)):
-            if isinstance(flag, str) or flag not in (True, False):  # bool("false") is True
-                raise FlexRopeError(f"{name}={flag!r}: expected True or False")
+            checked_flag(name, flag)
         parsed = parse(layout, axes_lengths)
         shape = bound(parsed, x)
         per_token = isinstance(cos, torch.Tensor) and cos.ndim == 3

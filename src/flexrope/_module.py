@@ -9,7 +9,7 @@ from torch import nn
 
 from ._dispatch import Rotation, check_out, check_out_index, rope, rope_at, write_at
 from ._errors import FlexRopeError
-from ._functional import bound, checked_positions, parse
+from ._functional import bound, checked_flag, checked_positions, parse
 from ._positions import RowStarts, Where, assert_values_async, check_values, position_tensor, values_on_host
 from . import _native
 from ._pairs import compute_dtype
@@ -88,6 +88,7 @@ class RotaryEmbedding(nn.Module):
         super().__init__()
         try:
             self.rotary_dim = check_rotary_dim(head_dim, rotary_dim)
+            interleaved = checked_flag("interleaved", interleaved)
             if "d" in axes_lengths:
                 raise FlexRopeError(f"d={axes_lengths['d']} was given as a keyword: head_dim gives d")
             self.layout = parse(layout, {"d": head_dim, **axes_lengths}, keywords=("theta_base", "context_length",
