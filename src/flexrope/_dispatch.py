@@ -139,12 +139,16 @@ def _run_triton(layout, rotary_dim, interleaved, cos, sin, xs, wheres, row_start
     for out in outs if inplace or into else ():  # written by the kernel: autograd must still see them change
         torch.autograd.graph.increment_version(out)
     if any(op.positions is not None for op in operands):
-        _check_flag(ok, cos.shape[0])
+        _check_flag(ok, _positions_message(cos.shape[0]))
     return tuple(outs)
 
 
-def _check_flag(ok: torch.Tensor, table_len: int) -> None:
-    message = f"flexrope: positions hold a position < 0 or >= the table's {table_len} positions"
+def _positions_message(table_len: int) -> str:
+    return f"flexrope: positions hold a position < 0 or >= the table's {table_len} positions"
+
+
+def _check_flag(ok: torch.Tensor, message: str) -> None:
+    """Raise ``message`` where the kernel cleared the flag ``ok``: on the device without a sync."""
     if ok.device.type != "cpu":  # queued on the device: no sync
         torch._assert_async(ok, message)
         return
@@ -383,22 +387,11 @@ def triton_fused(layout: Layout, x: torch.Tensor, out: torch.Tensor, cos: torch.
                    inverse=inverse, inplace=False, ok=ok)
     torch.autograd.graph.increment_version(out)
     if positions is not None:
-        _check_flag(ok, cos.shape[0])
+        _check_flag(ok, _positions_message(cos.shape[0]))
     if index is not None:
-        _check_index_flag(_triton.index_flag(x.device), layout.canonical(out).shape[-2])
+        _check_flag(_triton.index_flag(x.device),
+                    f"flexrope: out_index holds an index >= out's sequence length {layout.canonical(out).shape[-2]}")
     return True
-
-
-def _check_index_flag(ok: torch.Tensor, length: int) -> None:
-    message = f"flexrope: out_index holds an index >= out's sequence length {length}"
-    if ok.device.type != "cpu":  # queued on the device: no sync
-        torch._assert_async(ok, message)
-        return
-    try:  # Triton's interpreter: the flag is host memory, and the check is immediate
-        torch._assert_async(ok, message)
-    except RuntimeError:
-        ok.fill_(1)
-        raise FlexRopeError(message.removeprefix("flexrope: ")) from None
 
 
 def rope_at(rotation: Rotation, cos: torch.Tensor, sin: torch.Tensor, x: torch.Tensor, where: Where,
