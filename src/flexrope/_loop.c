@@ -165,19 +165,23 @@ static inline uint16_t f16_store(float f) {
    The units are shared among `threads` OpenMP threads: those of torch's own pool where the library is built
    with -fopenmp (the process has loaded torch's libgomp), so the loop and torch's operations never compete
    for cores. sign is 1, or -1 to rotate by the negated angles. */
+/* The plan's integers, as both loops read them (see _native._plan). */
+#define READ_PLAN                                                                                              \
+    const int64_t ndim = plan[0], tile = plan[1], rotary = plan[3], channels = plan[4];                       \
+    const int64_t interleaved = plan[5], sign = plan[6], threads = plan[7], table_row = plan[8];              \
+    const int64_t *sizes = plan + 9, *x_strides = sizes + ndim, *out_strides = x_strides + ndim;              \
+    const int64_t *table_strides = out_strides + ndim, *positions_strides = table_strides + ndim;             \
+    const int64_t inner = ndim - 1, half = rotary / 2;                                                        \
+    const int64_t x_in = x_strides[inner], out_in = out_strides[inner], table_in = table_strides[inner];       \
+    const int64_t positions_in = positions_strides[inner];                                                    \
+    const int64_t *index_strides = positions_strides + ndim, out_seq = index_strides[ndim];                   \
+    const int64_t index_in = index_strides[inner];
 #define GROUP 4
 #define DEFINE_ROTATE(NAME, T, C, LOAD, STORE, ROWS)                                                           \
     void NAME(const T *x, T *out, const C *cos, const C *sin, const int64_t *plan, const int64_t *positions,   \
               const int64_t *out_index) {                                                                     \
-        const int64_t ndim = plan[0], tile = plan[1], group = plan[2], rotary = plan[3], channels = plan[4];   \
-        const int64_t interleaved = plan[5], sign = plan[6], threads = plan[7], table_row = plan[8];          \
-        const int64_t *sizes = plan + 9, *x_strides = sizes + ndim, *out_strides = x_strides + ndim;          \
-        const int64_t *table_strides = out_strides + ndim, *positions_strides = table_strides + ndim;       \
-        const int64_t inner = ndim - 1, half = rotary / 2;                                                  \
-        const int64_t x_in = x_strides[inner], out_in = out_strides[inner], table_in = table_strides[inner]; \
-        const int64_t positions_in = positions_strides[inner];                                              \
-        const int64_t *index_strides = positions_strides + ndim, out_seq = index_strides[ndim];             \
-        const int64_t index_in = index_strides[inner];                                                      \
+        READ_PLAN                                                                                           \
+        const int64_t group = plan[2];                                                                      \
         const int64_t mids = group > 1 ? sizes[inner - 1] : 1, per_mid = (mids + group - 1) / group;       \
         const int64_t x_mid = group > 1 ? x_strides[inner - 1] : 0;                                         \
         const int64_t out_mid = group > 1 ? out_strides[inner - 1] : 0;                                     \
@@ -317,15 +321,7 @@ DEFINE_ROTATE(rotate_float16, uint16_t, float, f16_load, f16_store, F16_ROWS)
 #define DEFINE_NORM_ROTATE(NAME, T, C, LOAD, STORE, SQRT)                                                      \
     void NAME(const T *x, T *out, const C *cos, const C *sin, const int64_t *plan, const int64_t *positions,   \
               const int64_t *out_index, const C *gain, double eps) {                                          \
-        const int64_t ndim = plan[0], tile = plan[1], rotary = plan[3], channels = plan[4];                   \
-        const int64_t interleaved = plan[5], sign = plan[6], threads = plan[7], table_row = plan[8];          \
-        const int64_t *sizes = plan + 9, *x_strides = sizes + ndim, *out_strides = x_strides + ndim;          \
-        const int64_t *table_strides = out_strides + ndim, *positions_strides = table_strides + ndim;       \
-        const int64_t inner = ndim - 1, half = rotary / 2;                                                  \
-        const int64_t x_in = x_strides[inner], out_in = out_strides[inner], table_in = table_strides[inner]; \
-        const int64_t positions_in = positions_strides[inner];                                              \
-        const int64_t *index_strides = positions_strides + ndim, out_seq = index_strides[ndim];             \
-        const int64_t index_in = index_strides[inner];                                                      \
+        READ_PLAN                                                                                           \
         int64_t outer = 1;                                                                                  \
         for (int64_t d = 0; d < inner; ++d)                                                                 \
             outer *= sizes[d];                                                                              \
