@@ -140,3 +140,25 @@ def test_one_pass_loop_equals_eager_math_into_a_cache(monkeypatch, layout, shape
     tolerance = 4 * torch.finfo(dtype).eps
     torch.testing.assert_close(into, expected, rtol=tolerance, atol=tolerance)
     assert cache.narrow(seq_dim, 0, 2).abs().sum() == 0 and cache.narrow(seq_dim, 7, 2).abs().sum() == 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("interleaved", [False, True])
+@pytest.mark.parametrize("head_dim, rotary_dim", [(12, None), (20, None), (24, 16), (128, None), (136, 128)])
+def test_one_pass_loop_every_dtype_and_head_dim(dtype, interleaved, head_dim, rotary_dim):
+    """The C loop's norm in every dtype, for head dims past whole vectors of its sum (12, 20, 24: a tail of 4 or
+    8), the unrolled 64 pairs of 128, pass-through channels, and rows that are not whole blocks of eight (11
+    heads), against the definition in float64: within one rounding of a half-precision dtype, whose rounding
+    at the end outweighs the float32 computation's; within the few roundings of that computation in float32."""
+    cos, sin = flexrope.precompute_rope_params(head_dim, context_length=16, rotary_dim=rotary_dim)
+    x = torch.randn(2, 3, 11, head_dim, dtype=torch.float64)
+    w = torch.rand(head_dim, dtype=torch.float64) + 0.5
+    positions = torch.tensor([[3, 0, 7], [1, 9, 4]])
+    got = compute_rope(x.to(dtype), cos, sin, "b s h d", positions=positions, interleaved=interleaved,
+                       rotary_dim=rotary_dim, norm_weight=w.to(dtype), norm_eps=1e-5)
+    xd, wd = x.to(dtype).double(), w.to(dtype).double()
+    n = xd * torch.rsqrt(xd.pow(2).mean(-1, keepdim=True) + 1e-5) * wd
+    expected = compute_rope(n, cos.double(), sin.double(), "b s h d", positions=positions, interleaved=interleaved,
+                            rotary_dim=rotary_dim)
+    eps = {torch.float32: 8 * 2 ** -23, torch.float64: 1e-12}.get(dtype, torch.finfo(dtype).eps)
+    torch.testing.assert_close(got.double(), expected, rtol=eps, atol=eps)

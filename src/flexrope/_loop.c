@@ -313,12 +313,129 @@ DEFINE_ROTATE(rotate_bfloat16, uint16_t, float, bf16_load, bf16_store, BF16_ROWS
 DEFINE_ROTATE(rotate_float16, uint16_t, float, f16_load, f16_store, F16_ROWS)
 
 /* norm_rotate(x, out, cos, sin, plan, positions, gain, eps): the QK-norm then the rotation, one pass over each
-   row: the row loaded into the compute type, its sum of squares (eight partial sums, added in a fixed order),
-   scale = 1 / sqrt(sum / channels + eps), each channel times scale times gain (offset + weight, in the compute
-   type), then the pairs rotated (a c - b s, b c + a s) and the tail past `rotary` stored normalised, each
-   rounded once. The plan is rotate's, with group 1. The sum's order is not torch's, so the norm's last bit
-   may differ from the eager path's. */
-#define DEFINE_NORM_ROTATE(NAME, T, C, LOAD, STORE, SQRT)                                                      \
+   row: its sum of squares in the compute type (eight partial sums, added in a fixed order), scale = 1 /
+   sqrt(sum / channels + eps), then each pair's channels loaded again (from L1), times scale times their gain
+   (offset + weight, in the compute type), rotated (a c - b s, b c + a s) and rounded once; the tail past
+   `rotary` is stored normalised. The plan is rotate's, with group 1. The sum's order is not torch's, so the
+   norm's last bit may differ from the eager path's.
+
+   The gains are split once per call into those of each pair's first and second channel, so that the pairs
+   read them at unit stride as they read the angles: the loop over pairs is then the rotation's, which the
+   compiler vectorises (through a float buffer of the normalised row, with the gains read two apart where
+   pairs sit side by side, bfloat16 ran at 3x a copy). */
+#define NORM_PAIRS(T, C, LOAD, STORE, n, first, second)                                                       \
+    _Pragma("GCC ivdep") for (int64_t j = 0; j < (n); ++j) {                                                  \
+        const C cj = c[j], sj = s[j] * (C)sign;                                                             \
+        const C a = LOAD(xr[first]) * scale * gain_a[j], b = LOAD(xr[second]) * scale * gain_b[j];          \
+        o[first] = STORE(a * cj - b * sj);                                                                  \
+        o[second] = STORE(b * cj + a * sj);                                                                 \
+    }
+#define NORM_SIDE_BY_SIDE(T, C, LOAD, STORE, n) NORM_PAIRS(T, C, LOAD, STORE, n, 2 * j, 2 * j + 1)
+#define NORM_HALVES(T, C, LOAD, STORE, n) NORM_PAIRS(T, C, LOAD, STORE, n, j, j + (n))
+
+/* bfloat16 pairs side by side as 32-bit words, as BF16_WORDS reads them. */
+#if __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
+#define BF16_NORM_WORDS(T, C, LOAD, STORE, n)                                                                 \
+    _Pragma("GCC ivdep") for (int64_t j = 0; j < (n); ++j) {                                                  \
+        const float cj = c[j], sj = s[j] * (float)sign;                                                     \
+        uint32_t word;                                                                                      \
+        memcpy(&word, xr + 2 * j, sizeof word);                                                             \
+        const float a = float_bits(word << 16) * scale * gain_a[j];                                         \
+        const float b = float_bits(word & 0xffff0000u) * scale * gain_b[j];                                 \
+        word = (uint32_t)bf16_store(a * cj - b * sj) | (uint32_t)bf16_store(b * cj + a * sj) << 16;        \
+        memcpy(o + 2 * j, &word, sizeof word);                                                              \
+    }
+#else
+#define BF16_NORM_WORDS NORM_SIDE_BY_SIDE
+#endif
+
+#define NORM_PAIRING(SIDE_BY_SIDE_PAIRS, T, C, LOAD, STORE, n)                                                \
+    if (interleaved)                                                                                        \
+        SIDE_BY_SIDE_PAIRS(T, C, LOAD, STORE, n)                                                            \
+    else                                                                                                    \
+        NORM_HALVES(T, C, LOAD, STORE, n)
+
+/* A row's sum of squares in the compute type. float32 compute (float32, bfloat16, float16 rows): sixteen
+   partial sums in two vectors of eight lanes (two additions in flight; one chain of vector additions, or
+   partials the compiler split into four-lane halves, held the row at half the speed), added in a fixed order;
+   float64: eight partial sums. */
+#if defined(__GNUC__) && !defined(__clang__) /* static functions: no ABI to keep, whatever the vector flags */
+#pragma GCC diagnostic ignored "-Wpsabi"
+#endif
+typedef float f32x8 __attribute__((vector_size(32)));
+typedef uint16_t u16x8 __attribute__((vector_size(16)));
+typedef uint32_t u32x8 __attribute__((vector_size(32)));
+
+static inline f32x8 float_load8(const float *p) {
+    f32x8 v;
+    memcpy(&v, p, sizeof v);
+    return v;
+}
+
+static inline f32x8 bf16_load8(const uint16_t *p) {
+    u16x8 h;
+    memcpy(&h, p, sizeof h);
+    const u32x8 bits = __builtin_convertvector(h, u32x8) << 16;
+    f32x8 v;
+    memcpy(&v, &bits, sizeof v);
+    return v;
+}
+
+static inline f32x8 f16_load8(const uint16_t *p) {
+#ifdef __F16C__
+    const __m256 converted = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p));
+    f32x8 v;
+    memcpy(&v, &converted, sizeof v);
+    return v;
+#else
+    f32x8 v;
+    for (int k = 0; k < 8; ++k)
+        v[k] = f16_load(p[k]);
+    return v;
+#endif
+}
+
+#define DEFINE_SUM_SQUARES(NAME, T, LOAD, LOAD8)                                                              \
+    static inline float NAME(const T *xr, int64_t channels) {                                               \
+        f32x8 first = {0, 0, 0, 0, 0, 0, 0, 0}, second = first;                                            \
+        int64_t j = 0;                                                                                      \
+        for (; j + 16 <= channels; j += 16) {                                                              \
+            const f32x8 a = LOAD8(xr + j), b = LOAD8(xr + j + 8);                                           \
+            first += a * a;                                                                                 \
+            second += b * b;                                                                                \
+        }                                                                                                   \
+        if (j + 8 <= channels) {                                                                            \
+            const f32x8 a = LOAD8(xr + j);                                                                  \
+            first += a * a;                                                                                 \
+            j += 8;                                                                                         \
+        }                                                                                                   \
+        first += second;                                                                                    \
+        float sum = ((first[0] + first[1]) + (first[2] + first[3])) + ((first[4] + first[5]) + (first[6] + first[7])); \
+        for (; j < channels; ++j) {                                                                         \
+            const float v = LOAD(xr[j]);                                                                    \
+            sum += v * v;                                                                                   \
+        }                                                                                                   \
+        return sum;                                                                                         \
+    }
+DEFINE_SUM_SQUARES(sum_squares_float32, float, IDENTITY, float_load8)
+DEFINE_SUM_SQUARES(sum_squares_bfloat16, uint16_t, bf16_load, bf16_load8)
+DEFINE_SUM_SQUARES(sum_squares_float16, uint16_t, f16_load, f16_load8)
+
+static inline double sum_squares_float64(const double *xr, int64_t channels) {
+    double partial[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    int64_t j = 0;
+    for (; j + 8 <= channels; j += 8)
+        for (int k = 0; k < 8; ++k)
+            partial[k] += xr[j + k] * xr[j + k];
+    for (; j < channels; ++j)
+        partial[0] += xr[j] * xr[j];
+    return ((partial[0] + partial[1]) + (partial[2] + partial[3])) + ((partial[4] + partial[5]) + (partial[6] + partial[7]));
+}
+
+/* Rows are taken eight at a time: their sums first, then their eight scales in one vector (a square root and a
+   division per row, one after the other, held each row for their latency), then their pairs. */
+#define NORM_BLOCK 8
+#define DEFINE_NORM_ROTATE(NAME, T, C, LOAD, STORE, SQRT, SIDE_BY_SIDE_PAIRS, SUM_SQUARES)                    \
     void NAME(const T *x, T *out, const C *cos, const C *sin, const int64_t *plan, const int64_t *positions,   \
               const int64_t *out_index, const C *gain, double eps) {                                          \
         READ_PLAN                                                                                           \
@@ -326,6 +443,11 @@ DEFINE_ROTATE(rotate_float16, uint16_t, float, f16_load, f16_store, F16_ROWS)
         for (int64_t d = 0; d < inner; ++d)                                                                 \
             outer *= sizes[d];                                                                              \
         const int64_t units = outer * ((sizes[inner] + tile - 1) / tile);                                   \
+        C gain_a[half + 1], gain_b[half + 1]; /* each pair's first and second channel's gain */             \
+        for (int64_t j = 0; j < half; ++j) {                                                                \
+            gain_a[j] = gain[interleaved ? 2 * j : j];                                                      \
+            gain_b[j] = gain[interleaved ? 2 * j + 1 : j + half];                                           \
+        }                                                                                                   \
         (void)threads;                                                                                      \
         _Pragma("omp parallel for schedule(static) num_threads(threads) if (threads > 1)")                  \
         for (int64_t unit = 0; unit < units; ++unit) {                                                      \
@@ -343,51 +465,37 @@ DEFINE_ROTATE(rotate_float16, uint16_t, float, f16_load, f16_store, F16_ROWS)
                 positions_at += i * positions_strides[d];                                                   \
                 index_at += i * index_strides[d];                                                           \
             }                                                                                               \
-            C buf[channels];                                                                                \
-            for (int64_t row = 0; row < count; ++row) {                                                     \
-                if (SKIPPED(row))                                                                           \
-                    continue;                                                                               \
-                const T *xr = x + x_at + row * x_in;                                                        \
-                T *o = out + OUT_AT(row);                                                                   \
-                const C *c = cos + ANGLES_AT(row), *s = sin + ANGLES_AT(row);                               \
-                C partial[8] = {0, 0, 0, 0, 0, 0, 0, 0};                                                    \
-                int64_t j = 0;                                                                              \
-                for (; j + 8 <= channels; j += 8)                                                           \
-                    for (int k = 0; k < 8; ++k) {                                                           \
-                        buf[j + k] = LOAD(xr[j + k]);                                                       \
-                        partial[k] += buf[j + k] * buf[j + k];                                              \
-                    }                                                                                       \
-                for (; j < channels; ++j) {                                                                 \
-                    buf[j] = LOAD(xr[j]);                                                                   \
-                    partial[0] += buf[j] * buf[j];                                                          \
+            for (int64_t block = 0; block < count; block += NORM_BLOCK) {                                   \
+                const int64_t rows = count - block < NORM_BLOCK ? count - block : NORM_BLOCK;               \
+                C scales[NORM_BLOCK] = {0};                                                                 \
+                for (int64_t r = 0; r < rows; ++r)                                                          \
+                    scales[r] = SUM_SQUARES(x + x_at + (block + r) * x_in, channels);                       \
+                for (int r = 0; r < NORM_BLOCK; ++r)                                                        \
+                    scales[r] = (C)1 / SQRT(scales[r] / (C)channels + (C)eps);                              \
+                for (int64_t r = 0; r < rows; ++r) {                                                        \
+                    const int64_t row = block + r;                                                          \
+                    if (SKIPPED(row))                                                                       \
+                        continue;                                                                           \
+                    const T *xr = x + x_at + row * x_in;                                                    \
+                    T *o = out + OUT_AT(row);                                                               \
+                    const C *c = cos + ANGLES_AT(row), *s = sin + ANGLES_AT(row), scale = scales[r];        \
+                    if (half == 64)                                                                         \
+                        NORM_PAIRING(SIDE_BY_SIDE_PAIRS, T, C, LOAD, STORE, 64)                             \
+                    else                                                                                    \
+                        NORM_PAIRING(SIDE_BY_SIDE_PAIRS, T, C, LOAD, STORE, half)                           \
+                    for (int64_t j = rotary; j < channels; ++j)                                             \
+                        o[j] = STORE(LOAD(xr[j]) * scale * gain[j]);                                        \
                 }                                                                                           \
-                const C sum = ((partial[0] + partial[1]) + (partial[2] + partial[3])) +                     \
-                              ((partial[4] + partial[5]) + (partial[6] + partial[7]));                      \
-                const C scale = (C)1 / SQRT(sum / (C)channels + (C)eps);                                    \
-                for (j = 0; j < channels; ++j)                                                              \
-                    buf[j] = buf[j] * scale * gain[j];                                                      \
-                if (interleaved)                                                                            \
-                    for (j = 0; j < half; ++j) {                                                            \
-                        const C a = buf[2 * j], b = buf[2 * j + 1], sj = s[j] * (C)sign;                    \
-                        o[2 * j] = STORE(a * c[j] - b * sj);                                                \
-                        o[2 * j + 1] = STORE(b * c[j] + a * sj);                                            \
-                    }                                                                                       \
-                else                                                                                        \
-                    for (j = 0; j < half; ++j) {                                                            \
-                        const C a = buf[j], b = buf[j + half], sj = s[j] * (C)sign;                         \
-                        o[j] = STORE(a * c[j] - b * sj);                                                    \
-                        o[j + half] = STORE(b * c[j] + a * sj);                                             \
-                    }                                                                                       \
-                for (j = rotary; j < channels; ++j)                                                         \
-                    o[j] = STORE(buf[j]);                                                                   \
             }                                                                                               \
         }                                                                                                   \
     }
 
-DEFINE_NORM_ROTATE(norm_rotate_float32, float, float, IDENTITY, IDENTITY, sqrtf)
-DEFINE_NORM_ROTATE(norm_rotate_float64, double, double, IDENTITY, IDENTITY, sqrt)
-DEFINE_NORM_ROTATE(norm_rotate_bfloat16, uint16_t, float, bf16_load, bf16_store, sqrtf)
-DEFINE_NORM_ROTATE(norm_rotate_float16, uint16_t, float, f16_load, f16_store, sqrtf)
+DEFINE_NORM_ROTATE(norm_rotate_float32, float, float, IDENTITY, IDENTITY, sqrtf, NORM_SIDE_BY_SIDE, sum_squares_float32)
+DEFINE_NORM_ROTATE(norm_rotate_float64, double, double, IDENTITY, IDENTITY, sqrt, NORM_SIDE_BY_SIDE, sum_squares_float64)
+DEFINE_NORM_ROTATE(norm_rotate_bfloat16, uint16_t, float, bf16_load, bf16_store, sqrtf, BF16_NORM_WORDS,
+                   sum_squares_bfloat16)
+DEFINE_NORM_ROTATE(norm_rotate_float16, uint16_t, float, f16_load, f16_store, sqrtf, NORM_SIDE_BY_SIDE,
+                   sum_squares_float16)
 
 /* tables_float32(inv_freq, n, first, rows, cos, sin): the half-width float32 tables of the positions first ..
    first + rows - 1 (rows x n each, row-major): the float64 angles position * inv_freq[i], their cos and sin
