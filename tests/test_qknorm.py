@@ -111,6 +111,38 @@ def test_module_q_norm_k_norm_into_the_cache():
     assert cache_k[:, :5].abs().sum() == 0
 
 
+def test_module_norm_follows_changes_to_the_norm_between_calls():
+    """The module remembers a norm's weight, eps and gain between calls; each way of changing them is seen: the
+    weight edited in place, a new weight, new values under .data, a new eps, a Gemma norm's 1 + weight."""
+    rope = RotaryEmbedding(D, layout="b s h d", context_length=32)
+    cos, sin = flexrope.precompute_rope_params(D, context_length=32)
+    q = torch.randn(1, 2, 3, D)
+    norm = torch.nn.RMSNorm(D, eps=1e-6)
+
+    def check(norm, offset=0.0):
+        with torch.no_grad():
+            got = rope(q, offset=3, q_norm=norm)
+        expected = compute_rope(q, cos, sin, "b s h d", offset=3, norm_weight=norm.weight.detach(),
+                                norm_eps=norm.eps, norm_weight_offset=offset)
+        torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
+
+    check(norm)
+    with torch.no_grad():
+        norm.weight.mul_(3.0)
+    check(norm)
+    norm.weight = torch.nn.Parameter(torch.rand(D) + 0.5)
+    check(norm)
+    norm.weight.data = torch.rand(D) - 2.0
+    check(norm)
+    norm.eps = 10.0  # large enough to change every value
+    check(norm)
+    gemma = _hf(gemma3.Gemma3RMSNorm, torch.float32)
+    check(gemma, offset=1.0)
+    with torch.no_grad():
+        gemma.weight.add_(1.0)
+    check(gemma, offset=1.0)
+
+
 def test_bad_norm_weight_is_refused():
     cos, sin = flexrope.precompute_rope_params(D, context_length=16)
     x = torch.randn(1, 3, 2, D)

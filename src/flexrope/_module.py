@@ -12,8 +12,7 @@ from ._errors import FlexRopeError
 from ._functional import bound, checked_flag, checked_positions, parse
 from ._positions import RowStarts, Where, assert_values_async, check_values, position_tensor, values_on_host
 from . import _native
-from ._pairs import compute_dtype
-from ._qknorm import _gain, check_norm, native_applies, norm_settings, normed_rotation
+from ._qknorm import module_norm, native_applies, normed_rotation
 from ._hf_config import layer_rope, settings_from_hf_config
 from ._scaling import frequencies, parse_scaling, softmax_scale_factor
 from ._tables import check_rotary_dim, precompute_rope_params, tables_at
@@ -350,8 +349,7 @@ class RotaryEmbedding(nn.Module):
                     results.append(self._at(x, length, where, out, index, False) if index is not None else
                                    self._rotate([(x, length, where)], False, (out,))[0])
                     continue
-                weight, eps, offset = check_norm(*norm_settings(norm, f"{name}_norm"), x, self.head_dim,
-                                                 f"{name}_norm")
+                weight, eps, offset, _ = module_norm(norm, f"{name}_norm", x, self.head_dim)
                 if not isinstance(where, int) and not values_on_host(x):
                     assert_values_async(where, length, cos.shape[0])
                 if out is not None and torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
@@ -371,14 +369,13 @@ class RotaryEmbedding(nn.Module):
             return None
         calls = []
         for x, length, where, norm, out, name in operands:  # every check before anything is written
-            weight, eps, offset = check_norm(*norm_settings(norm, f"{name}_norm"), x, self.head_dim, f"{name}_norm")
-            calls.append((x, length, where, weight, eps, offset, out))
+            calls.append((x, length, where, *module_norm(norm, f"{name}_norm", x, self.head_dim), out))
         layout, results = self.layout, []
-        for x, length, where, weight, eps, offset, out in calls:
+        for x, length, where, weight, eps, offset, gain, out in calls:
             target = out if out is not None else torch.empty_like(x)  # x's strides where x is dense
             if _native.rotate(layout.canonical(x), layout.canonical(target), cos, sin, where,
                               rotary_dim=self.rotary_dim, interleaved=self.interleaved, inverse=False,
-                              gain=_gain(weight, compute_dtype(x.dtype), offset), eps=eps):
+                              gain=gain, eps=eps):
                 torch.autograd.graph.increment_version(target)
                 results.append(target)
             else:  # e.g. channels not contiguous: the general path

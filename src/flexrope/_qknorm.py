@@ -76,21 +76,54 @@ class NormRope(torch.autograd.Function):
         return grad_x, grad_w, None, None, None, None, None, None
 
 
+def _eps_attribute(norm: object) -> object:
+    """The norm's ``.eps`` or ``.variance_epsilon``, read from its plain attributes (nn.Module's __getattr__ fails
+    slowly for a name it lacks)."""
+    attributes = getattr(norm, "__dict__", {})
+    return attributes["eps"] if "eps" in attributes else attributes.get("variance_epsilon")
+
+
 def norm_settings(norm: object, name: str) -> tuple[torch.Tensor, float, float]:
     """(weight, eps, offset) of a model's RMSNorm module: ``torch.nn.RMSNorm`` or anything with ``.weight``
     and ``.eps`` or ``.variance_epsilon`` (transformers' Qwen3RMSNorm), offset 1.0 for Gemma's norms (their
     class name starts with "Gemma": they scale by ``1 + weight``); or a tuple (weight, eps, offset)."""
     if isinstance(norm, tuple) and len(norm) == 3:
         return norm
-    weight = getattr(norm, "weight", None)
-    attributes = getattr(norm, "__dict__", {})  # plain attributes, without nn.Module's failing __getattr__
-    eps = attributes["eps"] if "eps" in attributes else attributes.get("variance_epsilon")
+    weight, eps = getattr(norm, "weight", None), _eps_attribute(norm)
     if not isinstance(weight, torch.Tensor):
         raise FlexRopeError(f"{name} is a {type(norm).__name__}: expected an RMSNorm module (.weight and .eps or "
                             f".variance_epsilon, e.g. torch.nn.RMSNorm) or a tuple (weight, eps, offset)")
     if eps is None:  # torch.nn.RMSNorm(eps=None): the dtype's machine epsilon, as it computes
         eps = torch.finfo(weight.dtype).eps
     return weight, eps, 1.0 if type(norm).__name__.startswith("Gemma") else 0.0
+
+
+_modules: dict[tuple, tuple] = {}
+
+
+def module_norm(norm: object, name: str, x: torch.Tensor, head_dim: int
+                ) -> tuple[torch.Tensor, float, float, torch.Tensor]:
+    """``norm_settings`` then ``check_norm`` of ``norm`` for ``x``, with its gain in x's compute dtype: a module's
+    remembered while it holds the same weight tensor, at the same version and address, and the same eps (a
+    decoding step asks for each layer's two norms every call, and the lookups and checks cost more than the
+    loop's work)."""
+    key = (id(norm), x.dtype, x.device, head_dim)
+    entry = _modules.get(key)
+    if entry is not None:
+        owner, weight, version, address, eps, result = entry
+        if (owner() is norm and getattr(norm, "weight", None) is weight and weight._version == version
+                and weight.data_ptr() == address and _eps_attribute(norm) is eps):
+            return result
+    weight, eps, offset = check_norm(*norm_settings(norm, name), x, head_dim, name)
+    result = (weight, eps, offset, _gain(weight, compute_dtype(x.dtype), offset))
+    try:
+        entry = (weakref.ref(norm), weight, weight._version, weight.data_ptr(), _eps_attribute(norm), result)
+    except (AttributeError, TypeError, RuntimeError):  # a tuple (no weak reference), an inference weight (no version)
+        return result
+    if len(_modules) >= 256:
+        _modules.clear()
+    _modules[key] = entry
+    return result
 
 
 def native_applies(x: torch.Tensor) -> bool:
