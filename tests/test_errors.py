@@ -173,3 +173,28 @@ def test_inference_tensor_in_place_outside_inference_mode_is_refused_untouched()
 def test_overlap_refused_only_in_place():
     x = torch.randn(1, 3, 5, 16).expand(2, 3, 5, 16)
     assert torch.equal(compute_rope(x, COS, SIN), compute_rope(x.contiguous(), COS, SIN))
+
+
+def test_full_width_tables_whose_halves_differ_are_refused():
+    """A full-width table is read as cat((angles, angles)); GPT-J's and Meta-style tables repeat each angle side
+    by side instead, and would turn most pairs by another pair's angle. They are refused with what to pass, the
+    half-width table they spread out then gives the right rotation, and an in-place edit of a table that passed
+    is seen on the next call."""
+    d, n = 8, 12
+    inv_freq = 1.0 / 10000 ** (torch.arange(0, d, 2, dtype=torch.float64) / d)
+    angles = torch.arange(n, dtype=torch.float64)[:, None] * inv_freq
+    cos_spread, sin_spread = (f(angles).repeat_interleave(2, -1).float() for f in (torch.cos, torch.sin))
+    x = torch.randn(1, n, 2, d)
+    with pytest.raises(FlexRopeError, match=r"halves of the full-width cos table differ.*cos\[\.\.\., ::2\]"):
+        compute_rope(x, cos_spread, sin_spread, "b s h d", interleaved=True)
+    got = compute_rope(x, cos_spread[:, ::2], sin_spread[:, ::2], "b s h d", interleaved=True, rotary_dim=d)
+    a, b = x[..., 0::2].double(), x[..., 1::2].double()
+    c, s = torch.cos(angles)[None, :, None], torch.sin(angles)[None, :, None]
+    expected = torch.stack([a * c - b * s, b * c + a * s], dim=-1).flatten(-2)
+    torch.testing.assert_close(got.double(), expected, rtol=0, atol=1e-6)
+
+    cos, sin = precompute_rope_params(d, context_length=n)
+    compute_rope(x, cos, sin, "b s h d")  # checked once, then remembered
+    cos[3, d - 1] += 0.5
+    with pytest.raises(FlexRopeError, match=f"column {d // 2 - 1}"):
+        compute_rope(x, cos, sin, "b s h d")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 
 import difflib
@@ -9,7 +11,7 @@ import difflib
 from ._dispatch import Rotation, _check_values, check_out, check_out_index, rope, rope_at
 from ._qknorm import check_norm, normed_rotation
 from ._errors import FlexRopeError, LayoutError
-from ._kinds import check_layout
+from ._kinds import check_layout, plain
 from ._layout import AXES, Binding, Layout, bind, parse_layout
 from ._positions import Where, resolve_positions
 from ._tables import check_rotary_dim
@@ -51,7 +53,45 @@ def checked_tables(cos: object, sin: object, rotary_dim: int | None, head_dim: i
             f"tables of width {width} fit neither rotary_dim={rotary_dim} (full width, seed format) nor "
             f"{half} (half width); make them with precompute_rope_params(head_dim, rotary_dim={rotary_dim})"
         )
+    if width == rotary_dim:
+        for name, table in (("cos", cos), ("sin", sin)):
+            _check_halves(name, table, half)
     return rotary_dim
+
+
+_whole: dict[int, tuple] = {}  # id(table) -> (table, weakly; its version): full-width tables already checked
+
+
+def _check_halves(name: str, table: torch.Tensor, half: int) -> None:
+    """A full-width table is read as Hugging Face's ``cat((angles, angles))``: its first ``half`` columns. One
+    whose halves differ (each angle repeated side by side, as GPT-J's and Meta-style ``repeat_interleave(2)``
+    tables are) would turn most pairs by another pair's angle, silently: refused. Checked once per table and
+    version (on a GPU, queued on the device without a sync; under torch.compile, or of a tensor whose values are
+    not at hand, such as a fake tensor, not at all)."""
+    if torch.compiler.is_compiling() or not plain(table) or table.device.type == "meta" or table.shape[0] == 0:
+        return
+    try:
+        version = table._version
+    except RuntimeError:  # an inference tensor keeps no version (and is not written outside inference mode)
+        version = None
+    seen = _whole.get(id(table))
+    if seen is not None and seen[0]() is table and seen[1] == version:
+        return
+    first, second = table[:, :half], table[:, half:]
+    if not table.is_cpu:
+        torch._assert_async((first == second).all(), f"flexrope: the two halves of the full-width {name} table "
+                                                      f"differ (a table of angles repeated side by side?)")
+    elif not torch.equal(first, second):
+        column = int((first != second).any(0).nonzero()[0])
+        raise FlexRopeError(
+            f"the two halves of the full-width {name} table differ (column {column}: {first[:, column].tolist()[:3]}"
+            f"... against column {half + column}: {second[:, column].tolist()[:3]}...): a full-width table is read "
+            f"as cat((angles, angles)), Hugging Face's format, its first {half} columns. Tables with each angle "
+            f"repeated side by side (repeat_interleave(2, -1), GPT-J's and Meta-style) are half-width tables "
+            f"spread out: pass cos[..., ::2] and sin[..., ::2], with interleaved=True for pairs side by side")
+    if len(_whole) >= 256:
+        _whole.clear()
+    _whole[id(table)] = (weakref.ref(table), version)
 
 
 def per_token_tables(

@@ -1,16 +1,16 @@
 """The native backend: the rotation as one C loop (``_loop.c``), for CPU calls in place and out of place.
 
-The loop reads each element of x once and writes each result once, in place without any scratch, so it runs
-at the cost of a copy. It is built on first use by the C compiler (``$CC``, split as a shell would, e.g.
-``CC="ccache gcc"``; else ``cc``) with ``-O3 -march=native -mprefer-vector-width=512 -ffp-contract=off -fopenmp``
-and loaded with ``ctypes`` (which releases the GIL during the call). Its OpenMP library is the one torch has already loaded (the same
-soname), so large calls run on torch's own threads, ``torch.get_num_threads()`` of them, and never compete with
-torch's operations for cores (a thread pool of its own ran 25-60% slower next to them: torch's idle threads
-spin). A compiler without OpenMP builds a loop on one thread. The first build takes about 2 s on a 2-core x86_64
-machine (1.9-2.3 s in five cold builds, nearly all of it ``cc``; 8-11 s on the same machine while other work kept
-its cores busy); later processes load the built file in about 2 ms. A machine without a working compiler turns
-this backend off for the process, with one warning; the other backends run instead. The library also computes
-the float32 tables of a range of positions (dynamic NTK's rows at each decoding step) in one call.
+The loop reads each element of x once and writes each result once, in place without any scratch, so it runs at the
+cost of a copy. It is built on first use by the C compiler (``$CC``, split as a shell would, e.g. ``CC="ccache
+gcc"``; else ``cc``) with ``-O3 -march=native -mprefer-vector-width=512 -ffp-contract=off -fopenmp`` and loaded with
+``ctypes`` (which releases the GIL during the call). Its OpenMP library is the one torch has already loaded (the
+same soname), so large calls run on torch's own threads, ``torch.get_num_threads()`` of them, and never compete with
+torch's operations for cores (a thread pool of its own ran 25-60% slower next to them: torch's idle threads spin). A
+compiler without OpenMP builds a loop on one thread. The first build takes about 2 s on a 2-core x86_64 machine
+(1.9-2.3 s in five cold builds, nearly all of it ``cc``; 8-11 s on the same machine while other work kept its cores
+busy); later processes load the built file in about 2 ms. A machine without a working compiler turns this backend
+off for the process, with one warning; the other backends run instead. The library also computes the float32 tables
+of a range of positions (dynamic NTK's rows at each decoding step) in one call.
 
 Whatever library sits in the cache runs inside the process, so the cache is trusted only where nobody else could
 have written it. It is ``$XDG_CACHE_HOME/flexrope`` (a relative ``XDG_CACHE_HOME`` is ignored, as the XDG spec
