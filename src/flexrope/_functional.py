@@ -20,7 +20,7 @@ _KEYWORDS = ("positions", "offset", "interleaved", "rotary_dim", "inplace", "inv
              "norm_weight", "norm_eps", "norm_weight_offset")
 
 
-def checked_tables(cos: object, sin: object, rotary_dim: int | None, head_dim: int) -> int:
+def checked_tables(cos: object, sin: object, rotary_dim: int | None, head_dim: int, per_token: bool = False) -> int:
     """Check the tables against the head dim and return the rotary dim r.
 
     Tables are full width (length, r), seed format, or half width (length, r/2). With ``rotary_dim`` None
@@ -53,7 +53,7 @@ def checked_tables(cos: object, sin: object, rotary_dim: int | None, head_dim: i
             f"tables of width {width} fit neither rotary_dim={rotary_dim} (full width, seed format) nor "
             f"{half} (half width); make them with precompute_rope_params(head_dim, rotary_dim={rotary_dim})"
         )
-    if width == rotary_dim:
+    if width == rotary_dim and not (per_token and not cos.is_cpu):  # (those change every call: a check per call)
         for name, table in (("cos", cos), ("sin", sin)):
             _check_halves(name, table, half)
     return rotary_dim
@@ -66,8 +66,8 @@ def _check_halves(name: str, table: torch.Tensor, half: int) -> None:
     """A full-width table is read as Hugging Face's ``cat((angles, angles))``: its first ``half`` columns. One
     whose halves differ (each angle repeated side by side, as GPT-J's and Meta-style ``repeat_interleave(2)``
     tables are) would turn most pairs by another pair's angle, silently: refused. Checked once per table and
-    version (on a GPU, queued on the device without a sync; under torch.compile, or of a tensor whose values are
-    not at hand, such as a fake tensor, not at all)."""
+    version (on a GPU, queued on the device without a sync, except per-token tables, new at every call; under
+    torch.compile, or of a tensor whose values are not at hand, such as a fake tensor, not at all)."""
     if torch.compiler.is_compiling() or not plain(table) or table.device.type == "meta" or table.shape[0] == 0:
         return
     try:
@@ -249,7 +249,7 @@ def compute_rope(
         per_token = isinstance(cos, torch.Tensor) and cos.ndim == 3
         if per_token:
             cos, sin, positions = per_token_tables(cos, sin, shape, positions, offset)
-        rotary_dim = checked_tables(cos, sin, rotary_dim, shape.d)
+        rotary_dim = checked_tables(cos, sin, rotary_dim, shape.d, per_token)
         where = checked_positions(x, shape, cos, positions, offset)
         if norm_weight is not None:
             weight, eps, gain_offset = check_norm(norm_weight, norm_eps, norm_weight_offset, x, shape.d)
