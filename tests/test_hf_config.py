@@ -5,7 +5,7 @@ mscale_all_dim), GPT-OSS (YaRN without truncation), GPT-J (config object and con
 import pytest
 import torch
 
-from flexrope import FlexRopeError, RotaryEmbedding
+from flexrope import FlexRopeError, RotaryEmbedding, _module
 
 transformers = pytest.importorskip("transformers")
 from transformers.models.deepseek_v3 import modeling_deepseek_v3  # noqa: E402
@@ -352,3 +352,17 @@ def test_deepseek_v4_rotates_its_rope_slice_once_and_scales_by_the_whole_head():
     # qk_rope_head_dim (64) is already the rotated width: partial_rotary_factor (0.125) is not applied again
     assert (rope.head_dim, rope.rotary_dim, rope.interleaved) == (64, 64, True)
     assert rope.softmax_scale == config.head_dim ** -0.5  # DeepseekV4Attention.scaling: head_dim ** -0.5
+
+
+def test_a_context_of_gigabytes_is_refused_unless_asked_for(monkeypatch):
+    """Llama 4 Scout's config.json says max_position_embeddings=10,485,760: 10 GiB of tables by default. Refused,
+    naming the size and context_length=; given context_length, the module is built for that length."""
+    config = {"model_type": "llama4_text", "head_dim": 128, "hidden_size": 5120, "num_attention_heads": 40,
+              "rope_theta": 500000.0, "max_position_embeddings": 10485760, "rope_scaling": None}
+    with pytest.raises(FlexRopeError, match=r"10,485,760 would make tables of 10\.0 GiB.*context_length="):
+        RotaryEmbedding.from_hf_config(config)
+    assert RotaryEmbedding.from_hf_config(config, context_length=4096).cos.shape[0] == 4096
+    monkeypatch.setattr(_module, "TABLES_LIMIT_BYTES", 2 * 4096 * 128 * 4)
+    assert RotaryEmbedding.from_hf_config({**config, "max_position_embeddings": 4096}).context_length == 4096
+    with pytest.raises(FlexRopeError, match="4,097"):
+        RotaryEmbedding.from_hf_config({**config, "max_position_embeddings": 4097})

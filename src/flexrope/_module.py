@@ -36,6 +36,11 @@ def _reach(where: Where, seq_len: int) -> int:
     return int(where.long().max()) + 1 if where.numel() else 0
 
 
+# from_hf_config builds tables for the config's max_position_embeddings unless told otherwise, up to this size
+# (Llama 4's 10,485,760 positions would take 10 GiB; a million positions at head dim 128 take 1 GiB).
+TABLES_LIMIT_BYTES = 2 * 2**30
+
+
 class RotaryEmbedding(nn.Module):
     """Rotary position embedding for q and k laid out as ``layout``.
 
@@ -225,6 +230,15 @@ class RotaryEmbedding(nn.Module):
             raise type(error)(f"RotaryEmbedding.from_hf_config: {error}") from None
         if context_length is not None:
             settings["context_length"] = context_length
+        else:  # the config's max_position_embeddings: refused where its tables alone would take gigabytes
+            length, width = settings["context_length"], settings.get("rotary_dim") or settings["head_dim"]
+            size = 2 * length * width * 4  # cos and sin, float32, full width
+            if size > TABLES_LIMIT_BYTES:
+                raise FlexRopeError(
+                    f"RotaryEmbedding.from_hf_config: the config's max_position_embeddings={length:,} would make "
+                    f"tables of {size / 2**30:.1f} GiB (cos and sin, float32): pass context_length= the longest "
+                    f"sequence you will run (a position past it is an error, never wrapped), or "
+                    f"context_length={length} to build them all")
         qk_head_dim = settings.pop("qk_head_dim")
         rope = cls(layout=layout, **settings, **axes_lengths)
         rope.softmax_scale = qk_head_dim ** -0.5 * softmax_scale_factor(rope._recipe)
