@@ -1,4 +1,6 @@
 import json
+import os
+import subprocess
 import sys
 
 import pytest
@@ -46,3 +48,10 @@ def test_channel_axes_follow_the_assignment_and_pairing():
     rope = MultiAxisRotaryEmbedding(8, axes={"t": 1, "y": 2, "x": 1}, assignment="round_robin")
     assert _channel_axes(rope) == ["t", "y", "x", "y"] * 2  # half-split: pair i is channels i and i + 4
     assert _channel_axes(presets.flux(axes_dim=(2, 4, 2))) == ["t", "t", "y", "y", "y", "y", "x", "x"]
+
+
+def test_self_check_with_an_unknown_backend_says_so_without_a_traceback():
+    result = subprocess.run([sys.executable, "-m", "flexrope"], capture_output=True, text=True,
+                            env={**os.environ, "FLEXROPE_BACKEND": "bogus"})
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "FLEXROPE_BACKEND='bogus': expected one of auto" in result.stderr and result.stdout == ""

@@ -21,8 +21,9 @@ def main(argv: list[str] | None = None) -> int:
                       help="instead: which axis every channel turns with, for each multi-axis preset")
     plot.add_argument("--out", default=None, help="the PNG (default rope_scaling.png, or rope_axes.png)")
     args = parser.parse_args(argv)
+    from ._errors import FlexRopeError
+
     if args.command == "plot":
-        from ._errors import FlexRopeError
         from ._plot import plot as draw
         from ._plot import plot_axes
 
@@ -37,9 +38,15 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         print(f"wrote {path}")
         return 0
+    from ._dispatch import requested_backend
     from ._selfcheck import run
 
-    return 0 if run() else 1
+    try:
+        requested_backend()  # FLEXROPE_BACKEND naming a backend that does not exist: said before the table
+        return 0 if run() else 1
+    except FlexRopeError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":
