@@ -96,6 +96,23 @@ def test_compiles_without_graph_break():
                                                       norm_eps=1e-6), rtol=0, atol=1e-6)
 
 
+@pytest.mark.parametrize("grad", [True, False])
+def test_module_norms_compile_without_graph_break(grad):
+    """The module's q_norm / k_norm under torch.compile(fullgraph=True), with and without gradients (the eager
+    path remembers each norm by address and version, which a traced graph has not)."""
+    rope = RotaryEmbedding(D, layout="b s h d", context_length=32)
+    q_norm, k_norm = torch.nn.RMSNorm(D, eps=1e-6), _hf(gemma3.Gemma3RMSNorm, torch.float32)
+    q, k = torch.randn(1, 4, 2, D), torch.randn(1, 4, 1, D)
+
+    @torch.compile(fullgraph=True, backend="eager")
+    def fn(q, k):
+        return rope(q, k, offset=3, q_norm=q_norm, k_norm=k_norm)
+
+    with torch.set_grad_enabled(grad):
+        for got, expected in zip(fn(q, k), rope(q, k, offset=3, q_norm=q_norm, k_norm=k_norm)):
+            torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
+
+
 def test_module_q_norm_k_norm_into_the_cache():
     rope = RotaryEmbedding(D, layout="b s h d", context_length=32)
     q, k = torch.randn(2, 1, 4, D), torch.randn(2, 1, 2, D)

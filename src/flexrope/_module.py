@@ -12,7 +12,7 @@ from ._errors import FlexRopeError
 from ._functional import bound, checked_flag, checked_positions, parse
 from ._positions import RowStarts, Where, assert_values_async, check_values, position_tensor, values_on_host
 from . import _native
-from ._qknorm import module_norm, native_applies, normed_rotation
+from ._qknorm import check_norm, module_norm, native_applies, norm_settings, normed_rotation
 from ._hf_config import layer_rope, settings_from_hf_config
 from ._scaling import frequencies, parse_scaling, softmax_scale_factor
 from ._tables import check_rotary_dim, precompute_rope_params, tables_at
@@ -363,7 +363,9 @@ class RotaryEmbedding(nn.Module):
                     results.append(self._at(x, length, where, out, index, False) if index is not None else
                                    self._rotate([(x, length, where)], False, (out,))[0])
                     continue
-                weight, eps, offset, _ = module_norm(norm, f"{name}_norm", x, self.head_dim)
+                # (not module_norm: traced by torch.compile, addresses and versions are not to be read)
+                weight, eps, offset = check_norm(*norm_settings(norm, f"{name}_norm"), x, self.head_dim,
+                                                 f"{name}_norm")
                 if not isinstance(where, int) and not values_on_host(x):
                     assert_values_async(where, length, cos.shape[0])
                 if out is not None and torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
