@@ -300,7 +300,7 @@ def check_out(layout: Layout, x: torch.Tensor, out: object, x_name: str = "x", o
     if out.is_inference() and not torch.is_inference_mode_enabled():
         raise FlexRopeError(f"{out_name} is an inference tensor outside inference_mode: it cannot be written; "
                             f"write inside torch.inference_mode(), or pass another tensor")
-    if torch._debug_has_internal_overlap(out) == 1:
+    if not out.is_contiguous() and torch._debug_has_internal_overlap(out) == 1:
         raise FlexRopeError(f"{out_name} has elements that overlap in memory (strides {out.stride()}, e.g. "
                             f"expanded): each would be written more than once; pass a tensor of its own")
     if _shares_elements(x, out):

@@ -404,15 +404,20 @@ class RotaryEmbedding(nn.Module):
         Each pair: (x, out, name, out_index)."""
         if all(out is None and index is None for _, out, _, index in pairs):
             return None
+        checked = []
         try:
-            for _, out, name, index in pairs:
-                if index is not None and out is None:
-                    raise FlexRopeError(f"{name}_out_index= needs {name}_out=, the tensor it indexes")
-            return tuple(None if out is None else x if check_out(self.layout, x, out, name, f"{name}_out",
-                                                                 indexed=index is not None) else out
-                         for x, out, name, index in pairs)
+            for x, out, name, index in pairs:
+                if out is None:
+                    if index is not None:
+                        raise FlexRopeError(f"{name}_out_index= needs {name}_out=, the tensor it indexes")
+                    checked.append(None)
+                elif check_out(self.layout, x, out, name, name + "_out", indexed=index is not None):
+                    checked.append(x)
+                else:
+                    checked.append(out)
         except FlexRopeError as error:
             raise self._context(error, "") from None
+        return tuple(checked)
 
     def _indices(self, pairs: list[tuple]) -> tuple:
         """Each (x, checked out, name, out_index): the out_index checked, (b, s), or None."""
