@@ -54,44 +54,59 @@ def checked_tables(cos: object, sin: object, rotary_dim: int | None, head_dim: i
             f"{half} (half width); make them with precompute_rope_params(head_dim, rotary_dim={rotary_dim})"
         )
     if width == rotary_dim and not (per_token and not cos.is_cpu):  # (those change every call: a check per call)
-        for name, table in (("cos", cos), ("sin", sin)):
-            _check_halves(name, table, half)
+        _check_halves(cos, sin, half)
     return rotary_dim
 
 
-_whole: dict[int, tuple] = {}  # id(table) -> (table, weakly; its version): full-width tables already checked
+_whole: dict[tuple[int, int], tuple] = {}  # (id(cos), id(sin)) -> both weakly, their versions: checked already
 
 
-def _check_halves(name: str, table: torch.Tensor, half: int) -> None:
+def _versions(cos: torch.Tensor, sin: torch.Tensor) -> tuple[int, int] | None:
+    """The tables' version counters (None for inference tensors, which keep none and are not written outside
+    inference mode)."""
+    try:
+        return cos._version, sin._version
+    except RuntimeError:
+        return None
+
+
+def _check_halves(cos: torch.Tensor, sin: torch.Tensor, half: int) -> None:
     """A full-width table is read as Hugging Face's ``cat((angles, angles))``: its first ``half`` columns. One
     whose halves differ (each angle repeated side by side, as GPT-J's and Meta-style ``repeat_interleave(2)``
-    tables are) would turn most pairs by another pair's angle, silently: refused. Checked once per table and
-    version (on a GPU, queued on the device without a sync, except per-token tables, new at every call; under
-    torch.compile, or of a tensor whose values are not at hand, such as a fake tensor, not at all)."""
-    if torch.compiler.is_compiling() or not plain(table) or table.device.type == "meta" or table.shape[0] == 0:
+    tables are) would turn most pairs by another pair's angle, silently: refused. Checked once per pair of
+    tables and their versions (on a GPU, queued on the device without a sync, except per-token tables, new at
+    every call; under torch.compile, or of a tensor whose values are not at hand, such as a fake tensor, not at
+    all)."""
+    if torch.compiler.is_compiling():
         return
-    try:
-        version = table._version
-    except RuntimeError:  # an inference tensor keeps no version (and is not written outside inference mode)
-        version = None
-    seen = _whole.get(id(table))
-    if seen is not None and seen[0]() is table and seen[1] == version:
+    key = (id(cos), id(sin))
+    seen = _whole.get(key)
+    if seen is not None and seen[0]() is cos and seen[1]() is sin:
+        try:
+            if seen[2] == (cos._version, sin._version):
+                return
+        except RuntimeError:  # inference tensors
+            if seen[2] is None:
+                return
+    if not (plain(cos) and plain(sin)) or cos.device.type == "meta" or cos.shape[0] == 0:
         return
-    first, second = table[:, :half], table[:, half:]
-    if not table.is_cpu:
-        torch._assert_async((first == second).all(), f"flexrope: the two halves of the full-width {name} table "
-                                                      f"differ (a table of angles repeated side by side?)")
-    elif not torch.equal(first, second):
-        column = int((first != second).any(0).nonzero()[0])
-        raise FlexRopeError(
-            f"the two halves of the full-width {name} table differ (column {column}: {first[:, column].tolist()[:3]}"
-            f"... against column {half + column}: {second[:, column].tolist()[:3]}...): a full-width table is read "
-            f"as cat((angles, angles)), Hugging Face's format, its first {half} columns. Tables with each angle "
-            f"repeated side by side (repeat_interleave(2, -1), GPT-J's and Meta-style) are half-width tables "
-            f"spread out: pass cos[..., ::2] and sin[..., ::2], with interleaved=True for pairs side by side")
+    for name, table in (("cos", cos), ("sin", sin)):
+        first, second = table[:, :half], table[:, half:]
+        if not table.is_cpu:
+            torch._assert_async((first == second).all(), f"flexrope: the two halves of the full-width {name} "
+                                                          f"table differ (a table of angles repeated side by side?)")
+        elif not torch.equal(first, second):
+            column = int((first != second).any(0).nonzero()[0])
+            raise FlexRopeError(
+                f"the two halves of the full-width {name} table differ (column {column}: "
+                f"{first[:, column].tolist()[:3]}... against column {half + column}: {second[:, column].tolist()[:3]}"
+                f"...): a full-width table is read as cat((angles, angles)), Hugging Face's format, its first {half} "
+                f"columns. Tables with each angle repeated side by side (repeat_interleave(2, -1), GPT-J's and "
+                f"Meta-style) are half-width tables spread out: pass cos[..., ::2] and sin[..., ::2], with "
+                f"interleaved=True for pairs side by side")
     if len(_whole) >= 256:
         _whole.clear()
-    _whole[id(table)] = (weakref.ref(table), version)
+    _whole[key] = (weakref.ref(cos), weakref.ref(sin), _versions(cos, sin))
 
 
 def per_token_tables(
