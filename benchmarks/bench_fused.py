@@ -14,6 +14,7 @@ rounds of their own.
 """
 
 import argparse
+from typing import Callable
 
 import torch
 
@@ -23,18 +24,20 @@ from flexrope import RotaryEmbedding
 HEADS, KV_HEADS, HEAD_DIM, CACHE = 32, 8, 128, 4096
 
 
-def cases(seq_len: int, dtype: torch.dtype, rounds: int, number: int) -> list[harness.Result]:
+def qwen3_step(seq_len: int, dtype: torch.dtype, device: str = "cpu") -> tuple[str, Callable, dict[str, Callable]]:
+    """The case's name, its floor and the four callables (a)-(d), on ``device`` (bench_gpu times them on CUDA)."""
     from transformers.models.qwen3.modeling_qwen3 import Qwen3RMSNorm, apply_rotary_pos_emb
 
     start = 0 if seq_len > 1 else 2048
-    q = torch.randn(1, seq_len, HEADS, HEAD_DIM).to(dtype)  # "b s h d": as the projections make them
-    k = torch.randn(1, seq_len, KV_HEADS, HEAD_DIM).to(dtype)
+    q = torch.randn(1, seq_len, HEADS, HEAD_DIM, device=device).to(dtype)  # "b s h d": as the projections make them
+    k = torch.randn(1, seq_len, KV_HEADS, HEAD_DIM, device=device).to(dtype)
     q_norm, k_norm = Qwen3RMSNorm(HEAD_DIM, eps=1e-6), Qwen3RMSNorm(HEAD_DIM, eps=1e-6)
     with torch.no_grad():
         q_norm.weight.uniform_(0.5, 1.5), k_norm.weight.uniform_(0.5, 1.5)
-    q_norm, k_norm = q_norm.to(dtype), k_norm.to(dtype)
-    rope = RotaryEmbedding(HEAD_DIM, layout="b s h d", context_length=CACHE, theta_base=1_000_000)
-    q_buffer, cache_k = torch.empty_like(q), torch.zeros(1, CACHE, KV_HEADS, HEAD_DIM, dtype=dtype)
+    q_norm, k_norm = q_norm.to(device, dtype), k_norm.to(device, dtype)
+    rope = RotaryEmbedding(HEAD_DIM, layout="b s h d", context_length=CACHE, theta_base=1_000_000).to(device)
+    q_buffer = torch.empty_like(q)
+    cache_k = torch.zeros(1, CACHE, KV_HEADS, HEAD_DIM, dtype=dtype, device=device)
     k_slot = cache_k[:, start:start + seq_len]
     # transformers' per-token tables (1, s, d) in the model's dtype, as its rotary module returns them
     cos, sin = (table[start:start + seq_len, :HEAD_DIM][None].to(dtype) for table in (rope.cos, rope.sin))
@@ -57,14 +60,20 @@ def cases(seq_len: int, dtype: torch.dtype, rounds: int, number: int) -> list[ha
         rope(q, k, offset=start)
 
     name = f"{'decode' if seq_len == 1 else f'prefill {seq_len}'} {str(dtype).removeprefix('torch.')}"
+    return name, floor, {"(a) transformers modules": transformers_modules, "(b) flexrope unfused": unfused,
+                         "(c) flexrope fused, out=": fused, "(d) flexrope rotation only": rotation_alone}
+
+
+def cases(seq_len: int, dtype: torch.dtype, rounds: int, number: int) -> list[harness.Result]:
+    name, floor, steps = qwen3_step(seq_len, dtype)
     results = []
     with torch.inference_mode():
-        for who, fn in (("(a) transformers modules", transformers_modules), ("(b) flexrope unfused", unfused),
-                        ("(c) flexrope fused, out=", fused), ("(d) flexrope rotation only", rotation_alone)):
+        for who, fn in steps.items():
             seconds, floor_seconds = harness.compare(fn, floor, rounds=rounds, number=number)
             results.append(harness.Result(name, who, seconds, floor_seconds, "out.copy_(x)"))
         # the fused step against the rotation alone, in alternating rounds of their own (the goal's ratio)
-        seconds, rotation_seconds = harness.compare(fused, rotation_alone, rounds=rounds, number=number)
+        seconds, rotation_seconds = harness.compare(steps["(c) flexrope fused, out="],
+                                                    steps["(d) flexrope rotation only"], rounds=rounds, number=number)
         results.append(harness.Result(name, "(c) against (d)", seconds, rotation_seconds, "(d)"))
     return results
 

@@ -3,10 +3,10 @@
     python benchmarks/bench_gpu.py [--quick] [--out results_gpu.md]
 
 Checks first (each prints PASS or FAIL): Triton against the eager backend bitwise in every dtype, layout and
-pairing; against a float64 reference; no host sync (``torch.cuda.set_sync_debug_mode("error")``); CUDA graph
-capture with tensor positions replayed with new values; a caller's ``torch.compile(fullgraph=True,
-dynamic=True)`` over many lengths; a bad position failing the stream (in a child process: a device-side
-assert ends its CUDA context).
+pairing; against a float64 reference; the fused QK-norm written into a cache slice and at an out_index; no host
+sync (``torch.cuda.set_sync_debug_mode("error")``); CUDA graph capture with tensor positions replayed with new
+values; a caller's ``torch.compile(fullgraph=True, dynamic=True)`` over many lengths; a bad position failing the
+stream (in a child process: a device-side assert ends its CUDA context).
 
 Then times. GPU time per call is measured with CUDA events over many calls back to back (median of rounds),
 next to the floors measured in the same run: ``x.clone()`` for out of place, ``out.copy_(x)`` for in place.
@@ -174,6 +174,72 @@ def bad_position_in_child() -> None:
           "NO ERROR" not in text and "assert" in text.lower(), text.strip().splitlines()[-1][:160] if text else "")
 
 
+def fused(device: str = "cuda") -> None:
+    """The fused paths of the Triton kernel against the eager backend: QK-norm and rotation written into a cache
+    slice (out=) and at the sequence indices of an out_index (a ring buffer, negative indices skipped), float32
+    and bfloat16, both layouts, both pairings; then the module's fused decoding step without a host sync. The
+    checks run on the CPU too, in Triton's interpreter (``TRITON_INTERPRET=1``), as the tests do."""
+    d, s, slots = 128, 33, 64
+    cos, sin = flexrope.precompute_rope_params(d, context_length=256)
+    cos, sin = cos.to(device), sin.to(device)
+    worst = {torch.float32: 0.0, torch.bfloat16: 0.0}
+    for dtype in worst:
+        for layout in ("b s h d", "b h s d"):
+            for interleaved in (False, True):
+                sizes = {"b": 2, "s": s, "h": 8, "d": d}
+                x = torch.randn(*(sizes[a] for a in layout.split()), device=device).to(dtype)
+                weight = (torch.rand(d, device=device) + 0.5).to(dtype)
+                seq_dim = layout.split().index("s")
+                kwargs = dict(offset=5, interleaved=interleaved, norm_weight=weight, norm_eps=1e-6)
+                cache = torch.zeros(*(slots if a == "s" else sizes[a] for a in layout.split()), device=device,
+                                    dtype=dtype)
+                into = cache.narrow(seq_dim, 10, s)
+                with_backend("triton", lambda: compute_rope(x, cos, sin, layout, out=into, **kwargs))
+                expected = with_backend("eager", lambda: compute_rope(x, cos, sin, layout, **kwargs))
+                index = (torch.arange(s, device=device) * 7 + 3) % slots
+                index[::5] = -1  # padding: skipped
+                ring = torch.zeros_like(cache)
+                with_backend("triton", lambda: compute_rope(x, cos, sin, layout, out=ring, out_index=index,
+                                                            **kwargs))
+                kept = index >= 0
+                indexed = torch.zeros_like(cache).index_copy_(seq_dim, index[kept],
+                                                              expected.index_select(seq_dim, kept.nonzero()[:, 0]))
+                # differences in units of the dtype's eps times the value (at least 1)
+                eps = torch.finfo(dtype).eps
+                ulps = max(((into - expected).abs() / expected.abs().clamp(min=1)).max().item(),
+                           ((ring - indexed).abs() / indexed.abs().clamp(min=1)).max().item()) / eps
+                untouched = (cache.narrow(seq_dim, 0, 10).abs().sum() + cache.narrow(seq_dim, 10 + s, slots - 10 - s)
+                             .abs().sum()).item() == 0
+                worst[dtype] = max(worst[dtype], ulps if untouched else float("inf"))
+    check("fused QK-norm into a cache slice and at an out_index equals eager's (both layouts and pairings)",
+          worst[torch.float32] <= 8 and worst[torch.bfloat16] <= 1,
+          f"worst {worst[torch.float32]:.2f} (float32) and {worst[torch.bfloat16]:.2f} (bfloat16) eps of the "
+          f"dtype times the value (the sums of squares in another order; bfloat16: one rounding apart at most)")
+    if device != "cuda":
+        return
+    rope = RotaryEmbedding(d, layout="b s h d", context_length=4096).cuda()
+    q, k = torch.randn(1, 1, 32, d, device="cuda"), torch.randn(1, 1, 8, d, device="cuda")
+    q_norm, k_norm = torch.nn.RMSNorm(d, eps=1e-6).cuda(), torch.nn.RMSNorm(d, eps=1e-6).cuda()
+    q_buffer, cache_k = torch.empty_like(q), torch.zeros(1, 4096, 8, d, device="cuda")
+    offset, slot = torch.tensor([4000], device="cuda"), torch.tensor([4000], device="cuda")
+
+    def step():
+        with torch.no_grad():
+            rope(q, k, offset=offset, q_norm=q_norm, k_norm=k_norm, q_out=q_buffer, k_out=cache_k,
+                 k_out_index=slot)
+
+    step()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        step()
+        check("no host sync in the module's fused step (norms, q_out, k_out at a tensor out_index)", True)
+    except RuntimeError as error:
+        check("no host sync in the module's fused step", False, str(error)[:200])
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
 def gpu_ms(fn, *, calls: int, rounds: int = 15) -> float:
     """Median over rounds of the GPU time of ``calls`` back-to-back calls, per call (ms)."""
     for _ in range(3):
@@ -324,6 +390,30 @@ def launch_cost(rows: list[str]) -> None:
         print(rows[-1], flush=True)
 
 
+def fused_speed(rows: list[str]) -> None:
+    """bench_fused's cases on the GPU: QK-norm, rotation and cache write of q and k at Qwen3-8B's shapes."""
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    try:
+        from bench_fused import qwen3_step
+    except ImportError as error:  # transformers missing
+        rows.append(f"(fused steps skipped: {error})")
+        return
+    rows.append("")
+    rows.append("| Qwen3-8B attention: q, k (32, 8 heads) | case | GPU ms | floor ms | ratio | CPU us/call |")
+    rows.append("|---|---|---|---|---|---|")
+    for seq_len in (1, 2048):
+        for dtype in (torch.float32, torch.bfloat16):
+            name, floor, steps = qwen3_step(seq_len, dtype, "cuda")
+            calls = 200 if seq_len == 1 else 20
+            with torch.inference_mode():
+                floor_ms = gpu_ms(floor, calls=calls)
+                for who, fn in steps.items():
+                    ms = gpu_ms(fn, calls=calls)
+                    rows.append(f"| {name} | {who} | {ms:.4f} | {floor_ms:.4f} | {ms / floor_ms:.2f} | "
+                                f"{cpu_us(fn, calls=min(calls, 50)):.1f} |")
+                    print(rows[-1], flush=True)
+
+
 def decode(rows: list[str]) -> None:
     rope = RotaryEmbedding(128, layout="b h s d", context_length=8192).cuda()
     cos, sin = rope.cos, rope.sin
@@ -377,7 +467,7 @@ def main() -> int:
               f"CUDA {torch.version.cuda}")
     print(header, flush=True)
     if not args.skip_checks:
-        for step in (correctness, no_sync, cuda_graph, compiled, bad_position_in_child):
+        for step in (correctness, no_sync, fused, cuda_graph, compiled, bad_position_in_child):
             try:
                 step()
             except Exception as error:  # noqa: BLE001 - report and go on to the next check
@@ -388,6 +478,7 @@ def main() -> int:
     sweep(rows)
     shapes = [(4, 1024, 32, 128)] if args.quick else [(8, 4096, 32, 128), (4, 1024, 32, 128)]
     speed(shapes, rows)
+    fused_speed(rows)
     decode(rows)
     launch_cost(rows)
     report = [header, "", *(f"- {'PASS' if ok else 'FAIL'} {name} {detail}" for name, ok, detail in CHECKS), "",
