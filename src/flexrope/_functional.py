@@ -95,7 +95,7 @@ def _check_halves(cos: torch.Tensor, sin: torch.Tensor, half: int) -> None:
         if not table.is_cpu:
             torch._assert_async((first == second).all(), f"flexrope: the two halves of the full-width {name} "
                                                           f"table differ (a table of angles repeated side by side?)")
-        elif not torch.equal(first, second):
+        elif not torch.allclose(first, second, rtol=0.0, atol=0.0, equal_nan=True):  # (NaN: the caller's own)
             column = int((first != second).any(0).nonzero()[0])
             raise FlexRopeError(
                 f"the two halves of the full-width {name} table differ (column {column}: "

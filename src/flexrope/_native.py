@@ -75,6 +75,7 @@ GROUP = 4
 TABLE_TILE_BYTES = 32 * 1024
 _FUNCTIONS = {torch.float32: "rotate_float32", torch.float64: "rotate_float64", torch.bfloat16: "rotate_bfloat16",
               torch.float16: "rotate_float16"}
+_COMPUTE = {dtype: compute_dtype(dtype) for dtype in _FUNCTIONS}
 library_path: Path | None = None  # the library this process loaded
 
 unavailable = sys.platform == "win32"  # cc and -march=native: Linux and macOS
@@ -375,7 +376,7 @@ def rotate(x: torch.Tensor, out: torch.Tensor, cos: torch.Tensor, sin: torch.Ten
     index it holds there, or skipped where that is negative."""
     x_stride, out_stride = x.stride(), out.stride()
     if not (x.is_cpu and x.dtype in _FUNCTIONS and x_stride[-1] == 1 and out_stride[-1] == 1
-            and torch._C._len_torch_dispatch_stack() == 0) or _loaded() is None:
+            and torch._C._len_torch_dispatch_stack() == 0) or _library is None and _loaded() is None:
         return False
     if not (plain(x) and plain(cos) and plain(sin) and (isinstance(where, int) or plain(
             where.starts if isinstance(where, RowStarts) else where))):  # out: x, or made like it
@@ -384,7 +385,7 @@ def rotate(x: torch.Tensor, out: torch.Tensor, cos: torch.Tensor, sin: torch.Ten
         return False
     if x.numel() == 0:
         return True
-    compute, table_stride, first, positions = compute_dtype(x.dtype), cos.stride(), 0, None
+    compute, table_stride, first, positions = _COMPUTE[x.dtype], cos.stride(), 0, None
     converted = not (cos.dtype == compute and table_stride[-1] == 1 and table_stride == sin.stride())
     if not converted:
         if isinstance(where, int):
