@@ -211,3 +211,24 @@ def test_one_pass_loop_every_dtype_and_head_dim(dtype, interleaved, head_dim, ro
                             rotary_dim=rotary_dim)
     eps = {torch.float32: 8 * 2 ** -23, torch.float64: 1e-12}.get(dtype, torch.finfo(dtype).eps)
     torch.testing.assert_close(got.double(), expected, rtol=eps, atol=eps)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_one_pass_loop_shared_among_threads_equals_one_thread(dtype):
+    """A call large enough for the loop's threads (at least 2^16 elements) gives the bits of the same call on one
+    thread, rows at per-row positions written into a cache slice."""
+    cos, sin = flexrope.precompute_rope_params(128, context_length=256)
+    x, w = torch.randn(2, 70, 8, 128).to(dtype), (torch.rand(128) + 0.5).to(dtype)
+    positions = torch.randint(0, 256, (2, 70))
+    results, threads = [], torch.get_num_threads()
+    try:
+        for count in (1, 2):
+            torch.set_num_threads(count)
+            cache = torch.zeros(2, 80, 8, 128, dtype=dtype)
+            compute_rope(x, cos, sin, "b s h d", positions=positions, norm_weight=w, out=cache[:, 5:75])
+            results.append(cache)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(results[0], results[1])
+    expected = compute_rope(x, cos, sin, "b s h d", positions=positions, norm_weight=w)
+    assert torch.equal(results[0][:, 5:75], expected) and results[0][:, :5].abs().sum() == 0
