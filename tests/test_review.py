@@ -103,3 +103,40 @@ def test_module_interleaved_must_be_a_bool():
     with pytest.raises(FlexRopeError, match=r"interleaved='false': expected True or False"):
         flexrope.RotaryEmbedding(head_dim=16, context_length=8, interleaved="false")
     assert flexrope.RotaryEmbedding(head_dim=16, context_length=8, interleaved=1).interleaved is True
+
+
+def test_norm_weight_written_through_data_is_not_served_a_stale_gain():
+    # w.data.mul_() (init code, EMA updates) writes the weight without bumping its version (.data has a counter of
+    # its own): the gain cached on (address, version), and the module's remembered norm, were served stale
+    cos, sin = flexrope.precompute_rope_params(16, context_length=8)
+    x = torch.randn(1, 3, 2, 16, generator=torch.Generator().manual_seed(0))
+    unit = flexrope.compute_rope(x, cos, sin, norm_weight=torch.ones(16))
+    for dtype in (torch.float32, torch.bfloat16):  # the gain as the weight itself, and as a float32 copy of it
+        weight = torch.ones(16, dtype=dtype)
+        flexrope.compute_rope(x, cos, sin, norm_weight=weight)
+        weight.data.mul_(3.0)
+        torch.testing.assert_close(flexrope.compute_rope(x, cos, sin, norm_weight=weight), unit * 3)
+    rope = RotaryEmbedding(16, layout="b h s d", context_length=8)
+    norm = torch.nn.RMSNorm(16, eps=1e-6)
+    with torch.no_grad():
+        first = rope(x, q_norm=norm)
+        norm.weight.data.mul_(3.0)
+        torch.testing.assert_close(rope(x, q_norm=norm), first * 3)
+
+
+def test_module_norm_whose_class_changes_is_read_again():
+    # the offset follows the class's name (Gemma's 1 + weight): a norm given another class between calls was
+    # served the offset remembered for the one before
+    class GemmaRMSNorm(torch.nn.RMSNorm):
+        pass
+
+    rope = RotaryEmbedding(16, layout="b h s d", context_length=8)
+    cos, sin = flexrope.precompute_rope_params(16, context_length=8)
+    x = torch.randn(1, 3, 2, 16, generator=torch.Generator().manual_seed(0))
+    norm = torch.nn.RMSNorm(16, eps=1e-6)
+    with torch.no_grad():
+        rope(x, q_norm=norm)
+        norm.__class__ = GemmaRMSNorm
+        got = rope(x, q_norm=norm)
+    expected = flexrope.compute_rope(x, cos, sin, norm_weight=torch.ones(16), norm_eps=1e-6, norm_weight_offset=1.0)
+    torch.testing.assert_close(got, expected)

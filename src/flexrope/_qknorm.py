@@ -9,6 +9,7 @@ for x and w. Plain tensor operations both ways, so torch.compile traces it whole
 
 from __future__ import annotations
 
+import ctypes
 import os
 import weakref
 
@@ -17,6 +18,7 @@ import torch
 from . import _native
 from ._dispatch import triton_fused, write_at
 from ._errors import FlexRopeError
+from ._kinds import plain
 from ._pairs import as_dtype, compute_dtype, expression
 from ._positions import Where, angles_at, position_tensor
 
@@ -98,31 +100,47 @@ def norm_settings(norm: object, name: str) -> tuple[torch.Tensor, float, float]:
     return weight, eps, 1.0 if type(norm).__name__.startswith("Gemma") else 0.0
 
 
+def _values(weight: torch.Tensor) -> bytes | None:
+    """The bytes of a contiguous CPU weight, compared at the next call before anything remembered of it is used: a
+    write through ``.data`` (init code, EMA updates) changes the values at the same address and version (``.data``
+    counts versions of its own). None where they cannot be read at the cost of a copy of a few hundred bytes (off
+    the CPU, not contiguous, a tensor subclass): nothing is remembered then."""
+    return _contiguous_bytes(weight) if plain(weight) else None
+
+
+def _contiguous_bytes(weight: torch.Tensor) -> bytes | None:
+    """_values of a tensor known to be plain (its device and strides may have changed under ``.data =``)."""
+    return ctypes.string_at(weight.data_ptr(), weight.nbytes) if weight.is_cpu and weight.is_contiguous() else None
+
+
 _modules: dict[tuple, tuple] = {}
 
 
 def module_norm(norm: object, name: str, x: torch.Tensor, head_dim: int
                 ) -> tuple[torch.Tensor, float, float, torch.Tensor]:
     """``norm_settings`` then ``check_norm`` of ``norm`` for ``x``, with its gain in x's compute dtype: a module's
-    remembered while it holds the same weight tensor, at the same version and address, and the same eps (a
-    decoding step asks for each layer's two norms every call, and the lookups and checks cost more than the
-    loop's work)."""
+    remembered while it is of the same class (Gemma's offset follows the class), holds the same weight tensor,
+    with the same values (_values), and the same eps (a decoding step asks for each layer's two norms every call,
+    and the lookups and checks cost more than the loop's work)."""
     key = (id(norm), x.dtype, x.device, head_dim)
     entry = _modules.get(key)
     if entry is not None:
-        owner, weight, version, address, eps, result = entry
-        if (owner() is norm and getattr(norm, "weight", None) is weight and weight._version == version
-                and weight.data_ptr() == address and _eps_attribute(norm) is eps):
+        owner, kind, weight, eps, values, result = entry
+        if (owner() is norm and type(norm) is kind and getattr(norm, "weight", None) is weight
+                and _eps_attribute(norm) is eps and _contiguous_bytes(weight) == values):
             return result
     weight, eps, offset = check_norm(*norm_settings(norm, name), x, head_dim, name)
     result = (weight, eps, offset, _gain(weight, compute_dtype(x.dtype), offset))
+    values = _values(weight)
     try:
-        entry = (weakref.ref(norm), weight, weight._version, weight.data_ptr(), _eps_attribute(norm), result)
-    except (AttributeError, TypeError, RuntimeError):  # a tuple (no weak reference), an inference weight (no version)
+        owner = weakref.ref(norm)
+    except TypeError:  # a tuple (no weak reference)
+        return result
+    if values is None:
         return result
     if len(_modules) >= 256:
         _modules.clear()
-    _modules[key] = entry
+    _modules[key] = (owner, type(norm), weight, _eps_attribute(norm), values, result)
     return result
 
 
@@ -141,25 +159,24 @@ def _native_into(x_c, out_c, weight, eps, offset, cos, sin, where, rotary_dim, i
                           gain=_gain(weight, compute_dtype(x_c.dtype), offset), eps=eps, out_index=out_index)
 
 
-_gains: dict[tuple, tuple[weakref.ref, torch.Tensor]] = {}
+_gains: dict[tuple, tuple[weakref.ref, bytes, torch.Tensor]] = {}
 
 
 def _gain(weight: torch.Tensor, dtype: torch.dtype, offset: float) -> torch.Tensor:
-    """offset + weight, contiguous in ``dtype``: made once per version of the weight (a decoding step would
-    otherwise spend two tensor operations on it per call)."""
-    try:
-        key = (weight.data_ptr(), weight._version, weight.shape, weight.stride(), weight.dtype, dtype, offset)
-    except RuntimeError:  # an inference tensor keeps no version
-        key = None
-    # the entry holds the weight itself (weakly): a freed temporary (w.float() per call) leaves its address and
-    # version 0 to the next one, whose values differ
-    owner, gain = _gains.get(key, (None, None)) if key is not None else (None, None)
-    if gain is None or owner() is not weight:
+    """offset + weight, contiguous in ``dtype``: on the CPU, made once per values of the weight (a decoding step
+    would otherwise spend two tensor operations on it per call); elsewhere, where the values cannot be compared
+    without a sync, at each call."""
+    values = _values(weight)
+    key = (weight.data_ptr(), weight.shape, weight.dtype, dtype, offset) if values is not None else None
+    # the entry holds the weight itself (weakly): a freed temporary (w.float() per call) leaves its address to the
+    # next one, whose values may differ; and the values, which a write through .data changes at the same version
+    owner, seen, gain = _gains.get(key, (None, None, None)) if key is not None else (None, None, None)
+    if gain is None or owner() is not weight or seen != values:
         gain = (as_dtype(weight.detach(), dtype) + offset).contiguous()
         if key is not None:
             if len(_gains) >= 64:
                 _gains.clear()
-            _gains[key] = (weakref.ref(weight), gain)
+            _gains[key] = (weakref.ref(weight), values, gain)
     return gain
 
 
