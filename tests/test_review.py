@@ -140,3 +140,57 @@ def test_module_norm_whose_class_changes_is_read_again():
         got = rope(x, q_norm=norm)
     expected = flexrope.compute_rope(x, cos, sin, norm_weight=torch.ones(16), norm_eps=1e-6, norm_weight_offset=1.0)
     torch.testing.assert_close(got, expected)
+
+
+class _ClassEps(torch.nn.Module):
+    eps = 1.0  # a class attribute, not in the instance's __dict__
+
+    def __init__(self):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.ones(16))
+
+
+class _SlotsEps:
+    __slots__ = ("weight", "eps", "__weakref__")  # no __dict__ at all
+
+    def __init__(self):
+        self.weight, self.eps = torch.ones(16), 1.0
+
+
+class _PropertyEps(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.ones(16))
+
+    @property
+    def variance_epsilon(self):
+        return 1.0
+
+
+@pytest.mark.parametrize("norm_class", [_ClassEps, _SlotsEps, _PropertyEps])
+@pytest.mark.parametrize("grad", [False, True])
+def test_module_norm_eps_outside_the_instance_dict_is_read(norm_class, grad):
+    # the norm's eps was read from its __dict__ alone: one on its class, in a slot or a property was taken for
+    # eps=None and replaced by the dtype's machine epsilon, silently
+    rope = RotaryEmbedding(16, layout="b h s d", context_length=8)
+    cos, sin = flexrope.precompute_rope_params(16, context_length=8)
+    x = torch.randn(1, 3, 2, 16, generator=torch.Generator().manual_seed(0)) * 1e-2
+    expected = flexrope.compute_rope(x, cos, sin, norm_weight=torch.ones(16), norm_eps=1.0)
+    with torch.set_grad_enabled(grad):
+        torch.testing.assert_close(rope(x, q_norm=norm_class()), expected)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_torch_rmsnorm_without_eps_in_half_precision_uses_the_computation_epsilon(dtype):
+    # torch.nn.RMSNorm(eps=None) adds the epsilon of the dtype it computes in (float32 for half-precision input),
+    # not finfo(bfloat16).eps = 2^-7, which was taken from the weight's dtype and swamped small heads' mean square
+    rope = RotaryEmbedding(16, layout="b h s d", context_length=8)
+    cos, sin = flexrope.precompute_rope_params(16, context_length=8)
+    norm = torch.nn.RMSNorm(16).to(dtype)
+    x = (torch.randn(1, 3, 2, 16, generator=torch.Generator().manual_seed(0)) * 1e-2).to(dtype)
+    with torch.no_grad():
+        got = rope(x, q_norm=norm)
+        theirs = flexrope.compute_rope(norm(x), cos, sin)  # torch's norm, rounded to dtype, then rotated
+    expected = flexrope.compute_rope(x, cos, sin, norm_weight=norm.weight, norm_eps=torch.finfo(torch.float32).eps)
+    torch.testing.assert_close(got, expected)
+    torch.testing.assert_close(got, theirs, rtol=0, atol=4 * torch.finfo(dtype).eps)

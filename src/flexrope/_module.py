@@ -364,7 +364,7 @@ class RotaryEmbedding(nn.Module):
                                    self._rotate([(x, length, where)], False, (out,))[0])
                     continue
                 # (not module_norm: traced by torch.compile, addresses and versions are not to be read)
-                weight, eps, offset = check_norm(*norm_settings(norm, f"{name}_norm"), x, self.head_dim,
+                weight, eps, offset = check_norm(*norm_settings(norm, f"{name}_norm", x.dtype), x, self.head_dim,
                                                  f"{name}_norm")
                 if not isinstance(where, int) and not values_on_host(x):
                     assert_values_async(where, length, cos.shape[0])

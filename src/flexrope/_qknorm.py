@@ -79,24 +79,31 @@ class NormRope(torch.autograd.Function):
 
 
 def _eps_attribute(norm: object) -> object:
-    """The norm's ``.eps`` or ``.variance_epsilon``, read from its plain attributes (nn.Module's __getattr__ fails
-    slowly for a name it lacks)."""
+    """The norm's ``.eps`` or ``.variance_epsilon``: from its plain attributes (nn.Module's __getattr__ fails slowly
+    for a name it lacks), else where its class declares it (a class attribute, a slot, a property)."""
     attributes = getattr(norm, "__dict__", {})
-    return attributes["eps"] if "eps" in attributes else attributes.get("variance_epsilon")
+    if "eps" in attributes:
+        return attributes["eps"]
+    if "variance_epsilon" in attributes:
+        return attributes["variance_epsilon"]
+    for name in ("eps", "variance_epsilon"):
+        if hasattr(type(norm), name):
+            return getattr(norm, name, None)
+    return None
 
 
-def norm_settings(norm: object, name: str) -> tuple[torch.Tensor, float, float]:
-    """(weight, eps, offset) of a model's RMSNorm module: ``torch.nn.RMSNorm`` or anything with ``.weight``
-    and ``.eps`` or ``.variance_epsilon`` (transformers' Qwen3RMSNorm), offset 1.0 for Gemma's norms (their
-    class name starts with "Gemma": they scale by ``1 + weight``); or a tuple (weight, eps, offset)."""
+def norm_settings(norm: object, name: str, dtype: torch.dtype) -> tuple[torch.Tensor, float, float]:
+    """(weight, eps, offset) of a model's RMSNorm module for an x of ``dtype``: ``torch.nn.RMSNorm`` or anything
+    with ``.weight`` and ``.eps`` or ``.variance_epsilon`` (transformers' Qwen3RMSNorm), offset 1.0 for Gemma's
+    norms (their class name starts with "Gemma": they scale by ``1 + weight``); or a tuple (weight, eps, offset)."""
     if isinstance(norm, tuple) and len(norm) == 3:
         return norm
     weight, eps = getattr(norm, "weight", None), _eps_attribute(norm)
     if not isinstance(weight, torch.Tensor):
         raise FlexRopeError(f"{name} is a {type(norm).__name__}: expected an RMSNorm module (.weight and .eps or "
                             f".variance_epsilon, e.g. torch.nn.RMSNorm) or a tuple (weight, eps, offset)")
-    if eps is None:  # torch.nn.RMSNorm(eps=None): the dtype's machine epsilon, as it computes
-        eps = torch.finfo(weight.dtype).eps
+    if eps is None:  # torch.nn.RMSNorm(eps=None): the machine epsilon of the dtype it computes in, as torch does
+        eps = torch.finfo(compute_dtype(dtype)).eps
     return weight, eps, 1.0 if type(norm).__name__.startswith("Gemma") else 0.0
 
 
@@ -129,7 +136,7 @@ def module_norm(norm: object, name: str, x: torch.Tensor, head_dim: int
         if (owner() is norm and type(norm) is kind and getattr(norm, "weight", None) is weight
                 and _eps_attribute(norm) is eps and _contiguous_bytes(weight) == values):
             return result
-    weight, eps, offset = check_norm(*norm_settings(norm, name), x, head_dim, name)
+    weight, eps, offset = check_norm(*norm_settings(norm, name, x.dtype), x, head_dim, name)
     result = (weight, eps, offset, _gain(weight, compute_dtype(x.dtype), offset))
     values = _values(weight)
     try:
