@@ -194,3 +194,11 @@ def test_torch_rmsnorm_without_eps_in_half_precision_uses_the_computation_epsilo
     expected = flexrope.compute_rope(x, cos, sin, norm_weight=norm.weight, norm_eps=torch.finfo(torch.float32).eps)
     torch.testing.assert_close(got, expected)
     torch.testing.assert_close(got, theirs, rtol=0, atol=4 * torch.finfo(dtype).eps)
+
+
+@pytest.mark.parametrize("length", ["4096", [4096]])
+def test_config_max_position_embeddings_not_a_number_is_a_flexrope_error(length):
+    # the size guard multiplied it first: "4096" * 1024 is a string, and comparing it with the limit raised TypeError
+    config = {"model_type": "llama", "hidden_size": 256, "num_attention_heads": 2, "max_position_embeddings": length}
+    with pytest.raises(FlexRopeError, match=re.escape(repr(length))):
+        RotaryEmbedding.from_hf_config(config)

@@ -232,6 +232,9 @@ class RotaryEmbedding(nn.Module):
             settings["context_length"] = context_length
         else:  # the config's max_position_embeddings: refused where its tables alone would take gigabytes
             length, width = settings["context_length"], settings.get("rotary_dim") or settings["head_dim"]
+            if isinstance(length, bool) or not isinstance(length, int) or length < 1:  # (before it is multiplied)
+                raise FlexRopeError(f"RotaryEmbedding.from_hf_config: the config's max_position_embeddings="
+                                    f"{length!r}: expected a positive int; fix the config, or pass context_length=")
             size = 2 * length * width * 4  # cos and sin, float32, full width
             if size > TABLES_LIMIT_BYTES:
                 raise FlexRopeError(
