@@ -202,3 +202,24 @@ def test_config_max_position_embeddings_not_a_number_is_a_flexrope_error(length)
     config = {"model_type": "llama", "hidden_size": 256, "num_attention_heads": 2, "max_position_embeddings": length}
     with pytest.raises(FlexRopeError, match=re.escape(repr(length))):
         RotaryEmbedding.from_hf_config(config)
+
+
+def test_head_dim_past_the_loop_stack_arrays_does_not_kill_the_process():
+    # the C loop holds arrays of the head dim on its stack (the norm's gains per pair, float16's spread angles):
+    # a head dim of 2^22 overflowed it and the process died of SIGSEGV; such a call goes to the eager kernels
+    import subprocess
+    import sys
+
+    script = (
+        "import torch, flexrope\n"
+        "d = 2 ** 22\n"
+        "cos, sin = flexrope.precompute_rope_params(d, context_length=2)\n"
+        "x = torch.ones(1, 1, 1, d)\n"
+        "y = flexrope.compute_rope(x.half(), cos, sin, interleaved=True)\n"
+        "assert torch.equal(y, x.half())\n"
+        "y = flexrope.compute_rope(x, cos, sin, norm_weight=torch.full((d,), 2.0), norm_eps=0.0)\n"
+        "assert torch.equal(y, 2 * x)\n"
+    )
+    environment = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=environment)
+    assert done.returncode == 0, (done.returncode, done.stderr[-2000:])

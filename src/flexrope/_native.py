@@ -62,6 +62,10 @@ FLAGS = ["-O3", "-ffp-contract=off", "-shared", "-fPIC"]  # no contraction: the 
 # none more than 4% slower). A compiler that does not know the option takes the next variant.
 NATIVE = ["-march=native", "-mprefer-vector-width=512"]
 VARIANTS = ([*NATIVE, "-fopenmp"], [*NATIVE], ["-march=native", "-fopenmp"], ["-march=native"], ["-fopenmp"], [])
+# The most channels (the head dim) the loop takes: it keeps arrays of them on its stack (the norm's gains per pair,
+# float16's angles spread per channel), which a head dim of 2^21 overflowed (the process died of SIGSEGV); past
+# this, the eager kernels.
+MAX_CHANNELS = 1 << 16
 # From this many elements a call runs on torch.get_num_threads() threads.
 THREADED_MIN_ELEMENTS = 1 << 16
 # Rows rotated together where they share their angles along the dim outside the innermost one (the heads of
@@ -362,7 +366,7 @@ def rotate(x: torch.Tensor, out: torch.Tensor, cos: torch.Tensor, sin: torch.Ten
     (s,) or (b, s), or RowStarts; their values already checked), negated where ``inverse``. False, writing
     nothing, where the loop does not apply: tensors off the CPU or not plain (subclasses such as fake tensors,
     vmap or grad wrappers: ``_kinds.plain``), a dispatch mode that must see eager operations, channels not
-    contiguous, or a loop that could not be built.
+    contiguous or more than MAX_CHANNELS, or a loop that could not be built.
 
     The loop reads the tables where they are, at the positions where they are: a geometry seen before costs a
     dict lookup and the call. Tables of another dtype than the computation's (or whose strides differ) are
@@ -376,7 +380,8 @@ def rotate(x: torch.Tensor, out: torch.Tensor, cos: torch.Tensor, sin: torch.Ten
     index it holds there, or skipped where that is negative."""
     x_stride, out_stride = x.stride(), out.stride()
     if not (x.is_cpu and x.dtype in _FUNCTIONS and x_stride[-1] == 1 and out_stride[-1] == 1
-            and torch._C._len_torch_dispatch_stack() == 0) or _library is None and _loaded() is None:
+            and x.shape[-1] <= MAX_CHANNELS and torch._C._len_torch_dispatch_stack() == 0
+            ) or _library is None and _loaded() is None:
         return False
     if not (plain(x) and plain(cos) and plain(sin) and (isinstance(where, int) or plain(
             where.starts if isinstance(where, RowStarts) else where))):  # out: x, or made like it
