@@ -223,3 +223,21 @@ def test_head_dim_past_the_loop_stack_arrays_does_not_kill_the_process():
     environment = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=environment)
     assert done.returncode == 0, (done.returncode, done.stderr[-2000:])
+
+
+def test_module_norm_does_not_keep_a_dropped_norm_weight_storage_alive():
+    # the module remembered each norm with its weight held strongly: a weight that is a view of a large flat buffer
+    # (as flattened-parameter wrappers make them) kept the whole buffer alive after the model was dropped
+    import gc
+    import weakref
+
+    rope = RotaryEmbedding(16, layout="b h s d", context_length=8)
+    flat = torch.ones(1 << 20)
+    norm = torch.nn.RMSNorm(16)
+    norm.weight = torch.nn.Parameter(flat[:16])  # shares flat's storage
+    dropped = weakref.ref(norm.weight)
+    with torch.no_grad():
+        rope(torch.randn(1, 2, 3, 16), q_norm=norm)
+    del norm, flat
+    gc.collect()
+    assert dropped() is None

@@ -131,24 +131,24 @@ def module_norm(norm: object, name: str, x: torch.Tensor, head_dim: int
     and the lookups and checks cost more than the loop's work)."""
     key = (id(norm), x.dtype, x.device, head_dim)
     entry = _modules.get(key)
-    if entry is not None:
-        owner, kind, weight, eps, values, result = entry
-        if (owner() is norm and type(norm) is kind and getattr(norm, "weight", None) is weight
-                and _eps_attribute(norm) is eps and _contiguous_bytes(weight) == values):
-            return result
+    if entry is not None:  # (both held weakly: a weight may be a view of a large buffer, kept whole by a view)
+        owner, kind, weight_ref, eps_attribute, values, settings = entry
+        weight = getattr(norm, "weight", None) if owner() is norm else None
+        if (weight is not None and weight is weight_ref() and type(norm) is kind
+                and _eps_attribute(norm) is eps_attribute and _contiguous_bytes(weight) == values):
+            return (weight, *settings)
     weight, eps, offset = check_norm(*norm_settings(norm, name, x.dtype), x, head_dim, name)
-    result = (weight, eps, offset, _gain(weight, compute_dtype(x.dtype), offset))
+    settings = (eps, offset, _gain(weight, compute_dtype(x.dtype), offset))
     values = _values(weight)
     try:
         owner = weakref.ref(norm)
     except TypeError:  # a tuple (no weak reference)
-        return result
-    if values is None:
-        return result
-    if len(_modules) >= 256:
-        _modules.clear()
-    _modules[key] = (owner, type(norm), weight, _eps_attribute(norm), values, result)
-    return result
+        return (weight, *settings)
+    if values is not None:
+        if len(_modules) >= 256:
+            _modules.clear()
+        _modules[key] = (owner, type(norm), weakref.ref(weight), _eps_attribute(norm), values, settings)
+    return (weight, *settings)
 
 
 def native_applies(x: torch.Tensor) -> bool:
