@@ -384,11 +384,11 @@ class RotaryEmbedding(nn.Module):
         """A call without gradients on the CPU, each operand normed (a decoding step): straight to the C loop,
         norm, rotation and write in one pass per operand, with the checks of the general path (which takes an
         operand the loop does not); None where an operand has no norm."""
-        if any(norm is None or not x.is_cpu for x, _, _, norm, _, _ in operands):
-            return None
         calls = []
         for x, length, where, norm, out, name in operands:  # every check before anything is written
-            calls.append((x, length, where, *module_norm(norm, f"{name}_norm", x, self.head_dim), out))
+            if norm is None or not x.is_cpu:
+                return None
+            calls.append((x, length, where, *module_norm(norm, name + "_norm", x, self.head_dim), out))
         layout, results = self.layout, []
         for x, length, where, weight, eps, offset, gain, out in calls:
             target = out if out is not None else torch.empty_like(x)  # x's strides where x is dense
