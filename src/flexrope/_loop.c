@@ -176,6 +176,15 @@ static inline uint16_t f16_store(float f) {
     const int64_t positions_in = positions_strides[inner];                                                    \
     const int64_t *index_strides = positions_strides + ndim, out_seq = index_strides[ndim];                   \
     const int64_t index_in = index_strides[inner];
+
+/* A unit's offsets into x, out, the tables, the positions and the out_index, moved by index i along dim d. */
+#define ADVANCE(i, d)                                                                                          \
+    x_at += (i) * x_strides[d];                                                                              \
+    out_at += (i) * out_strides[d];                                                                          \
+    table_at += (i) * table_strides[d];                                                                      \
+    positions_at += (i) * positions_strides[d];                                                              \
+    index_at += (i) * index_strides[d];
+
 #define GROUP 4
 #define DEFINE_ROTATE(NAME, T, C, LOAD, STORE, ROWS)                                                           \
     void NAME(const T *x, T *out, const C *cos, const C *sin, const int64_t *plan, const int64_t *positions,   \
@@ -207,11 +216,7 @@ static inline uint16_t f16_store(float f) {
                     i = rest % sizes[d];                                                                    \
                     rest /= sizes[d];                                                                       \
                 }                                                                                           \
-                x_at += i * x_strides[d];                                                                   \
-                out_at += i * out_strides[d];                                                               \
-                table_at += i * table_strides[d];                                                           \
-                positions_at += i * positions_strides[d];                                                   \
-                index_at += i * index_strides[d];                                                           \
+                ADVANCE(i, d)                                                                               \
             }                                                                                               \
             int64_t row = 0;                                                                                \
             if (rows == GROUP) /* GROUP indices of the grouped dim at each index of the innermost */         \
@@ -476,11 +481,7 @@ static inline double sum_squares_float64(const double *xr, int64_t channels) {
             for (int64_t d = inner - 1; d >= 0; --d) {                                                     \
                 const int64_t i = rest % sizes[d];                                                          \
                 rest /= sizes[d];                                                                           \
-                x_at += i * x_strides[d];                                                                   \
-                out_at += i * out_strides[d];                                                               \
-                table_at += i * table_strides[d];                                                           \
-                positions_at += i * positions_strides[d];                                                   \
-                index_at += i * index_strides[d];                                                           \
+                ADVANCE(i, d)                                                                               \
             }                                                                                               \
             for (int64_t block = 0; block < count; block += NORM_BLOCK) {                                   \
                 const int64_t rows = count - block < NORM_BLOCK ? count - block : NORM_BLOCK;               \
