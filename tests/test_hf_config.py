@@ -5,7 +5,7 @@ mscale_all_dim), GPT-OSS (YaRN without truncation), GPT-J (config object and con
 import pytest
 import torch
 
-from flexrope import FlexRopeError, RotaryEmbedding, _module
+from flexrope import FlexRopeError, MultiAxisRotaryEmbedding, RotaryEmbedding, _hf_config
 
 transformers = pytest.importorskip("transformers")
 from transformers.models.deepseek_v3 import modeling_deepseek_v3  # noqa: E402
@@ -362,7 +362,23 @@ def test_a_context_of_gigabytes_is_refused_unless_asked_for(monkeypatch):
     with pytest.raises(FlexRopeError, match=r"10,485,760 would make tables of 10\.0 GiB.*context_length="):
         RotaryEmbedding.from_hf_config(config)
     assert RotaryEmbedding.from_hf_config(config, context_length=4096).cos.shape[0] == 4096
-    monkeypatch.setattr(_module, "TABLES_LIMIT_BYTES", 2 * 4096 * 128 * 4)
+    monkeypatch.setattr(_hf_config, "TABLES_LIMIT_BYTES", 2 * 4096 * 128 * 4)
     assert RotaryEmbedding.from_hf_config({**config, "max_position_embeddings": 4096}).context_length == 4096
     with pytest.raises(FlexRopeError, match="4,097"):
         RotaryEmbedding.from_hf_config({**config, "max_position_embeddings": 4097})
+
+
+def test_multi_axis_context_of_gigabytes_is_refused_unless_asked_for():
+    """The multi-axis reader has the same default and guard: Qwen2-VL's tables take 512 bytes a position (64 pairs,
+    cos and sin, float32), so 10,485,760 positions would be 5 GiB; context_length= builds the length asked for, and
+    a max_position_embeddings that is not a positive int is named."""
+    config = transformers.Qwen2VLConfig().to_dict()
+    config["text_config"]["max_position_embeddings"] = 10485760
+    with pytest.raises(FlexRopeError, match=r"MultiAxisRotaryEmbedding.from_hf_config: .*10,485,760 would make "
+                                            r"tables of 5\.0 GiB.*context_length="):
+        MultiAxisRotaryEmbedding.from_hf_config(config)
+    rope = MultiAxisRotaryEmbedding.from_hf_config(config, context_length=1024)
+    assert set(rope.context_length.values()) == {1024}
+    config["text_config"]["max_position_embeddings"] = "4096"
+    with pytest.raises(FlexRopeError, match="max_position_embeddings='4096': expected a positive int"):
+        MultiAxisRotaryEmbedding.from_hf_config(config)

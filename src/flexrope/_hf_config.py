@@ -253,3 +253,23 @@ def text_config(config):
         if sub is not None and not isinstance(sub, (str, int, float, bool)):
             return text_config(sub)
     return config
+
+
+# A config's max_position_embeddings becomes the tables' length unless the caller says otherwise, up to this size
+# (Llama 4 Scout's 10,485,760 positions would take 10 GiB; a million positions at head dim 128 take 1 GiB).
+TABLES_LIMIT_BYTES = 2 * 2**30
+
+
+def check_default_length(length: object, bytes_per_position: int) -> None:
+    """The config's max_position_embeddings as the tables' default length: a positive int (checked before it is
+    multiplied) whose tables (``bytes_per_position`` each) stay within TABLES_LIMIT_BYTES; else a FlexRopeError
+    asking for ``context_length=``."""
+    if isinstance(length, bool) or not isinstance(length, int) or length < 1:
+        raise FlexRopeError(f"the config's max_position_embeddings={length!r}: expected a positive int; fix the "
+                            f"config, or pass context_length=")
+    size = length * bytes_per_position
+    if size > TABLES_LIMIT_BYTES:
+        raise FlexRopeError(
+            f"the config's max_position_embeddings={length:,} would make tables of {size / 2**30:.1f} GiB (cos and "
+            f"sin, float32): pass context_length= the longest sequence you will run (a position past it is an "
+            f"error, never wrapped), or context_length={length} to build them all")

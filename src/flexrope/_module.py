@@ -13,7 +13,7 @@ from ._functional import bound, checked_flag, checked_positions, parse
 from ._positions import RowStarts, Where, assert_values_async, check_values, position_tensor, values_on_host
 from . import _native
 from ._qknorm import check_norm, module_norm, native_applies, norm_settings, normed_rotation
-from ._hf_config import layer_rope, settings_from_hf_config
+from ._hf_config import check_default_length, layer_rope, settings_from_hf_config
 from ._scaling import frequencies, parse_scaling, softmax_scale_factor
 from ._tables import check_rotary_dim, precompute_rope_params, tables_at
 
@@ -34,11 +34,6 @@ def _reach(where: Where, seq_len: int) -> int:
     if isinstance(where, RowStarts):
         return int(where.starts.long().max()) + seq_len if where.starts.numel() else 0
     return int(where.long().max()) + 1 if where.numel() else 0
-
-
-# from_hf_config builds tables for the config's max_position_embeddings unless told otherwise, up to this size
-# (Llama 4's 10,485,760 positions would take 10 GiB; a million positions at head dim 128 take 1 GiB).
-TABLES_LIMIT_BYTES = 2 * 2**30
 
 
 class RotaryEmbedding(nn.Module):
@@ -230,18 +225,12 @@ class RotaryEmbedding(nn.Module):
             raise type(error)(f"RotaryEmbedding.from_hf_config: {error}") from None
         if context_length is not None:
             settings["context_length"] = context_length
-        else:  # the config's max_position_embeddings: refused where its tables alone would take gigabytes
-            length, width = settings["context_length"], settings.get("rotary_dim") or settings["head_dim"]
-            if isinstance(length, bool) or not isinstance(length, int) or length < 1:  # (before it is multiplied)
-                raise FlexRopeError(f"RotaryEmbedding.from_hf_config: the config's max_position_embeddings="
-                                    f"{length!r}: expected a positive int; fix the config, or pass context_length=")
-            size = 2 * length * width * 4  # cos and sin, float32, full width
-            if size > TABLES_LIMIT_BYTES:
-                raise FlexRopeError(
-                    f"RotaryEmbedding.from_hf_config: the config's max_position_embeddings={length:,} would make "
-                    f"tables of {size / 2**30:.1f} GiB (cos and sin, float32): pass context_length= the longest "
-                    f"sequence you will run (a position past it is an error, never wrapped), or "
-                    f"context_length={length} to build them all")
+        else:  # the config's max_position_embeddings, within reason: cos and sin, float32, full width
+            try:
+                check_default_length(settings["context_length"],
+                                     2 * 4 * (settings.get("rotary_dim") or settings["head_dim"]))
+            except FlexRopeError as error:
+                raise type(error)(f"RotaryEmbedding.from_hf_config: {error}") from None
         qk_head_dim = settings.pop("qk_head_dim")
         rope = cls(layout=layout, **settings, **axes_lengths)
         rope.softmax_scale = qk_head_dim ** -0.5 * softmax_scale_factor(rope._recipe)

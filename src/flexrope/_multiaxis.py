@@ -22,6 +22,7 @@ from torch import nn
 from ._dispatch import Rotation, rope
 from ._errors import FlexRopeError, LayoutError
 from ._functional import bound, parse, per_token_tables
+from ._hf_config import check_default_length
 from ._mrope_families import multiaxis_settings
 from ._layout import AXES, Layout
 from ._tables import check_rotary_dim
@@ -375,8 +376,8 @@ class MultiAxisRotaryEmbedding(nn.Module):
         return out[0] if k is None else out
 
     @classmethod
-    def from_hf_config(cls, config, *, layer_type: str | None = None, layout: str = "b h s d"
-                       ) -> "MultiAxisRotaryEmbedding":
+    def from_hf_config(cls, config, *, layer_type: str | None = None, layout: str = "b h s d",
+                       context_length: int | Mapping[str, int] | None = None) -> "MultiAxisRotaryEmbedding":
         """The multi-axis (M-RoPE) rotary embedding of a vision-language model's text model, from its config.
 
         Args:
@@ -390,11 +391,17 @@ class MultiAxisRotaryEmbedding(nn.Module):
                 ``mrope_interleaved`` is set.
             layer_type: for configs whose ``rope_parameters`` differ per layer type, the type of the layer.
             layout: the layout of q and k in your code.
+            context_length: positions per axis in the tables (an int, or one per axis); default the config's
+                ``max_position_embeddings``, refused where its tables would pass 2 GiB.
 
         Positions are the model's ``position_ids`` of shape (A, b, s) (A = 3: t, y, x; NeoMME's two: y, x).
         """
         try:
             settings = multiaxis_settings(config, layer_type)
+            if context_length is not None:
+                settings["context_length"] = context_length
+            else:  # cos and sin, float32, of each axis's pairs
+                check_default_length(settings["context_length"], 2 * 4 * sum(settings["axes"].values()))
         except FlexRopeError as error:
             raise type(error)(f"MultiAxisRotaryEmbedding.from_hf_config: {error}") from None
         return cls(layout=layout, **settings)
