@@ -153,6 +153,11 @@ def test_module_norm_follows_changes_to_the_norm_between_calls():
     check(norm)
     norm.eps = 10.0  # large enough to change every value
     check(norm)
+    norm.weight.data = torch.rand(D, dtype=torch.float64) + 0.5  # another dtype under the same Parameter
+    check(norm)
+    norm.weight.data = torch.rand(2 * D)  # another shape: refused, never read past the head dim
+    with pytest.raises(FlexRopeError, match="q_norm_weight"), torch.no_grad():
+        rope(q, offset=3, q_norm=norm)
     gemma = _hf(gemma3.Gemma3RMSNorm, torch.float32)
     check(gemma, offset=1.0)
     with torch.no_grad():
@@ -232,3 +237,23 @@ def test_one_pass_loop_shared_among_threads_equals_one_thread(dtype):
     assert torch.equal(results[0], results[1])
     expected = compute_rope(x, cos, sin, "b s h d", positions=positions, norm_weight=w)
     assert torch.equal(results[0][:, 5:75], expected) and results[0][:, :5].abs().sum() == 0
+
+
+@pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16])
+def test_one_pass_loop_reads_the_weight_in_its_own_dtype_and_strides(monkeypatch, x_dtype):
+    """The loop reads the norm's weight where it is, in any of the four dtypes (converted to the compute dtype as
+    torch converts it, then the offset added), and a strided weight through a copy made for the call: each
+    against the eager formula."""
+    cos, sin = flexrope.precompute_rope_params(16, context_length=32)
+    x = torch.randn(2, 5, 3, 16).to(x_dtype)
+    buffer = torch.rand(16, 2) + 0.5
+    weights = [buffer[:, 0].contiguous().to(dtype) for dtype in (torch.float32, torch.float64, torch.bfloat16,
+                                                                  torch.float16)] + [buffer[:, 0]]  # strided
+    for weight in weights:
+        kwargs = dict(offset=3, norm_weight=weight, norm_eps=1e-5, norm_weight_offset=1.0)
+        monkeypatch.setenv("FLEXROPE_BACKEND", "auto")
+        got = compute_rope(x, cos, sin, "b s h d", **kwargs)
+        monkeypatch.setenv("FLEXROPE_BACKEND", "eager")
+        expected = compute_rope(x, cos, sin, "b s h d", **kwargs)
+        eps = torch.finfo(x_dtype).eps
+        torch.testing.assert_close(got, expected, rtol=4 * eps, atol=4 * eps, msg=f"weight {weight.dtype}")

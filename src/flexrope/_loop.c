@@ -317,17 +317,32 @@ DEFINE_ROTATE(rotate_float64, double, double, IDENTITY, IDENTITY, ROWS)
 DEFINE_ROTATE(rotate_bfloat16, uint16_t, float, bf16_load, bf16_store, BF16_ROWS)
 DEFINE_ROTATE(rotate_float16, uint16_t, float, f16_load, f16_store, F16_ROWS)
 
-/* norm_rotate(x, out, cos, sin, plan, positions, gain, eps): the QK-norm then the rotation, one pass over each
-   row: its sum of squares in the compute type (eight partial sums, added in a fixed order), scale = 1 /
-   sqrt(sum / channels + eps), then each pair's channels loaded again (from L1), times scale times their gain
-   (offset + weight, in the compute type), rotated (a c - b s, b c + a s) and rounded once; the tail past
-   `rotary` is stored normalised. The plan is rotate's, with group 1. The sum's order is not torch's, so the
-   norm's last bit may differ from the eager path's.
+/* The norm's weight, read where the caller keeps it in its own dtype (kind 0 float32, 1 float64, 2 bfloat16, 3
+   float16), as a double (exact for each). */
+static double weight_at(const void *weight, int64_t kind, int64_t i) {
+    switch (kind) {
+    case 0:
+        return ((const float *)weight)[i];
+    case 1:
+        return ((const double *)weight)[i];
+    case 2:
+        return bf16_load(((const uint16_t *)weight)[i]);
+    default:
+        return f16_load(((const uint16_t *)weight)[i]);
+    }
+}
 
-   The gains are split once per call into those of each pair's first and second channel, so that the pairs
-   read them at unit stride as they read the angles: the loop over pairs is then the rotation's, which the
-   compiler vectorises (through a float buffer of the normalised row, with the gains read two apart where
-   pairs sit side by side, bfloat16 ran at 3x a copy). */
+/* norm_rotate(x, out, cos, sin, plan, positions, out_index, weight, weight_kind, offset, eps): the QK-norm then the
+   rotation, one pass over each row: its sum of squares in the compute type (sum_squares_*, added in a fixed
+   order), scale = 1 / sqrt(sum / channels + eps), then each pair's channels loaded again (from L1), times scale
+   times their gain (offset + weight, in the compute type), rotated (a c - b s, b c + a s) and rounded once; the
+   tail past `rotary` is stored normalised. The plan is rotate's, with group 1. The sum's order is not torch's,
+   so the norm's last bit may differ from the eager path's.
+
+   The gains are split once per call into those of each pair's first and second channel, so that the pairs read them
+   at unit stride as they read the angles: the loop over pairs is then the rotation's, which the compiler
+   vectorises (through a float buffer of the normalised row, with the gains read two apart where pairs sit side
+   by side, bfloat16 ran at 3x a copy). */
 #define NORM_PAIRS(T, C, LOAD, STORE, n, first, second)                                                       \
     _Pragma("GCC ivdep") for (int64_t j = 0; j < (n); ++j) {                                                  \
         const C cj = c[j], sj = s[j] * (C)sign;                                                             \
@@ -459,13 +474,17 @@ static inline double sum_squares_float64(const double *xr, int64_t channels) {
 #define NORM_BLOCK 8
 #define DEFINE_NORM_ROTATE(NAME, T, C, LOAD, STORE, SQRT, SIDE_BY_SIDE_PAIRS, SUM_SQUARES)                    \
     void NAME(const T *x, T *out, const C *cos, const C *sin, const int64_t *plan, const int64_t *positions,   \
-              const int64_t *out_index, const C *gain, double eps) {                                          \
+              const int64_t *out_index, const void *weight, int64_t weight_kind, double offset, double eps) {    \
         READ_PLAN                                                                                           \
         int64_t outer = 1;                                                                                  \
         for (int64_t d = 0; d < inner; ++d)                                                                 \
             outer *= sizes[d];                                                                              \
         const int64_t units = outer * ((sizes[inner] + tile - 1) / tile);                                   \
-        C gain_a[half + 1], gain_b[half + 1]; /* each pair's first and second channel's gain */             \
+        /* offset + weight in the compute type, as torch computes it (the weight converted, then the offset      \
+           added): made at each call from the weight itself, so nothing of it is remembered between calls */   \
+        C gain[channels], gain_a[half + 1], gain_b[half + 1]; /* and each pair's first and second channel's */ \
+        for (int64_t j = 0; j < channels; ++j)                                                              \
+            gain[j] = (C)weight_at(weight, weight_kind, j) + (C)offset;                                     \
         for (int64_t j = 0; j < half; ++j) {                                                                \
             gain_a[j] = gain[interleaved ? 2 * j : j];                                                      \
             gain_b[j] = gain[interleaved ? 2 * j + 1 : j + half];                                           \

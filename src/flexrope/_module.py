@@ -379,11 +379,11 @@ class RotaryEmbedding(nn.Module):
                 return None
             calls.append((x, length, where, *module_norm(norm, name + "_norm", x, self.head_dim), out))
         layout, results = self.layout, []
-        for x, length, where, weight, eps, offset, gain, out in calls:
+        for x, length, where, weight, eps, offset, out in calls:
             target = out if out is not None else torch.empty_like(x)  # x's strides where x is dense
             if _native.rotate(layout.canonical(x), layout.canonical(target), cos, sin, where,
                               rotary_dim=self.rotary_dim, interleaved=self.interleaved, inverse=False,
-                              gain=gain, eps=eps):
+                              weight=weight, offset=offset, eps=eps):
                 torch.autograd.graph.increment_version(target)
                 results.append(target)
             else:  # e.g. channels not contiguous: the general path

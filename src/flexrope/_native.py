@@ -80,6 +80,7 @@ TABLE_TILE_BYTES = 32 * 1024
 _FUNCTIONS = {torch.float32: "rotate_float32", torch.float64: "rotate_float64", torch.bfloat16: "rotate_bfloat16",
               torch.float16: "rotate_float16"}
 _COMPUTE = {dtype: compute_dtype(dtype) for dtype in _FUNCTIONS}
+_WEIGHT_KINDS = {torch.float32: 0, torch.float64: 1, torch.bfloat16: 2, torch.float16: 3}  # as _loop.c reads them
 library_path: Path | None = None  # the library this process loaded
 
 unavailable = sys.platform == "win32"  # cc and -march=native: Linux and macOS
@@ -177,7 +178,7 @@ def _declare(library: ctypes.CDLL) -> None:
         function.argtypes = [ctypes.c_void_p] * 7
         function = getattr(library, "norm_" + name)
         function.restype = None
-        function.argtypes = [ctypes.c_void_p] * 8 + [ctypes.c_double]
+        function.argtypes = [ctypes.c_void_p] * 8 + [ctypes.c_int64, ctypes.c_double, ctypes.c_double]
     library.tables_float32.restype = None
     library.tables_float32.argtypes = [ctypes.c_void_p] + [ctypes.c_int64] * 3 + [ctypes.c_void_p] * 2
 
@@ -359,8 +360,8 @@ _plans: dict[tuple, tuple] = {}
 
 
 def rotate(x: torch.Tensor, out: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, where: Where, *,
-           rotary_dim: int, interleaved: bool, inverse: bool, gain: torch.Tensor | None = None, eps: float = 0.0,
-           out_index: torch.Tensor | None = None) -> bool:
+           rotary_dim: int, interleaved: bool, inverse: bool, weight: torch.Tensor | None = None, offset: float = 0.0,
+           eps: float = 0.0, out_index: torch.Tensor | None = None) -> bool:
     """Write the rotation of canonical view ``x`` (*lead, b, h, s, d) into canonical view ``out`` (which may be
     ``x``) by the angles of the tables ``cos``, ``sin`` (context, >= r/2) at ``where`` (an int start, positions
     (s,) or (b, s), or RowStarts; their values already checked), negated where ``inverse``. False, writing
@@ -372,8 +373,9 @@ def rotate(x: torch.Tensor, out: torch.Tensor, cos: torch.Tensor, sin: torch.Ten
     dict lookup and the call. Tables of another dtype than the computation's (or whose strides differ) are
     converted, their rows at the positions first.
 
-    With ``gain`` (the QK-norm's offset + weight, (d,) contiguous in the compute dtype), each row is first
-    RMS-normalised (``eps``) and scaled by it, in the same pass.
+    With ``weight`` (the QK-norm's, (d,), checked), each row is first RMS-normalised (``eps``) and scaled by
+    ``offset + weight`` in the compute dtype, in the same pass. The loop reads the weight where it is, at each
+    call: nothing of it is remembered (a write through ``.data`` changes neither its address nor its version).
 
     With ``out_index`` (int64 (b, s), its values checked: each below out's sequence length, none repeated in a
     row), ``out`` may differ from x in its sequence length, and each token's row is written at the sequence
@@ -387,6 +389,8 @@ def rotate(x: torch.Tensor, out: torch.Tensor, cos: torch.Tensor, sin: torch.Ten
             where.starts if isinstance(where, RowStarts) else where))):  # out: x, or made like it
         return False
     if out_index is not None and not (plain(out) and plain(out_index)):
+        return False
+    if weight is not None and not (plain(weight) and weight.is_cpu and weight.shape == (x.shape[-1],)):
         return False
     if x.numel() == 0:
         return True
@@ -407,7 +411,10 @@ def rotate(x: torch.Tensor, out: torch.Tensor, cos: torch.Tensor, sin: torch.Ten
             cos, sin = cos.contiguous(), sin.contiguous()
         geometry = (cos.shape, cos.stride(), None)
     threads = torch.get_num_threads()
-    norm = gain is not None
+    norm = weight is not None
+    if norm:  # read by the loop in its own dtype where it can be, else converted for this call
+        if weight.dtype not in _WEIGHT_KINDS or not weight.is_contiguous():
+            weight = as_dtype(weight.detach(), compute).contiguous()
     if out_index is not None and out_index.dtype != torch.int64:
         out_index = out_index.to(torch.int64)
     indexed = out_index is not None and (out_index.shape, out_index.stride())
@@ -438,7 +445,7 @@ def rotate(x: torch.Tensor, out: torch.Tensor, cos: torch.Tensor, sin: torch.Ten
                  None if positions is None else positions.data_ptr(),
                  None if out_index is None else out_index.data_ptr())
     if norm:
-        function(*arguments, gain.data_ptr(), eps)
+        function(*arguments, weight.data_ptr(), _WEIGHT_KINDS[weight.dtype], offset, eps)
     else:
         function(*arguments)
     return True

@@ -9,7 +9,6 @@ for x and w. Plain tensor operations both ways, so torch.compile traces it whole
 
 from __future__ import annotations
 
-import ctypes
 import os
 import weakref
 
@@ -18,7 +17,6 @@ import torch
 from . import _native
 from ._dispatch import triton_fused, write_at
 from ._errors import FlexRopeError
-from ._kinds import plain
 from ._pairs import as_dtype, compute_dtype, expression
 from ._positions import Where, angles_at, position_tensor
 
@@ -107,48 +105,48 @@ def norm_settings(norm: object, name: str, dtype: torch.dtype) -> tuple[torch.Te
     return weight, eps, 1.0 if type(norm).__name__.startswith("Gemma") else 0.0
 
 
-def _values(weight: torch.Tensor) -> bytes | None:
-    """The bytes of a contiguous CPU weight, compared at the next call before anything remembered of it is used: a
-    write through ``.data`` (init code, EMA updates) changes the values at the same address and version (``.data``
-    counts versions of its own). None where they cannot be read at the cost of a copy of a few hundred bytes (off
-    the CPU, not contiguous, a tensor subclass): nothing is remembered then."""
-    return _contiguous_bytes(weight) if plain(weight) else None
-
-
-def _contiguous_bytes(weight: torch.Tensor) -> bytes | None:
-    """_values of a tensor known to be plain (its device and strides may have changed under ``.data =``)."""
-    return ctypes.string_at(weight.data_ptr(), weight.nbytes) if weight.is_cpu and weight.is_contiguous() else None
-
-
 _modules: dict[tuple, tuple] = {}
+_plain_weight: dict[type, bool] = {}  # classes whose .weight is nn.Module's parameter table's (no property)
 
 
-def module_norm(norm: object, name: str, x: torch.Tensor, head_dim: int
-                ) -> tuple[torch.Tensor, float, float, torch.Tensor]:
-    """``norm_settings`` then ``check_norm`` of ``norm`` for ``x``, with its gain in x's compute dtype: a module's
-    remembered while it is of the same class (Gemma's offset follows the class), holds the same weight tensor,
-    with the same values (_values), and the same eps (a decoding step asks for each layer's two norms every call,
-    and the lookups and checks cost more than the loop's work)."""
-    key = (id(norm), x.dtype, x.device, head_dim)
+def _weight_of(norm: object) -> object:
+    """``norm.weight``, read from an nn.Module's parameter table where its class does not define ``weight`` itself
+    (nn.Module's __getattr__ is Python, the larger part of a remembered norm's check)."""
+    kind = type(norm)
+    plain_weight = _plain_weight.get(kind)
+    if plain_weight is None:
+        plain_weight = _plain_weight[kind] = isinstance(norm, torch.nn.Module) and not hasattr(kind, "weight")
+    if plain_weight:
+        weight = norm._parameters.get("weight")
+        if weight is not None:
+            return weight
+    return getattr(norm, "weight", None)
+
+
+def module_norm(norm: object, name: str, x: torch.Tensor, head_dim: int) -> tuple[torch.Tensor, float, float]:
+    """``norm_settings`` then ``check_norm`` of ``norm`` for a CPU ``x``: a module's remembered while it is of the
+    same class (Gemma's offset follows the class), holds the same weight tensor, of the same shape and dtype and
+    on the CPU (``.data =`` can change them), and the same eps (a decoding step asks for each layer's two norms
+    every call, and the lookups and checks cost more than the loop's work). The weight's values are not
+    remembered: the loop reads them at each call."""
+    key = (id(norm), x.dtype, head_dim)
     entry = _modules.get(key)
     if entry is not None:  # (both held weakly: a weight may be a view of a large buffer, kept whole by a view)
-        owner, kind, weight_ref, eps_attribute, values, settings = entry
-        weight = getattr(norm, "weight", None) if owner() is norm else None
+        owner, kind, weight_ref, eps_attribute, dtype, settings = entry
+        weight = _weight_of(norm) if owner() is norm else None
         if (weight is not None and weight is weight_ref() and type(norm) is kind
-                and _eps_attribute(norm) is eps_attribute and _contiguous_bytes(weight) == values):
+                and _eps_attribute(norm) is eps_attribute and weight.dtype is dtype and weight.ndim == 1
+                and weight.shape[0] == head_dim and weight.is_cpu):
             return (weight, *settings)
     weight, eps, offset = check_norm(*norm_settings(norm, name, x.dtype), x, head_dim, name)
-    settings = (eps, offset, _gain(weight, compute_dtype(x.dtype), offset))
-    values = _values(weight)
     try:
         owner = weakref.ref(norm)
     except TypeError:  # a tuple (no weak reference)
-        return (weight, *settings)
-    if values is not None:
-        if len(_modules) >= 256:
-            _modules.clear()
-        _modules[key] = (owner, type(norm), weakref.ref(weight), _eps_attribute(norm), values, settings)
-    return (weight, *settings)
+        return weight, eps, offset
+    if len(_modules) >= 256:
+        _modules.clear()
+    _modules[key] = (owner, type(norm), weakref.ref(weight), _eps_attribute(norm), weight.dtype, (eps, offset))
+    return weight, eps, offset
 
 
 def native_applies(x: torch.Tensor) -> bool:
@@ -163,28 +161,14 @@ def _native_into(x_c, out_c, weight, eps, offset, cos, sin, where, rotary_dim, i
     if not native_applies(x_c):
         return False
     return _native.rotate(x_c, out_c, cos, sin, where, rotary_dim=rotary_dim, interleaved=interleaved, inverse=False,
-                          gain=_gain(weight, compute_dtype(x_c.dtype), offset), eps=eps, out_index=out_index)
-
-
-_gains: dict[tuple, tuple[weakref.ref, bytes, torch.Tensor]] = {}
+                          weight=weight, offset=offset, eps=eps, out_index=out_index)
 
 
 def _gain(weight: torch.Tensor, dtype: torch.dtype, offset: float) -> torch.Tensor:
-    """offset + weight, contiguous in ``dtype``: on the CPU, made once per values of the weight (a decoding step
-    would otherwise spend two tensor operations on it per call); elsewhere, where the values cannot be compared
-    without a sync, at each call."""
-    values = _values(weight)
-    key = (weight.data_ptr(), weight.shape, weight.dtype, dtype, offset) if values is not None else None
-    # the entry holds the weight itself (weakly): a freed temporary (w.float() per call) leaves its address to the
-    # next one, whose values may differ; and the values, which a write through .data changes at the same version
-    owner, seen, gain = _gains.get(key, (None, None, None)) if key is not None else (None, None, None)
-    if gain is None or owner() is not weight or seen != values:
-        gain = (as_dtype(weight.detach(), dtype) + offset).contiguous()
-        if key is not None:
-            if len(_gains) >= 64:
-                _gains.clear()
-            _gains[key] = (weakref.ref(weight), values, gain)
-    return gain
+    """offset + weight, contiguous in ``dtype``, for the Triton kernel: made at each call (two small operations),
+    nothing of the weight remembered, since a write through ``.data`` changes neither its address nor its
+    version."""
+    return (as_dtype(weight.detach(), dtype) + offset).contiguous()
 
 
 def normed_rotation(layout, x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float, cos: torch.Tensor,
