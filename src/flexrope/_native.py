@@ -373,9 +373,10 @@ def rotate(x: torch.Tensor, out: torch.Tensor, cos: torch.Tensor, sin: torch.Ten
     dict lookup and the call. Tables of another dtype than the computation's (or whose strides differ) are
     converted, their rows at the positions first.
 
-    With ``weight`` (the QK-norm's, (d,), checked), each row is first RMS-normalised (``eps``) and scaled by
-    ``offset + weight`` in the compute dtype, in the same pass. The loop reads the weight where it is, at each
-    call: nothing of it is remembered (a write through ``.data`` changes neither its address nor its version).
+    With ``weight`` (the QK-norm's, checked by the caller: (d,) on the CPU), each row is first RMS-normalised
+    (``eps``) and scaled by ``offset + weight`` in the compute dtype, in the same pass. The loop reads the weight
+    where it is, at each call: nothing of it is remembered (a write through ``.data`` changes neither its address
+    nor its version).
 
     With ``out_index`` (int64 (b, s), its values checked: each below out's sequence length, none repeated in a
     row), ``out`` may differ from x in its sequence length, and each token's row is written at the sequence
@@ -390,7 +391,7 @@ def rotate(x: torch.Tensor, out: torch.Tensor, cos: torch.Tensor, sin: torch.Ten
         return False
     if out_index is not None and not (plain(out) and plain(out_index)):
         return False
-    if weight is not None and not (plain(weight) and weight.is_cpu and weight.shape == (x.shape[-1],)):
+    if weight is not None and not plain(weight):  # (its shape and device checked by the caller)
         return False
     if x.numel() == 0:
         return True
