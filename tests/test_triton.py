@@ -380,3 +380,18 @@ def test_sin_strided_unlike_cos(monkeypatch):
             for tables in ((cos, view(sin)), (view(cos), sin)):
                 fast, slow = _both(monkeypatch, lambda: compute_rope(x, *tables, **where))
                 assert torch.equal(fast, slow) and torch.equal(fast, want)
+
+
+def test_lead_axes_of_length_one_with_any_stride(monkeypatch):
+    """Lead axes ("...") of length 1 carry strides that say nothing (x of (2, 1, d, s) in "... d s" gives its
+    unit axis the stride of its neighbour or any other): the kernel merged the lead axes by the last one's stride
+    and wrote elsewhere (garbage in half the result). Unit axes are left out of the merge now, and lead axes
+    that merge only around them (strides 100 and 3 across a unit axis of stride 9) are not merged by mistake."""
+    cos, sin = _tables(4)
+    base = torch.randn(2, 1, 4, 3, device=DEVICE)
+    spread = torch.randn(2, 100, device=DEVICE).as_strided((2, 1, 3, 2, 4), (100, 9, 3, 0, 1))[:, :, :, :1]
+    positions = torch.tensor([3, 0, 7], device=DEVICE)
+    for x, layout, kwargs in ((base, "... d s", {}), (base.transpose(2, 3), "... s d", {}),
+                              (spread, "... s h d", {}), (spread[..., 0, :], "... s d", dict(positions=positions))):
+        fast, slow = _both(monkeypatch, lambda: compute_rope(x, cos, sin, layout, **kwargs))
+        assert torch.equal(fast, slow), layout

@@ -254,11 +254,13 @@ def _merged(t: torch.Tensor) -> tuple[tuple[int, ...], tuple[int, ...]] | None:
     """The (lead, b, h, s, d) lengths and strides of ``t`` (*lead, b, h, s, d), its lead axes merged into one;
     None where they share no one stride."""
     shape, stride = t.shape, t.stride()
-    if len(shape) == 4:
-        return (1, *shape), (0, *stride)
     count = len(shape) - 4
-    if all(stride[i] == stride[i + 1] * shape[i + 1] or shape[i + 1] == 1 for i in range(count - 1)):
-        return (math.prod(shape[:count]), *shape[count:]), (stride[count - 1], *stride[count:])
+    # unit axes move no pointer, and their strides say nothing (a view may give them any): left out
+    lead = [(n, step) for n, step in zip(shape[:count], stride[:count]) if n != 1]
+    if not lead:
+        return (1, *shape[count:]), (0, *stride[count:])
+    if all(lead[i][1] == lead[i + 1][1] * lead[i + 1][0] for i in range(len(lead) - 1)):
+        return (math.prod(n for n, _ in lead), *shape[count:]), (lead[-1][1], *stride[count:])
     return None
 
 
