@@ -32,7 +32,7 @@ import torch
 from . import _compiled, _eager, _native
 from ._autograd import RUNNERS, Call, apply
 from ._dtensor import DTENSOR_MODULE, check_shards, dtensor_class, from_local
-from ._errors import FlexRopeError
+from ._errors import FlexRopeError, described
 from ._kinds import overlapping, plain
 from ._layout import Layout
 from ._pairs import over_pairs
@@ -326,10 +326,8 @@ def check_out_index(layout: Layout, x: torch.Tensor, out: torch.Tensor, index: o
     b, s = x_c.shape[-4], x_c.shape[-2]
     if (not isinstance(index, torch.Tensor) or index.dtype.is_floating_point or index.dtype.is_complex
             or index.dtype == torch.bool or index.shape not in ((s,), (b, s))):
-        what = (f"{index.dtype} tensor of shape {tuple(index.shape)}" if isinstance(index, torch.Tensor)
-                else type(index).__name__)
-        raise FlexRopeError(f"out_index is a {what}: expected an integer tensor ({s},) or ({b}, {s}), each token's "
-                            f"sequence index in out")
+        raise FlexRopeError(f"out_index is a {described(index)}: expected an integer tensor ({s},) or ({b}, {s}), "
+                            f"each token's sequence index in out")
     if index.device != x.device:
         raise FlexRopeError(f"out_index is on {index.device} but x is on {x.device}: move it with .to(x.device)")
     index = index.long().expand(b, s)

@@ -4,6 +4,8 @@ import os
 import sys
 import warnings
 
+import torch
+
 _PACKAGE = os.path.dirname(os.path.abspath(__file__))
 
 
@@ -13,6 +15,14 @@ class FlexRopeError(ValueError):
 
 class LayoutError(FlexRopeError):
     """The layout string, or its binding to the shape of a tensor, is wrong."""
+
+
+def described(value: object) -> str:
+    """What was passed where a tensor was expected, for an error message: "float32 tensor of shape (3,)", or the
+    type's name."""
+    if isinstance(value, torch.Tensor):
+        return f"{value.dtype} tensor of shape {tuple(value.shape)}"
+    return type(value).__name__
 
 
 def warn(message: str, category: type[Warning]) -> None:

@@ -10,7 +10,7 @@ import difflib
 
 from ._dispatch import Rotation, _check_values, check_out, check_out_index, rope, rope_at
 from ._qknorm import check_norm, normed_rotation
-from ._errors import FlexRopeError, LayoutError
+from ._errors import FlexRopeError, LayoutError, described
 from ._kinds import check_layout, plain
 from ._layout import AXES, Binding, Layout, bind, parse_layout
 from ._positions import Where, resolve_positions
@@ -29,9 +29,7 @@ def checked_tables(cos: object, sin: object, rotary_dim: int | None, head_dim: i
     """
     for name, table in (("cos", cos), ("sin", sin)):
         if not isinstance(table, torch.Tensor) or not table.dtype.is_floating_point or table.ndim != 2:
-            what = (f"{table.dtype} tensor of shape {tuple(table.shape)}" if isinstance(table, torch.Tensor)
-                    else type(table).__name__)
-            raise FlexRopeError(f"{name} is a {what}: expected a floating tensor of shape (context_length, "
+            raise FlexRopeError(f"{name} is a {described(table)}: expected a floating tensor of shape (context_length, "
                                 f"rotary_dim), or per-token tables (b, s, rotary_dim)")
         check_layout(name, table)
     if cos.shape != sin.shape:

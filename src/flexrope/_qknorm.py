@@ -16,7 +16,7 @@ import torch
 
 from . import _native
 from ._dispatch import triton_fused, write_at
-from ._errors import FlexRopeError
+from ._errors import FlexRopeError, described
 from ._pairs import as_dtype, compute_dtype, expression
 from ._positions import Where, angles_at, position_tensor
 
@@ -25,10 +25,8 @@ def check_norm(weight: object, eps: object, offset: object, x: torch.Tensor, hea
                ) -> tuple[torch.Tensor, float, float]:
     """The norm's weight (head_dim,), eps and offset, checked."""
     if not isinstance(weight, torch.Tensor) or not weight.dtype.is_floating_point or weight.shape != (head_dim,):
-        what = (f"{weight.dtype} tensor of shape {tuple(weight.shape)}" if isinstance(weight, torch.Tensor)
-                else type(weight).__name__)
-        raise FlexRopeError(f"{name}_weight is a {what}: expected a floating tensor ({head_dim},), one weight per "
-                            f"channel of the head dim")
+        raise FlexRopeError(f"{name}_weight is a {described(weight)}: expected a floating tensor ({head_dim},), one "
+                            f"weight per channel of the head dim")
     if weight.device != x.device:
         raise FlexRopeError(f"{name}_weight is on {weight.device} but x is on {x.device}: move it with .to()")
     if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps >= 0:
