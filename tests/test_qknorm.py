@@ -257,3 +257,54 @@ def test_one_pass_loop_reads_the_weight_in_its_own_dtype_and_strides(monkeypatch
         expected = compute_rope(x, cos, sin, "b s h d", **kwargs)
         eps = torch.finfo(x_dtype).eps
         torch.testing.assert_close(got, expected, rtol=4 * eps, atol=4 * eps, msg=f"weight {weight.dtype}")
+
+
+def _within_bfloat16_rounding(got: torch.Tensor, exact: torch.Tensor) -> bool:
+    """got is exact rounded once to bfloat16 (with float32's own few roundings before it): within half an ulp,
+    relative for normal numbers, absolute among the subnormals (an ulp of 2^-133 there)."""
+    bound = 2.0 ** -8 * exact.abs() * 1.001 + 2.0 ** -134 * 1.01
+    nan = exact.isnan()
+    return torch.equal(got.isnan(), nan) and bool(((got.double() - exact).abs()[~nan] <= bound[~nan]).all())
+
+
+@pytest.mark.parametrize("interleaved", [False, True])
+def test_one_pass_loop_bfloat16_subnormal_results_tiny_rows_and_nan(interleaved):
+    """Where the CPU rounds float32 to bfloat16 by its own instruction, which reads subnormal numbers as zero
+    and sums squares by dot products that flush subnormal sums: results among bfloat16's subnormals (a row of
+    one large channel and subnormal ones), a row whose squares are all float32 subnormals with eps 0 (its sum
+    flushed would make its scale infinite), a row holding a NaN. Against the definition in float64."""
+    cos, sin = flexrope.precompute_rope_params(128, context_length=16)
+    generator = torch.Generator().manual_seed(0)
+    signs = torch.randint(0, 2, (3, 9, 128), generator=generator).double() * 2 - 1
+    x = torch.rand(3, 9, 128, generator=generator, dtype=torch.float64) + 0.5  # 9 heads: a block and one row
+    x[0] = x[0] * 2.0 ** -131
+    x[0, :, 0] = 1.0  # the other channels normalise to about 2^-131 * sqrt(128): subnormal results
+    x[1] = x[1] * 2.0 ** -64  # squares about 2^-128: subnormal in float32
+    x[2, 4, 3] = float("nan")
+    x = (x * signs)[None].to(torch.bfloat16)  # (1, 3 tokens, 9 heads, 128)
+    w = (torch.rand(128, generator=generator) + 0.5).to(torch.bfloat16)
+    got = compute_rope(x, cos, sin, "b s h d", interleaved=interleaved, norm_weight=w, norm_eps=0.0)
+    xd = x.double()
+    n = xd * torch.rsqrt(xd.pow(2).mean(-1, keepdim=True)) * w.double()
+    exact = compute_rope(n, cos.double(), sin.double(), "b s h d", interleaved=interleaved)
+    assert (got[0, 0, :, 1:].double().abs() < 2.0 ** -126).any()  # results among the subnormals
+    assert _within_bfloat16_rounding(got, exact)
+    assert got[0, 2, 4].isnan().all() and not got[0, 2, :4].isnan().any()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("interleaved", [False, True])
+@pytest.mark.parametrize("head_dim", [64, 96, 128, 320])
+def test_one_pass_loop_same_bits_whatever_the_layout(dtype, interleaved, head_dim):
+    """The fused norm gives each row the same bits in "b s h d", where a token's heads share their angles (made
+    once for them), as in "b h s d", where the angles change from row to row, and at positions or an offset;
+    head dims of 32, 48, 64 and 160 pairs (past the most whose angles are made once: 128). Enough rows that a
+    float32 result differing in its last bit would, somewhere, round to another bfloat16."""
+    cos, sin = flexrope.precompute_rope_params(head_dim, context_length=64)
+    x = torch.randn(2, 40, 11, head_dim).to(dtype)
+    w = (torch.rand(head_dim) + 0.5).to(dtype)
+    kwargs = dict(interleaved=interleaved, norm_weight=w, norm_eps=1e-6)
+    by_token = compute_rope(x, cos, sin, "b s h d", offset=3, **kwargs)
+    by_head = compute_rope(x.transpose(1, 2).contiguous(), cos, sin, "b h s d", offset=3, **kwargs)
+    positioned = compute_rope(x, cos, sin, "b s h d", positions=torch.arange(3, 43).expand(2, 40), **kwargs)
+    assert torch.equal(by_token, by_head.transpose(1, 2)) and torch.equal(by_token, positioned)

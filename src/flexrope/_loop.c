@@ -237,6 +237,8 @@ static inline uint16_t f16_store(float f) {
         }                                                                                                   \
     }
 
+#define NORM_BLOCK 8 /* the norm's rows at a time (see DEFINE_NORM_ROTATE) */
+
 /* Where in out the unit's row `row` goes: with out_index (int64, values checked by the caller), at the
    sequence index it holds for the row (out_seq, out's stride along the sequence, times it; out_strides are 0
    along the sequence then), and a negative index skips the row. */
@@ -312,6 +314,256 @@ static inline void f16x8_store(uint16_t *h, __m256 f) {
 #define F16_ROWS ROWS
 #endif
 
+#if defined(__AVX512BF16__) && defined(__AVX512BW__) && defined(__AVX512DQ__) && defined(__AVX512VL__)
+/* bfloat16 with AVX-512 BF16: the CPU rounds sixteen float32 to bfloat16 in one instruction (vcvtneps2bf16), to
+   nearest even as torch's rule, except that it reads subnormal float32 as zero and makes its own NaN: a vector
+   holding either (fpclass says, in one instruction) is rounded on the bits instead, so the result is every
+   other path's, bit for bit. Rounding on the bits took about ten operations per vector, more than the rotation
+   itself: with the instruction, the rotation of bfloat16 rows held in cache (one core, 16 tokens of 32 heads of
+   128) went from 0.117 to 0.075 ns an element. */
+#include <immintrin.h>
+#define ALWAYS_INLINE __attribute__((always_inline)) /* where constants make them short: n, sign, gain_a */
+#define SUBNORMAL_OR_NAN 0xa1 /* fpclass: quiet NaN 0x01, subnormal 0x20, signalling NaN 0x80 */
+
+static inline __m512 bf16x16_load(const uint16_t *p) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16));
+}
+
+/* torch's rule on the bits, as bf16_store: the rare vectors the instruction would round otherwise */
+static inline __m512i bf16x16_round_bits(__m512 v) {
+    const __m512i u = _mm512_castps_si512(v);
+    const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+    const __m512i biased = _mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7fff)), odd);
+    const __m512i rounded = _mm512_srli_epi32(biased, 16);
+    return _mm512_mask_mov_epi32(rounded, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_set1_epi32(0x7fc0));
+}
+
+/* sixteen float32 -> sixteen bfloat16 */
+static inline __m256i bf16x16_round(__m512 v) {
+    if (__builtin_expect(_mm512_fpclass_ps_mask(v, SUBNORMAL_OR_NAN) != 0, 0))
+        return _mm512_cvtepi32_epi16(bf16x16_round_bits(v));
+    return (__m256i)_mm512_cvtneps_pbh(v);
+}
+
+/* thirty-two float32 (low, then high) -> thirty-two bfloat16 in that order */
+static inline __m512i bf16x32_round(__m512 low, __m512 high) {
+    const __mmask16 low_special = _mm512_fpclass_ps_mask(low, SUBNORMAL_OR_NAN);
+    if (__builtin_expect((low_special | _mm512_fpclass_ps_mask(high, SUBNORMAL_OR_NAN)) != 0, 0))
+        return _mm512_inserti64x4(_mm512_castsi256_si512(_mm512_cvtepi32_epi16(bf16x16_round_bits(low))),
+                                  _mm512_cvtepi32_epi16(bf16x16_round_bits(high)), 1);
+    return (__m512i)_mm512_cvtne2ps_pbh(high, low);
+}
+
+/* The sums of squares of up to eight rows (row k at x + k * stride): sixty-four channels at a time in two vectors of
+   sixteen partial sums by bfloat16 dot products (vdpbf16ps: each lane adds the squares of two channels, the products
+   exact, each sum rounded to float32 as a fused multiply-add rounds it), each row's partials folded to eight, and
+   the eight rows' added across in one vector (horizontal adds): the same order for a row whatever the rows beside
+   it, so a result's bits do not depend on where its row falls in a block. The dot products read subnormal numbers as
+   zero and flush subnormal sums to zero: the squares of subnormal bfloat16 numbers are below float32's smallest, but
+   a sum made only of tiny squares could lose a flushed partial, so a row whose sum is below 2^-90 (above it, the
+   flushed partials, each below 2^-126, are under the sum's rounding) is summed again as sum_squares_bfloat16 sums
+   it. */
+static inline float sum_squares_bfloat16(const uint16_t *xr, int64_t channels);
+static inline ALWAYS_INLINE void bf16x_sums_of(const uint16_t *x, int64_t stride, int64_t rows, int64_t channels,
+                                              float *sums) {
+    __m256 partial[8];
+    for (int k = 0; k < 8; ++k)
+        partial[k] = _mm256_setzero_ps();
+    for (int64_t k = 0; k < rows; ++k) {
+        const uint16_t *xr = x + k * stride;
+        __m512 even = _mm512_setzero_ps(), odd = even;
+        int64_t j = 0;
+        for (; j + 64 <= channels; j += 64) {
+            const __m512bh low = (__m512bh)_mm512_loadu_si512(xr + j), high = (__m512bh)_mm512_loadu_si512(xr + j + 32);
+            even = _mm512_dpbf16_ps(even, low, low);
+            odd = _mm512_dpbf16_ps(odd, high, high);
+        }
+        if (j + 32 <= channels) {
+            const __m512bh low = (__m512bh)_mm512_loadu_si512(xr + j);
+            even = _mm512_dpbf16_ps(even, low, low);
+        }
+        const __m512 both = _mm512_add_ps(even, odd);
+        partial[k] = _mm256_add_ps(_mm512_castps512_ps256(both), _mm512_extractf32x8_ps(both, 1));
+    }
+    const __m256 quarters01 = _mm256_hadd_ps(partial[0], partial[1]);
+    const __m256 quarters23 = _mm256_hadd_ps(partial[2], partial[3]);
+    const __m256 quarters45 = _mm256_hadd_ps(partial[4], partial[5]);
+    const __m256 quarters67 = _mm256_hadd_ps(partial[6], partial[7]);
+    const __m256 halves0123 = _mm256_hadd_ps(quarters01, quarters23);
+    const __m256 halves4567 = _mm256_hadd_ps(quarters45, quarters67);
+    _mm256_storeu_ps(sums, _mm256_add_ps(_mm256_permute2f128_ps(halves0123, halves4567, 0x20),
+                                         _mm256_permute2f128_ps(halves0123, halves4567, 0x31)));
+    for (int64_t k = 0; k < rows; ++k) {
+        for (int64_t j = channels / 32 * 32; j < channels; ++j) {
+            const float v = bf16_load(x[k * stride + j]);
+            sums[k] += v * v;
+        }
+        if (sums[k] < 0x1p-90f)
+            sums[k] = sum_squares_bfloat16(x + k * stride, channels);
+    }
+}
+
+/* The loop above, unrolled for head dim 128 (and a whole block of rows) */
+static inline void bf16x_sums(const uint16_t *x, int64_t stride, int64_t rows, int64_t channels, float *sums) {
+    if (channels == 128 && rows == NORM_BLOCK)
+        bf16x_sums_of(x, stride, NORM_BLOCK, 128, sums);
+    else if (channels == 128)
+        bf16x_sums_of(x, stride, rows, 128, sums);
+    else
+        bf16x_sums_of(x, stride, rows, channels, sums);
+}
+
+/* What a row's pairs are rotated by: the angles (c, s), and for the fused norm the gains of each pair's first and
+   second channel and the row's scale. The norm's rotation is (a (ga c) - b (gb s), b (gb c) + a (ga s)) times
+   the scale, the gains folded into the angles: four products, made once for the rows that share their angles
+   (`folded`: the heads of one token), or per row in the same roundings (NULL), so a result's bits are the same
+   whatever the layout. Its bits are its own (its sum of squares is added in its own order) and it rounds a (ga c)
+   and b (gb c) once with the sum (fused multiply-adds); the rotation alone rounds each product and sum, as every
+   path does. Folded, a vector of pairs is normalised and rotated in six operations, as the rotation alone takes,
+   not ten. */
+typedef struct {
+    const float *c, *s, *gain_a, *gain_b, *folded;
+    float scale;
+} bf16x_angles;
+
+#define BF16X_FOLDED 128 /* the most pairs whose folded angles a unit keeps (head dims up to 256) */
+
+/* folded = ga c, gb s, gb c, ga s (each n long), the sines times sign */
+static inline void bf16x_fold(const bf16x_angles *r, int64_t n, float sign, float *folded) {
+    for (int64_t j = 0; j < n; ++j) {
+        const float s = r->s[j] * sign;
+        folded[j] = r->gain_a[j] * r->c[j];
+        folded[n + j] = r->gain_b[j] * s;
+        folded[2 * n + j] = r->gain_b[j] * r->c[j];
+        folded[3 * n + j] = r->gain_a[j] * s;
+    }
+}
+
+/* Sixteen pairs (a, b) from j rotated, sign 1 or -1 (a constant where inlined: the rotation spends nothing on it) */
+static inline ALWAYS_INLINE void bf16x_rotate16(__m512 a, __m512 b, const bf16x_angles *r, int64_t n, int64_t j,
+                                               float sign, __m512 *first, __m512 *second) {
+    const __m512 c = _mm512_loadu_ps(r->c + j);
+    __m512 s = _mm512_loadu_ps(r->s + j);
+    if (sign != 1.0f)
+        s = _mm512_mul_ps(s, _mm512_set1_ps(sign));
+    if (!r->gain_a) {
+        *first = _mm512_sub_ps(_mm512_mul_ps(a, c), _mm512_mul_ps(b, s));
+        *second = _mm512_add_ps(_mm512_mul_ps(b, c), _mm512_mul_ps(a, s));
+        return;
+    }
+    __m512 ac, bs, bc, as;
+    if (r->folded) {
+        ac = _mm512_loadu_ps(r->folded + j), bs = _mm512_loadu_ps(r->folded + n + j);
+        bc = _mm512_loadu_ps(r->folded + 2 * n + j), as = _mm512_loadu_ps(r->folded + 3 * n + j);
+    } else {
+        const __m512 ga = _mm512_loadu_ps(r->gain_a + j), gb = _mm512_loadu_ps(r->gain_b + j);
+        ac = _mm512_mul_ps(ga, c), bs = _mm512_mul_ps(gb, s), bc = _mm512_mul_ps(gb, c), as = _mm512_mul_ps(ga, s);
+    }
+    const __m512 scale = _mm512_set1_ps(r->scale);
+    *first = _mm512_mul_ps(_mm512_fmsub_ps(a, ac, _mm512_mul_ps(b, bs)), scale);
+    *second = _mm512_mul_ps(_mm512_fmadd_ps(b, bc, _mm512_mul_ps(a, as)), scale);
+}
+
+/* One pair, as bf16x_rotate16 rotates each of its sixteen */
+static inline ALWAYS_INLINE void bf16x_rotate1(float a, float b, const bf16x_angles *r, int64_t j, float sign,
+                                              uint16_t *first, uint16_t *second) {
+    const float c = r->c[j], s = r->s[j] * sign;
+    if (!r->gain_a) {
+        *first = bf16_store(a * c - b * s);
+        *second = bf16_store(b * c + a * s);
+        return;
+    }
+    const float ga = r->gain_a[j], gb = r->gain_b[j];
+    *first = bf16_store(fmaf(a, ga * c, -(b * (gb * s))) * r->scale);
+    *second = bf16_store(fmaf(b, gb * c, a * (ga * s)) * r->scale);
+}
+
+/* One row's pairs (j, j + n), n of them, thirty-two and sixteen at a time. Rows are read before they are
+   written, so o may be xr. */
+static inline ALWAYS_INLINE void bf16x_halves(const uint16_t *xr, uint16_t *o, int64_t n, const bf16x_angles *r,
+                                             float sign) {
+    int64_t j = 0;
+    for (; j + 32 <= n; j += 32) {
+        __m512 first0, second0, first1, second1;
+        bf16x_rotate16(bf16x16_load(xr + j), bf16x16_load(xr + j + n), r, n, j, sign, &first0, &second0);
+        bf16x_rotate16(bf16x16_load(xr + j + 16), bf16x16_load(xr + j + 16 + n), r, n, j + 16, sign, &first1,
+                       &second1);
+        _mm512_storeu_si512(o + j, bf16x32_round(first0, first1));
+        _mm512_storeu_si512(o + j + n, bf16x32_round(second0, second1));
+    }
+    for (; j + 16 <= n; j += 16) {
+        __m512 first, second;
+        bf16x_rotate16(bf16x16_load(xr + j), bf16x16_load(xr + j + n), r, n, j, sign, &first, &second);
+        _mm256_storeu_si256((__m256i *)(o + j), bf16x16_round(first));
+        _mm256_storeu_si256((__m256i *)(o + j + n), bf16x16_round(second));
+    }
+    for (; j < n; ++j)
+        bf16x_rotate1(bf16_load(xr[j]), bf16_load(xr[j + n]), r, j, sign, o + j, o + j + n);
+}
+
+/* One row's pairs side by side (2j, 2j + 1), sixteen at a time: each pair a 32-bit word, its channels the word
+   shifted or masked (as BF16_WORDS), the results rounded into one vector of first channels then second ones and
+   put back side by side by one permutation. */
+static inline ALWAYS_INLINE void bf16x_words(const uint16_t *xr, uint16_t *o, int64_t n, const bf16x_angles *r,
+                                            float sign) {
+    const __m512i side_by_side = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8,
+                                                  23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+    int64_t j = 0;
+    for (; j + 16 <= n; j += 16) {
+        const __m512i words = _mm512_loadu_si512(xr + 2 * j);
+        const __m512 a = _mm512_castsi512_ps(_mm512_slli_epi32(words, 16));
+        const __m512 b = _mm512_castsi512_ps(_mm512_and_si512(words, _mm512_set1_epi32((int)0xffff0000u)));
+        __m512 first, second;
+        bf16x_rotate16(a, b, r, n, j, sign, &first, &second);
+        _mm512_storeu_si512(o + 2 * j, _mm512_permutexvar_epi16(side_by_side, bf16x32_round(first, second)));
+    }
+    for (; j < n; ++j)
+        bf16x_rotate1(bf16_load(xr[2 * j]), bf16_load(xr[2 * j + 1]), r, j, sign, o + 2 * j, o + 2 * j + 1);
+}
+
+/* ROW with sign a constant */
+#define BF16X_SIGNED(ROW, ...)                                                                                \
+    if (sign == 1)                                                                                          \
+        ROW(__VA_ARGS__, 1.0f);                                                                             \
+    else                                                                                                    \
+        ROW(__VA_ARGS__, -1.0f);
+
+/* G rows, as PAIRS */
+#define BF16X_ROWS_OF(ROW, G, n)                                                                              \
+    {                                                                                                       \
+        const bf16x_angles angles = {c, s, NULL, NULL, NULL, 1.0f};                                         \
+        for (int64_t g = 0; g < (G); ++g) {                                                                 \
+            BF16X_SIGNED(ROW, xr + g * x_step, o + g * out_step, n, &angles)                                 \
+        }                                                                                                   \
+    }
+#define BF16X_HALVES(T, C, LOAD, STORE, G, n) BF16X_ROWS_OF(bf16x_halves, G, n)
+#define BF16X_WORDS(T, C, LOAD, STORE, G, n) BF16X_ROWS_OF(bf16x_words, G, n)
+#undef BF16_ROWS
+#define BF16_ROWS(...) ROWS_PAIRED(BF16X_WORDS, BF16X_HALVES, __VA_ARGS__)
+
+/* A normalised row (as NORM_PAIRS), its angles folded once for the unit's rows where they all share them */
+#define BF16X_NORM_STATE                                                                                      \
+    float folded[4 * BF16X_FOLDED];                                                                         \
+    const float *folded_from = NULL;                                                                        \
+    const int fold_once = table_in == 0 && positions_in == 0 && half <= BF16X_FOLDED;
+#define BF16X_NORM_ROW(ROW, n)                                                                                \
+    {                                                                                                       \
+        bf16x_angles angles = {c, s, gain_a, gain_b, NULL, scale};                                          \
+        if (fold_once) {                                                                                    \
+            if (folded_from != c) {                                                                         \
+                bf16x_fold(&angles, half, (float)sign, folded);                                             \
+                folded_from = c;                                                                            \
+            }                                                                                               \
+            angles.folded = folded;                                                                         \
+        }                                                                                                   \
+        BF16X_SIGNED(ROW, xr, o, n, &angles)                                                                 \
+    }
+#define BF16_NORM_HALVES(T, C, LOAD, STORE, n) BF16X_NORM_ROW(bf16x_halves, n)
+#define BF16_NORM_SIDE_BY_SIDE(T, C, LOAD, STORE, n) BF16X_NORM_ROW(bf16x_words, n)
+#define BF16_NORM_STATE BF16X_NORM_STATE
+#define BF16_SUMS bf16x_sums
+#endif
+
 DEFINE_ROTATE(rotate_float32, float, float, IDENTITY, IDENTITY, ROWS)
 DEFINE_ROTATE(rotate_float64, double, double, IDENTITY, IDENTITY, ROWS)
 DEFINE_ROTATE(rotate_bfloat16, uint16_t, float, bf16_load, bf16_store, BF16_ROWS)
@@ -368,12 +620,18 @@ static double weight_at(const void *weight, int64_t kind, int64_t i) {
 #else
 #define BF16_NORM_WORDS NORM_SIDE_BY_SIDE
 #endif
+#ifndef BF16_NORM_HALVES /* without AVX-512 BF16 (which has its own, above) */
+#define BF16_NORM_HALVES NORM_HALVES
+#define BF16_NORM_SIDE_BY_SIDE BF16_NORM_WORDS
+#define BF16_SUMS sums_bfloat16
+#define BF16_NORM_STATE
+#endif
 
-#define NORM_PAIRING(SIDE_BY_SIDE_PAIRS, T, C, LOAD, STORE, n)                                                \
+#define NORM_PAIRING(SIDE_BY_SIDE_PAIRS, HALVES_PAIRS, T, C, LOAD, STORE, n)                                  \
     if (interleaved)                                                                                        \
         SIDE_BY_SIDE_PAIRS(T, C, LOAD, STORE, n)                                                            \
     else                                                                                                    \
-        NORM_HALVES(T, C, LOAD, STORE, n)
+        HALVES_PAIRS(T, C, LOAD, STORE, n)
 
 /* A row's sum of squares in the compute type. float32 compute (float32, bfloat16, float16 rows): sixteen
    partial sums in two vectors of eight lanes, added in a fixed order (one chain of vector additions, or
@@ -469,10 +727,34 @@ static inline double sum_squares_float64(const double *xr, int64_t channels) {
     return ((partial[0] + partial[1]) + (partial[2] + partial[3])) + ((partial[4] + partial[5]) + (partial[6] + partial[7]));
 }
 
+/* The sums of squares of `rows` rows (at most eight; row k at x + k * stride), one after the other. */
+#define DEFINE_SUMS(NAME, T, C, SUM_SQUARES)                                                                  \
+    static inline void NAME(const T *x, int64_t stride, int64_t rows, int64_t channels, C *sums) {         \
+        for (int64_t k = 0; k < rows; ++k)                                                                  \
+            sums[k] = SUM_SQUARES(x + k * stride, channels);                                                \
+    }
+DEFINE_SUMS(sums_float32, float, float, sum_squares_float32)
+DEFINE_SUMS(sums_float64, double, double, sum_squares_float64)
+DEFINE_SUMS(sums_bfloat16, uint16_t, float, sum_squares_bfloat16)
+DEFINE_SUMS(sums_float16, uint16_t, float, sum_squares_float16)
+
 /* Rows are taken eight at a time: their sums first, then their eight scales in one vector (a square root and a
-   division per row, one after the other, held each row for their latency), then their pairs. */
-#define NORM_BLOCK 8
-#define DEFINE_NORM_ROTATE(NAME, T, C, LOAD, STORE, SQRT, SIDE_BY_SIDE_PAIRS, SUM_SQUARES)                    \
+   division per row, one after the other, held each row for their latency), then their pairs; the next block's
+   scales are computed before this block's pairs, so that their chain of latencies (the sums' reductions, a
+   division, a square root and a division) runs beside the pairs' work instead of holding it (bfloat16, one core,
+   2,048 tokens of 32 heads of 128: 0.23 -> 0.19 ns an element). */
+/* The scales of the NORM_BLOCK rows of the unit from `from` (those past its count made from zero sums) */
+#define SCALES(C, SQRT, SUMS, from, scales)                                                                   \
+    {                                                                                                       \
+        const int64_t first_row = (from);                                                                   \
+        const int64_t block_rows = count - first_row < NORM_BLOCK ? count - first_row : NORM_BLOCK;         \
+        for (int r = 0; r < NORM_BLOCK; ++r)                                                                \
+            scales[r] = 0;                                                                                  \
+        SUMS(x + x_at + first_row * x_in, x_in, block_rows, channels, scales);                              \
+        for (int r = 0; r < NORM_BLOCK; ++r)                                                                \
+            scales[r] = (C)1 / SQRT(scales[r] / (C)channels + (C)eps);                                      \
+    }
+#define DEFINE_NORM_ROTATE(NAME, T, C, LOAD, STORE, SQRT, SIDE_BY_SIDE_PAIRS, HALVES_PAIRS, SUMS, STATE) \
     void NAME(const T *x, T *out, const C *cos, const C *sin, const int64_t *plan, const int64_t *positions,   \
               const int64_t *out_index, const void *weight, int64_t weight_kind, double offset, double eps) {    \
         READ_PLAN                                                                                           \
@@ -502,13 +784,14 @@ static inline double sum_squares_float64(const double *xr, int64_t channels) {
                 rest /= sizes[d];                                                                           \
                 ADVANCE(i, d)                                                                               \
             }                                                                                               \
+            C scales[NORM_BLOCK], next[NORM_BLOCK];                                                         \
+            STATE                                                                                           \
+            SCALES(C, SQRT, SUMS, 0, next)                                                                  \
             for (int64_t block = 0; block < count; block += NORM_BLOCK) {                                   \
                 const int64_t rows = count - block < NORM_BLOCK ? count - block : NORM_BLOCK;               \
-                C scales[NORM_BLOCK] = {0};                                                                 \
-                for (int64_t r = 0; r < rows; ++r)                                                          \
-                    scales[r] = SUM_SQUARES(x + x_at + (block + r) * x_in, channels);                       \
-                for (int r = 0; r < NORM_BLOCK; ++r)                                                        \
-                    scales[r] = (C)1 / SQRT(scales[r] / (C)channels + (C)eps);                              \
+                memcpy(scales, next, sizeof scales);                                                        \
+                if (block + NORM_BLOCK < count)                                                             \
+                    SCALES(C, SQRT, SUMS, block + NORM_BLOCK, next)                                         \
                 for (int64_t r = 0; r < rows; ++r) {                                                        \
                     const int64_t row = block + r;                                                          \
                     if (SKIPPED(row))                                                                       \
@@ -517,9 +800,9 @@ static inline double sum_squares_float64(const double *xr, int64_t channels) {
                     T *o = out + OUT_AT(row);                                                               \
                     const C *c = cos + ANGLES_AT(row), *s = sin + ANGLES_AT(row), scale = scales[r];        \
                     if (half == 64)                                                                         \
-                        NORM_PAIRING(SIDE_BY_SIDE_PAIRS, T, C, LOAD, STORE, 64)                             \
+                        NORM_PAIRING(SIDE_BY_SIDE_PAIRS, HALVES_PAIRS, T, C, LOAD, STORE, 64)               \
                     else                                                                                    \
-                        NORM_PAIRING(SIDE_BY_SIDE_PAIRS, T, C, LOAD, STORE, half)                           \
+                        NORM_PAIRING(SIDE_BY_SIDE_PAIRS, HALVES_PAIRS, T, C, LOAD, STORE, half)             \
                     for (int64_t j = rotary; j < channels; ++j)                                             \
                         o[j] = STORE(LOAD(xr[j]) * scale * gain[j]);                                        \
                 }                                                                                           \
@@ -527,12 +810,14 @@ static inline double sum_squares_float64(const double *xr, int64_t channels) {
         }                                                                                                   \
     }
 
-DEFINE_NORM_ROTATE(norm_rotate_float32, float, float, IDENTITY, IDENTITY, sqrtf, NORM_SIDE_BY_SIDE, sum_squares_float32)
-DEFINE_NORM_ROTATE(norm_rotate_float64, double, double, IDENTITY, IDENTITY, sqrt, NORM_SIDE_BY_SIDE, sum_squares_float64)
-DEFINE_NORM_ROTATE(norm_rotate_bfloat16, uint16_t, float, bf16_load, bf16_store, sqrtf, BF16_NORM_WORDS,
-                   sum_squares_bfloat16)
-DEFINE_NORM_ROTATE(norm_rotate_float16, uint16_t, float, f16_load, f16_store, sqrtf, NORM_SIDE_BY_SIDE,
-                   sum_squares_float16)
+DEFINE_NORM_ROTATE(norm_rotate_float32, float, float, IDENTITY, IDENTITY, sqrtf, NORM_SIDE_BY_SIDE, NORM_HALVES,
+                   sums_float32, )
+DEFINE_NORM_ROTATE(norm_rotate_float64, double, double, IDENTITY, IDENTITY, sqrt, NORM_SIDE_BY_SIDE, NORM_HALVES,
+                   sums_float64, )
+DEFINE_NORM_ROTATE(norm_rotate_bfloat16, uint16_t, float, bf16_load, bf16_store, sqrtf, BF16_NORM_SIDE_BY_SIDE,
+                   BF16_NORM_HALVES, BF16_SUMS, BF16_NORM_STATE)
+DEFINE_NORM_ROTATE(norm_rotate_float16, uint16_t, float, f16_load, f16_store, sqrtf, NORM_SIDE_BY_SIDE, NORM_HALVES,
+                   sums_float16, )
 
 /* tables_float32(inv_freq, n, first, rows, cos, sin): the half-width float32 tables of the positions first ..
    first + rows - 1 (rows x n each, row-major): the float64 angles position * inv_freq[i], their cos and sin
