@@ -527,6 +527,48 @@ static inline ALWAYS_INLINE void bf16x_words(const uint16_t *xr, uint16_t *o, in
         bf16x_rotate1(bf16_load(xr[2 * j]), bf16_load(xr[2 * j + 1]), r, j, sign, o + 2 * j, o + 2 * j + 1);
 }
 
+/* The scales of up to NORM_BLOCK rows of head dim 128 (the others' left 0): 1 / sqrt(sum / 128 + eps), as SCALES
+   computes them */
+static inline ALWAYS_INLINE void bf16x_scales128(const uint16_t *x, int64_t stride, int64_t rows, float eps,
+                                                float *scales) {
+    for (int r = 0; r < NORM_BLOCK; ++r)
+        scales[r] = 0;
+    bf16x_sums(x, stride, rows, 128, scales);
+    for (int r = 0; r < NORM_BLOCK; ++r)
+        scales[r] = 1.0f / sqrtf(scales[r] / 128.0f + eps);
+}
+
+/* A unit of `count` rows of head dim 128 that share their angles (c, s), pairs of halves, each written at out +
+   row * out_in: the common case (a token's heads, "b s h d", the angles at an offset), as DEFINE_NORM_ROTATE
+   runs it, without its per-row lookups of positions, out_index, angles and pairing: the same operations, so the
+   same bits, in less time (one core: Qwen3's q held in cache 0.129 -> 0.102 ns an element, at 2,048 tokens
+   5-10% less). */
+static void bf16x_norm_unit128(const uint16_t *x, int64_t x_in, uint16_t *out, int64_t out_in, int64_t count,
+                               const float *c, const float *s, const float *gain_a, const float *gain_b, float sign,
+                               float eps) {
+    float folded[4 * 64], scales[NORM_BLOCK], next[NORM_BLOCK];
+    bf16x_angles angles = {c, s, gain_a, gain_b, NULL, 1.0f};
+    bf16x_fold(&angles, 64, sign, folded);
+    angles.folded = folded;
+    bf16x_scales128(x, x_in, count < NORM_BLOCK ? count : NORM_BLOCK, eps, next);
+    for (int64_t block = 0; block < count; block += NORM_BLOCK) {
+        const int64_t rows = count - block < NORM_BLOCK ? count - block : NORM_BLOCK, from = block + NORM_BLOCK;
+        memcpy(scales, next, sizeof scales);
+        if (from < count)
+            bf16x_scales128(x + from * x_in, x_in, count - from < NORM_BLOCK ? count - from : NORM_BLOCK, eps, next);
+        for (int64_t r = 0; r < rows; ++r) {
+            angles.scale = scales[r];
+            bf16x_halves(x + (block + r) * x_in, out + (block + r) * out_in, 64, &angles, 1.0f);
+        }
+    }
+}
+#define BF16X_NORM_UNIT                                                                                       \
+    if (table_in == 0 && positions_in == 0 && !out_index && half == 64 && channels == 128 && !interleaved) {  \
+        bf16x_norm_unit128(x + x_at, x_in, out + out_at, out_in, count, cos + ANGLES_AT(0), sin + ANGLES_AT(0), \
+                           gain_a, gain_b, (float)sign, (float)eps);                                         \
+        continue;                                                                                           \
+    }
+
 /* ROW with sign a constant */
 #define BF16X_SIGNED(ROW, ...)                                                                                \
     if (sign == 1)                                                                                          \
@@ -567,6 +609,7 @@ static inline ALWAYS_INLINE void bf16x_words(const uint16_t *xr, uint16_t *o, in
 #define BF16_NORM_HALVES(T, C, LOAD, STORE, n) BF16X_NORM_ROW(bf16x_halves, n)
 #define BF16_NORM_SIDE_BY_SIDE(T, C, LOAD, STORE, n) BF16X_NORM_ROW(bf16x_words, n)
 #define BF16_NORM_STATE BF16X_NORM_STATE
+#define BF16_NORM_UNIT BF16X_NORM_UNIT
 #define BF16_SUMS bf16x_sums
 #endif
 
@@ -631,6 +674,7 @@ static double weight_at(const void *weight, int64_t kind, int64_t i) {
 #define BF16_NORM_SIDE_BY_SIDE BF16_NORM_WORDS
 #define BF16_SUMS sums_bfloat16
 #define BF16_NORM_STATE
+#define BF16_NORM_UNIT
 #endif
 
 #define NORM_PAIRING(SIDE_BY_SIDE_PAIRS, HALVES_PAIRS, T, C, LOAD, STORE, n)                                  \
@@ -760,7 +804,7 @@ DEFINE_SUMS(sums_float16, uint16_t, float, sum_squares_float16)
         for (int r = 0; r < NORM_BLOCK; ++r)                                                                \
             scales[r] = (C)1 / SQRT(scales[r] / (C)channels + (C)eps);                                      \
     }
-#define DEFINE_NORM_ROTATE(NAME, T, C, LOAD, STORE, SQRT, SIDE_BY_SIDE_PAIRS, HALVES_PAIRS, SUMS, STATE) \
+#define DEFINE_NORM_ROTATE(NAME, T, C, LOAD, STORE, SQRT, SIDE_BY_SIDE_PAIRS, HALVES_PAIRS, SUMS, STATE, UNIT) \
     void NAME(const T *x, T *out, const C *cos, const C *sin, const int64_t *plan, const int64_t *positions,   \
               const int64_t *out_index, const void *weight, int64_t weight_kind, double offset, double eps) {    \
         READ_PLAN                                                                                           \
@@ -790,6 +834,7 @@ DEFINE_SUMS(sums_float16, uint16_t, float, sum_squares_float16)
                 rest /= sizes[d];                                                                           \
                 ADVANCE(i, d)                                                                               \
             }                                                                                               \
+            UNIT                                                                                            \
             C scales[NORM_BLOCK], next[NORM_BLOCK];                                                         \
             STATE                                                                                           \
             SCALES(C, SQRT, SUMS, 0, next)                                                                  \
@@ -817,13 +862,13 @@ DEFINE_SUMS(sums_float16, uint16_t, float, sum_squares_float16)
     }
 
 DEFINE_NORM_ROTATE(norm_rotate_float32, float, float, IDENTITY, IDENTITY, sqrtf, NORM_SIDE_BY_SIDE, NORM_HALVES,
-                   sums_float32, )
+                   sums_float32, , )
 DEFINE_NORM_ROTATE(norm_rotate_float64, double, double, IDENTITY, IDENTITY, sqrt, NORM_SIDE_BY_SIDE, NORM_HALVES,
-                   sums_float64, )
+                   sums_float64, , )
 DEFINE_NORM_ROTATE(norm_rotate_bfloat16, uint16_t, float, bf16_load, bf16_store, sqrtf, BF16_NORM_SIDE_BY_SIDE,
-                   BF16_NORM_HALVES, BF16_SUMS, BF16_NORM_STATE)
+                   BF16_NORM_HALVES, BF16_SUMS, BF16_NORM_STATE, BF16_NORM_UNIT)
 DEFINE_NORM_ROTATE(norm_rotate_float16, uint16_t, float, f16_load, f16_store, sqrtf, NORM_SIDE_BY_SIDE, NORM_HALVES,
-                   sums_float16, )
+                   sums_float16, , )
 
 /* tables_float32(inv_freq, n, first, rows, cos, sin): the half-width float32 tables of the positions first ..
    first + rows - 1 (rows x n each, row-major): the float64 angles position * inv_freq[i], their cos and sin
