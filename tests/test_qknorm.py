@@ -308,3 +308,35 @@ def test_one_pass_loop_same_bits_whatever_the_layout(dtype, interleaved, head_di
     by_head = compute_rope(x.transpose(1, 2).contiguous(), cos, sin, "b h s d", offset=3, **kwargs)
     positioned = compute_rope(x, cos, sin, "b s h d", positions=torch.arange(3, 43).expand(2, 40), **kwargs)
     assert torch.equal(by_token, by_head.transpose(1, 2)) and torch.equal(by_token, positioned)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("layout", ["b s h d", "b h s d"])
+@pytest.mark.parametrize("tokens", [1, 70])  # 70 tokens of 8 query heads of 128: threaded (2^16 elements and up)
+def test_module_q_and_k_in_one_call_of_the_loop_equal_each_alone(layout, dtype, tokens):
+    """The module's fused q and k run as one call of the C loop (in bfloat16 "b s h d", a token's q heads then
+    its k heads, its table row read once): the bits of each rotated alone by compute_rope, into a cache slice,
+    with k at its own offset or positions (other table rows than q's), and with keys of more tokens than q."""
+    rope = RotaryEmbedding(128, layout=layout, context_length=256, theta_base=1_000_000)
+    shape = {"b s h d": lambda h, s: (2, s, h, 128), "b h s d": lambda h, s: (2, h, s, 128)}[layout]
+    seq = layout.split().index("s")
+    q, k = torch.randn(shape(8, tokens)).to(dtype), torch.randn(shape(2, tokens)).to(dtype)
+    q_norm, k_norm = (torch.nn.RMSNorm(128, eps=1e-6).to(dtype) for _ in range(2))
+    with torch.no_grad():
+        q_norm.weight.uniform_(0.5, 1.5), k_norm.weight.uniform_(0.5, 1.5)
+    cache = torch.zeros(shape(2, tokens + 9), dtype=dtype)
+    k_out = cache.narrow(seq, 9, tokens)
+    cases = [dict(offset=3), dict(offset=3, k_offset=40), dict(positions=torch.randint(0, 200, (2, tokens)))]
+    with torch.no_grad():
+        for where in cases:
+            q_rot, k_rot = rope(q, k, q_norm=q_norm, k_norm=k_norm, k_out=k_out, **where)
+            q_where = {"offset": where.get("offset", 0), "positions": where.get("positions")}
+            k_where = {"offset": where.get("k_offset", q_where["offset"]), "positions": where.get("positions")}
+            for got, x, norm, place in ((q_rot, q, q_norm, q_where), (k_rot, k, k_norm, k_where)):
+                alone = compute_rope(x, rope.cos, rope.sin, layout, norm_weight=norm.weight, norm_eps=1e-6, **place)
+                assert torch.equal(got, alone), where
+            assert k_rot is k_out and cache.narrow(seq, 0, 9).abs().sum() == 0
+        keys = torch.randn(shape(2, tokens + 9)).to(dtype)  # the whole cache's keys: other units than q's
+        q_rot, k_rot = rope(q, keys, offset=9, k_offset=0, q_norm=q_norm, k_norm=k_norm)
+        assert torch.equal(k_rot, compute_rope(keys, rope.cos, rope.sin, layout, norm_weight=k_norm.weight,
+                                               norm_eps=1e-6))

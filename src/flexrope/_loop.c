@@ -788,6 +788,17 @@ DEFINE_SUMS(sums_float64, double, double, sum_squares_float64)
 DEFINE_SUMS(sums_bfloat16, uint16_t, float, sum_squares_bfloat16)
 DEFINE_SUMS(sums_float16, uint16_t, float, sum_squares_float16)
 
+/* offset + weight in the compute type, as torch computes it (the weight converted, then the offset added): made at
+   each call from the weight itself, so nothing of it is remembered between calls; and each pair's first and
+   second channel's (gain_a, gain_b) */
+#define GAINS(C, weight, weight_kind, offset, channels, half, interleaved, gain, gain_a, gain_b)                \
+    for (int64_t j = 0; j < (channels); ++j)                                                                \
+        gain[j] = (C)weight_at(weight, weight_kind, j) + (C)(offset);                                       \
+    for (int64_t j = 0; j < (half); ++j) {                                                                  \
+        gain_a[j] = gain[(interleaved) ? 2 * j : j];                                                        \
+        gain_b[j] = gain[(interleaved) ? 2 * j + 1 : j + (half)];                                           \
+    }
+
 /* Rows are taken eight at a time: their sums first, then their eight scales in one vector (a square root and a
    division per row, one after the other, held each row for their latency), then their pairs; the next block's
    scales are computed before this block's pairs, so that their chain of latencies (the sums' reductions, a
@@ -812,15 +823,8 @@ DEFINE_SUMS(sums_float16, uint16_t, float, sum_squares_float16)
         for (int64_t d = 0; d < inner; ++d)                                                                 \
             outer *= sizes[d];                                                                              \
         const int64_t units = outer * ((sizes[inner] + tile - 1) / tile);                                   \
-        /* offset + weight in the compute type, as torch computes it (the weight converted, then the offset      \
-           added): made at each call from the weight itself, so nothing of it is remembered between calls */   \
-        C gain[channels], gain_a[half + 1], gain_b[half + 1]; /* and each pair's first and second channel's */ \
-        for (int64_t j = 0; j < channels; ++j)                                                              \
-            gain[j] = (C)weight_at(weight, weight_kind, j) + (C)offset;                                     \
-        for (int64_t j = 0; j < half; ++j) {                                                                \
-            gain_a[j] = gain[interleaved ? 2 * j : j];                                                      \
-            gain_b[j] = gain[interleaved ? 2 * j + 1 : j + half];                                           \
-        }                                                                                                   \
+        C gain[channels], gain_a[half + 1], gain_b[half + 1];                                               \
+        GAINS(C, weight, weight_kind, offset, channels, half, interleaved, gain, gain_a, gain_b)             \
         (void)threads;                                                                                      \
         _Pragma("omp parallel for schedule(static) num_threads(threads) if (threads > 1)")                  \
         for (int64_t unit = 0; unit < units; ++unit) {                                                      \
@@ -869,6 +873,79 @@ DEFINE_NORM_ROTATE(norm_rotate_bfloat16, uint16_t, float, bf16_load, bf16_store,
                    BF16_NORM_HALVES, BF16_SUMS, BF16_NORM_STATE, BF16_NORM_UNIT)
 DEFINE_NORM_ROTATE(norm_rotate_float16, uint16_t, float, f16_load, f16_store, sqrtf, NORM_SIDE_BY_SIDE, NORM_HALVES,
                    sums_float16, , )
+
+/* norm_rotate_pair_*(the eleven arguments of a norm_rotate_* call, then those of a second): both calls in one, so
+   that q and k, say, cost one call and (where they run threaded) one parallel region. bfloat16, where both are
+   the common case of bf16x_norm_unit128 with one unit per token (a tile of every head) and as many tokens: each
+   token's q heads, then its k heads, so the tables' row of a token is read from memory once for both. The
+   same units as the two calls, so the same bits. */
+#define NORM_ARGUMENTS(T, C, s)                                                                                 \
+    const T *x##s, T *out##s, const C *cos##s, const C *sin##s, const int64_t *plan##s, const int64_t *positions##s, \
+        const int64_t *out_index##s, const void *weight##s, int64_t weight_kind##s, double offset##s, double eps##s
+#define NORM_CALL(s)                                                                                          \
+    x##s, out##s, cos##s, sin##s, plan##s, positions##s, out_index##s, weight##s, weight_kind##s, offset##s, eps##s
+#define DEFINE_NORM_ROTATE_PAIR(NAME, T, C, TOGETHER)                                                         \
+    void NAME##_pair(NORM_ARGUMENTS(T, C, _a), NORM_ARGUMENTS(T, C, _b)) {                                   \
+        TOGETHER                                                                                            \
+        NAME(NORM_CALL(_a));                                                                                \
+        NAME(NORM_CALL(_b));                                                                                \
+    }
+
+#ifdef BF16X_FOLDED
+/* Whether a plan's call is bf16x_norm_unit128's common case, a unit per token: the count of its units, else 0 */
+static int64_t bf16x_tokens(const int64_t *plan, const int64_t *out_index) {
+    const int64_t ndim = plan[0], inner = ndim - 1, *sizes = plan + 9, *table_strides = sizes + 3 * ndim;
+    const int64_t *positions_strides = table_strides + ndim;
+    if (out_index || plan[3] != 128 || plan[4] != 128 || plan[5] || plan[1] != sizes[inner] ||
+        table_strides[inner] || positions_strides[inner])
+        return 0;
+    int64_t outer = 1;
+    for (int64_t d = 0; d < inner; ++d)
+        outer *= sizes[d];
+    return outer;
+}
+
+/* A token's unit of one of the two calls */
+#define BF16X_PAIR_UNIT(s)                                                                                    \
+    {                                                                                                       \
+        const int64_t ndim = plan##s[0], inner = ndim - 1, table_row = plan##s[8], *sizes = plan##s + 9;    \
+        const int64_t *x_strides = sizes + ndim, *out_strides = x_strides + ndim;                           \
+        const int64_t *table_strides = out_strides + ndim, *positions_strides = table_strides + ndim;       \
+        int64_t rest = unit, x_at = 0, out_at = 0, table_at = 0, positions_at = 0;                          \
+        for (int64_t d = inner - 1; d >= 0; --d) {                                                          \
+            const int64_t i = rest % sizes[d];                                                              \
+            rest /= sizes[d];                                                                               \
+            x_at += i * x_strides[d], out_at += i * out_strides[d], table_at += i * table_strides[d];       \
+            positions_at += i * positions_strides[d];                                                       \
+        }                                                                                                   \
+        if (positions##s)                                                                                   \
+            table_at += positions##s[positions_at] * table_row;                                             \
+        bf16x_norm_unit128(x##s + x_at, x_strides[inner], out##s + out_at, out_strides[inner], sizes[inner],  \
+                           cos##s + table_at, sin##s + table_at, gain_a##s, gain_b##s, (float)plan##s[6],     \
+                           (float)eps##s);                                                                  \
+    }
+#define BF16X_TOGETHER                                                                                        \
+    const int64_t tokens = bf16x_tokens(plan_a, out_index_a), threads = plan_a[7];                          \
+    if (tokens && tokens == bf16x_tokens(plan_b, out_index_b) && threads == plan_b[7]) {                    \
+        float gain_ab[128], gain_a_a[64], gain_b_a[64], gain_bb[128], gain_a_b[64], gain_b_b[64];            \
+        GAINS(float, weight_a, weight_kind_a, offset_a, 128, 64, 0, gain_ab, gain_a_a, gain_b_a)             \
+        GAINS(float, weight_b, weight_kind_b, offset_b, 128, 64, 0, gain_bb, gain_a_b, gain_b_b)             \
+        (void)threads;                                                                                      \
+        _Pragma("omp parallel for schedule(static) num_threads(threads) if (threads > 1)")                  \
+        for (int64_t unit = 0; unit < tokens; ++unit) {                                                     \
+            BF16X_PAIR_UNIT(_a)                                                                             \
+            BF16X_PAIR_UNIT(_b)                                                                             \
+        }                                                                                                   \
+        return;                                                                                             \
+    }
+#else
+#define BF16X_TOGETHER
+#endif
+
+DEFINE_NORM_ROTATE_PAIR(norm_rotate_float32, float, float, )
+DEFINE_NORM_ROTATE_PAIR(norm_rotate_float64, double, double, )
+DEFINE_NORM_ROTATE_PAIR(norm_rotate_bfloat16, uint16_t, float, BF16X_TOGETHER)
+DEFINE_NORM_ROTATE_PAIR(norm_rotate_float16, uint16_t, float, )
 
 /* tables_float32(inv_freq, n, first, rows, cos, sin): the half-width float32 tables of the positions first ..
    first + rows - 1 (rows x n each, row-major): the float64 angles position * inv_freq[i], their cos and sin

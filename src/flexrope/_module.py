@@ -378,12 +378,16 @@ class RotaryEmbedding(nn.Module):
             if norm is None or not x.is_cpu:
                 return None
             calls.append((x, length, where, *module_norm(norm, name + "_norm", x, self.head_dim), out))
-        layout, results = self.layout, []
+        layout, prepared = self.layout, []
         for x, length, where, weight, eps, offset, out in calls:
             target = out if out is not None else torch.empty_like(x)  # x's strides where x is dense
-            if _native.rotate(layout.canonical(x), layout.canonical(target), cos, sin, where,
-                              rotary_dim=self.rotary_dim, interleaved=self.interleaved, inverse=False,
-                              weight=weight, offset=offset, eps=eps):
+            prepared.append((target, _native.prepared(layout.canonical(x), layout.canonical(target), cos, sin, where,
+                                                      rotary_dim=self.rotary_dim, interleaved=self.interleaved,
+                                                      inverse=False, weight=weight, offset=offset, eps=eps)))
+        _native.run([call for _, call in prepared if call is not None])  # q's and k's: one call of the loop
+        results = []
+        for (target, call), (x, length, where, weight, eps, offset, out) in zip(prepared, calls):
+            if call is not None:
                 torch.autograd.graph.increment_version(target)
                 results.append(target)
             else:  # e.g. channels not contiguous: the general path

@@ -178,9 +178,11 @@ def _declare(library: ctypes.CDLL) -> None:
         function = getattr(library, name)
         function.restype = None
         function.argtypes = [ctypes.c_void_p] * 7
-        function = getattr(library, "norm_" + name)
-        function.restype = None
-        function.argtypes = [ctypes.c_void_p] * 8 + [ctypes.c_int64, ctypes.c_double, ctypes.c_double]
+        norm = [ctypes.c_void_p] * 8 + [ctypes.c_int64, ctypes.c_double, ctypes.c_double]
+        for function, argtypes in ((getattr(library, "norm_" + name), norm),
+                                   (getattr(library, "norm_" + name + "_pair"), norm * 2)):
+            function.restype = None
+            function.argtypes = argtypes
     library.tables_float32.restype = None
     library.tables_float32.argtypes = [ctypes.c_void_p] + [ctypes.c_int64] * 3 + [ctypes.c_void_p] * 2
 
@@ -320,8 +322,9 @@ def _loaded() -> ctypes.CDLL | None:
 
 def _plan(x: torch.Tensor, out: torch.Tensor, table_strides: list[int], positions_strides: list[int],
           table_row: int, rotary_dim: int, interleaved: bool, inverse: bool, threads: int, norm: bool = False,
-          index_strides: list[int] | None = None) -> tuple[Callable, torch.Tensor, int]:
-    """The loop for x's dtype, its plan (the array of integers _loop.c reads) and the plan's address, for one
+          index_strides: list[int] | None = None) -> tuple[Callable, torch.Tensor, int, Callable | None]:
+    """The loop for x's dtype, its plan (the array of integers _loop.c reads), the plan's address and (for the
+    norm) the loop that runs two calls in one (``*_pair``), for one
     geometry: the rows (x's dims but the channels, in memory order, unit dims dropped) with the strides of x,
     out, the tables, the positions and the out_index (``index_strides``, where rows go to out at the sequence
     indices it holds) along each dim of x."""
@@ -350,7 +353,8 @@ def _plan(x: torch.Tensor, out: torch.Tensor, table_strides: list[int], position
                          threads, table_row, *sizes,
                          *(strides[d] for strides in (x.stride(), out_strides, table_strides, positions_strides,
                                                       index_strides) for d in dims), out_seq], dtype=torch.int64)
-    return getattr(_library, ("norm_" if norm else "") + _FUNCTIONS[x.dtype]), plan, plan.data_ptr()
+    name = ("norm_" if norm else "") + _FUNCTIONS[x.dtype]
+    return getattr(_library, name), plan, plan.data_ptr(), getattr(_library, name + "_pair") if norm else None
 
 
 def _aligned(t: torch.Tensor, ndim: int) -> list[int]:
@@ -364,10 +368,37 @@ _plans: dict[tuple, tuple] = {}
 def rotate(x: torch.Tensor, out: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, where: Where, *,
            rotary_dim: int, interleaved: bool, inverse: bool, weight: torch.Tensor | None = None, offset: float = 0.0,
            eps: float = 0.0, out_index: torch.Tensor | None = None) -> bool:
-    """Write the rotation of canonical view ``x`` (*lead, b, h, s, d) into canonical view ``out`` (which may be
-    ``x``) by the angles of the tables ``cos``, ``sin`` (context, >= r/2) at ``where`` (an int start, positions
-    (s,) or (b, s), or RowStarts; their values already checked), negated where ``inverse``. False, writing
-    nothing, where the loop does not apply: tensors off the CPU or not plain (subclasses such as fake tensors,
+    """Write the rotation of ``x`` into ``out`` by the C loop: ``prepared``'s call, run. False, writing nothing,
+    where the loop does not apply."""
+    call = prepared(x, out, cos, sin, where, rotary_dim=rotary_dim, interleaved=interleaved, inverse=inverse,
+                    weight=weight, offset=offset, eps=eps, out_index=out_index)
+    if call is None:
+        return False
+    run([call])
+    return True
+
+
+def run(calls: list[tuple]) -> None:
+    """Run ``prepared`` calls, in order: two calls of the norm's loop for one dtype (q's and k's) as one call of
+    the library (its ``_pair`` function: one parallel region, and a token's table row read once for both where
+    each is a unit per token), any others one by one."""
+    calls = [call for call in calls if call]
+    if len(calls) == 2 and calls[0][2] is not None and calls[0][2] is calls[1][2]:
+        calls[0][2](*calls[0][1], *calls[1][1])
+        return
+    for function, arguments, _, _ in calls:
+        function(*arguments)
+
+
+def prepared(x: torch.Tensor, out: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, where: Where, *,
+             rotary_dim: int, interleaved: bool, inverse: bool, weight: torch.Tensor | None = None,
+             offset: float = 0.0, eps: float = 0.0, out_index: torch.Tensor | None = None) -> tuple | None:
+    """The C loop's call that writes the rotation of canonical view ``x`` (*lead, b, h, s, d) into canonical view
+    ``out`` (which may be ``x``) by the angles of the tables ``cos``, ``sin`` (context, >= r/2) at ``where`` (an
+    int start, positions (s,) or (b, s), or RowStarts; their values already checked), negated where
+    ``inverse``, made but not run (``run`` runs it): (function, arguments, the norm's two-call function or None,
+    the tensors made for the call, held until it runs), or () where x is empty. None where the loop does not
+    apply: tensors off the CPU or not plain (subclasses such as fake tensors,
     vmap or grad wrappers: ``_kinds.plain``), a dispatch mode that must see eager operations, channels not
     contiguous or more than MAX_CHANNELS, or a loop that could not be built.
 
@@ -387,16 +418,16 @@ def rotate(x: torch.Tensor, out: torch.Tensor, cos: torch.Tensor, sin: torch.Ten
     if not (x.is_cpu and x.dtype in _FUNCTIONS and x_stride[-1] == 1 and out_stride[-1] == 1
             and x.shape[-1] <= MAX_CHANNELS and torch._C._len_torch_dispatch_stack() == 0
             ) or _library is None and _loaded() is None:
-        return False
+        return None
     if not (plain(x) and plain(cos) and plain(sin) and (isinstance(where, int) or plain(
             where.starts if isinstance(where, RowStarts) else where))):  # out: x, or made like it
-        return False
+        return None
     if out_index is not None and not (plain(out) and plain(out_index)):
-        return False
+        return None
     if weight is not None and not plain(weight):  # (its shape and device checked by the caller)
-        return False
+        return None
     if x.numel() == 0:
-        return True
+        return ()
     compute, table_stride, first, positions = _COMPUTE[x.dtype], cos.stride(), 0, None
     converted = not (cos.dtype == compute and table_stride[-1] == 1 and table_stride == sin.stride())
     if not converted:
@@ -443,15 +474,13 @@ def rotate(x: torch.Tensor, out: torch.Tensor, cos: torch.Tensor, sin: torch.Ten
             index_strides[seq_dim - 2], index_strides[seq_dim] = _aligned(out_index, 2)
         plan = _plans[key] = _plan(x, out, table_strides, positions_strides, row, rotary_dim, interleaved, inverse,
                                    threads, norm, index_strides)
-    function, _, address = plan
+    function, _, address, pair = plan
     arguments = (x.data_ptr(), out.data_ptr(), cos.data_ptr() + first, sin.data_ptr() + first, address,
                  None if positions is None else positions.data_ptr(),
                  None if out_index is None else out_index.data_ptr())
     if norm:
-        function(*arguments, weight.data_ptr(), _WEIGHT_KINDS[weight.dtype], offset, eps)
-    else:
-        function(*arguments)
-    return True
+        arguments += (weight.data_ptr(), _WEIGHT_KINDS[weight.dtype], offset, eps)
+    return function, arguments, pair, (cos, sin, positions, out_index, weight)
 
 
 def tables(inv_freq: torch.Tensor, positions: range) -> tuple[torch.Tensor, torch.Tensor] | None:
