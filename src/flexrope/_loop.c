@@ -71,6 +71,13 @@ static inline uint16_t f16_store(float f) {
 
 #define IDENTITY(v) (v)
 
+/* A pair normalised and rotated, as ((a (ga c) - b (gb s)) scale, (b (gb c) + a (ga s)) scale): the gains folded
+   into the angles (bf16x_fold makes the same products once for the rows that share them), a (ga c) and b (gb c)
+   rounded once with the sum (fused multiply-adds); in the compute type C. */
+#define FUSED(C, a, b, c) _Generic((C)0, double: fma, default: fmaf)(a, b, c)
+#define NORM_FIRST(C, a, b, ga, gb, cj, sj) (FUSED(C, a, (ga) * (cj), -((b) * ((gb) * (sj)))) * scale)
+#define NORM_SECOND(C, a, b, ga, gb, cj, sj) (FUSED(C, b, (gb) * (cj), (a) * ((ga) * (sj))) * scale)
+
 /* The pairs (first, second), j < n, of G rows that share their angles (row g at xr + g * x_step, its result
    at o + g * out_step): the angles come from memory for the first row and from L1 for the next ones. Row by
    row, with the channels innermost: with the rows innermost, float16's conversions were not vectorised and
@@ -370,6 +377,19 @@ static inline __m512i bf16x32_round(__m512 low, __m512 high) {
    flushed partials, each below 2^-126, are under the sum's rounding) is summed again as sum_squares_bfloat16 sums
    it. */
 static inline float sum_squares_bfloat16(const uint16_t *xr, int64_t channels);
+
+/* Eight rows' partial sums (eight each) added across, in one vector of horizontal adds: sums[k], row k's */
+static inline ALWAYS_INLINE void sums_across(const __m256 *partial, float *sums) {
+    const __m256 quarters01 = _mm256_hadd_ps(partial[0], partial[1]);
+    const __m256 quarters23 = _mm256_hadd_ps(partial[2], partial[3]);
+    const __m256 quarters45 = _mm256_hadd_ps(partial[4], partial[5]);
+    const __m256 quarters67 = _mm256_hadd_ps(partial[6], partial[7]);
+    const __m256 halves0123 = _mm256_hadd_ps(quarters01, quarters23);
+    const __m256 halves4567 = _mm256_hadd_ps(quarters45, quarters67);
+    _mm256_storeu_ps(sums, _mm256_add_ps(_mm256_permute2f128_ps(halves0123, halves4567, 0x20),
+                                         _mm256_permute2f128_ps(halves0123, halves4567, 0x31)));
+}
+
 static inline ALWAYS_INLINE void bf16x_sums_of(const uint16_t *x, int64_t stride, int64_t rows, int64_t channels,
                                               float *sums) {
     __m256 partial[8];
@@ -391,14 +411,7 @@ static inline ALWAYS_INLINE void bf16x_sums_of(const uint16_t *x, int64_t stride
         const __m512 both = _mm512_add_ps(even, odd);
         partial[k] = _mm256_add_ps(_mm512_castps512_ps256(both), _mm512_extractf32x8_ps(both, 1));
     }
-    const __m256 quarters01 = _mm256_hadd_ps(partial[0], partial[1]);
-    const __m256 quarters23 = _mm256_hadd_ps(partial[2], partial[3]);
-    const __m256 quarters45 = _mm256_hadd_ps(partial[4], partial[5]);
-    const __m256 quarters67 = _mm256_hadd_ps(partial[6], partial[7]);
-    const __m256 halves0123 = _mm256_hadd_ps(quarters01, quarters23);
-    const __m256 halves4567 = _mm256_hadd_ps(quarters45, quarters67);
-    _mm256_storeu_ps(sums, _mm256_add_ps(_mm256_permute2f128_ps(halves0123, halves4567, 0x20),
-                                         _mm256_permute2f128_ps(halves0123, halves4567, 0x31)));
+    sums_across(partial, sums);
     for (int64_t k = 0; k < rows; ++k) {
         for (int64_t j = channels / 32 * 32; j < channels; ++j) {
             const float v = bf16_load(x[k * stride + j]);
@@ -417,6 +430,45 @@ static inline void bf16x_sums(const uint16_t *x, int64_t stride, int64_t rows, i
         bf16x_sums_of(x, stride, rows, 128, sums);
     else
         bf16x_sums_of(x, stride, rows, channels, sums);
+}
+
+/* float32 rows' sums of squares, as bf16x_sums adds them: thirty-two channels at a time in two vectors of sixteen
+   partial sums by fused multiply-adds, each row's folded to eight, the rows' added across (the sum's order its own:
+   the last bit of the norm may differ from torch's, as in every dtype) */
+static inline ALWAYS_INLINE void f32x_sums_of(const float *x, int64_t stride, int64_t rows, int64_t channels,
+                                             float *sums) {
+    __m256 partial[8];
+    for (int k = 0; k < 8; ++k)
+        partial[k] = _mm256_setzero_ps();
+    for (int64_t k = 0; k < rows; ++k) {
+        const float *xr = x + k * stride;
+        __m512 even = _mm512_setzero_ps(), odd = even;
+        int64_t j = 0;
+        for (; j + 32 <= channels; j += 32) {
+            const __m512 low = _mm512_loadu_ps(xr + j), high = _mm512_loadu_ps(xr + j + 16);
+            even = _mm512_fmadd_ps(low, low, even);
+            odd = _mm512_fmadd_ps(high, high, odd);
+        }
+        if (j + 16 <= channels) {
+            const __m512 low = _mm512_loadu_ps(xr + j);
+            even = _mm512_fmadd_ps(low, low, even);
+        }
+        const __m512 both = _mm512_add_ps(even, odd);
+        partial[k] = _mm256_add_ps(_mm512_castps512_ps256(both), _mm512_extractf32x8_ps(both, 1));
+    }
+    sums_across(partial, sums);
+    for (int64_t k = 0; k < rows; ++k)
+        for (int64_t j = channels / 16 * 16; j < channels; ++j)
+            sums[k] += x[k * stride + j] * x[k * stride + j];
+}
+
+static inline void f32x_sums(const float *x, int64_t stride, int64_t rows, int64_t channels, float *sums) {
+    if (channels == 128 && rows == NORM_BLOCK)
+        f32x_sums_of(x, stride, NORM_BLOCK, 128, sums);
+    else if (channels == 128)
+        f32x_sums_of(x, stride, rows, 128, sums);
+    else
+        f32x_sums_of(x, stride, rows, channels, sums);
 }
 
 /* What a row's pairs are rotated by: the angles (c, s), and for the fused norm the gains of each pair's first and
@@ -479,9 +531,9 @@ static inline ALWAYS_INLINE void bf16x_rotate1(float a, float b, const bf16x_ang
         *second = bf16_store(b * c + a * s);
         return;
     }
-    const float ga = r->gain_a[j], gb = r->gain_b[j];
-    *first = bf16_store(fmaf(a, ga * c, -(b * (gb * s))) * r->scale);
-    *second = bf16_store(fmaf(b, gb * c, a * (ga * s)) * r->scale);
+    const float ga = r->gain_a[j], gb = r->gain_b[j], scale = r->scale;
+    *first = bf16_store(NORM_FIRST(float, a, b, ga, gb, c, s));
+    *second = bf16_store(NORM_SECOND(float, a, b, ga, gb, c, s));
 }
 
 /* One row's pairs (j, j + n), n of them, thirty-two and sixteen at a time. Rows are read before they are
@@ -527,45 +579,59 @@ static inline ALWAYS_INLINE void bf16x_words(const uint16_t *xr, uint16_t *o, in
         bf16x_rotate1(bf16_load(xr[2 * j]), bf16_load(xr[2 * j + 1]), r, j, sign, o + 2 * j, o + 2 * j + 1);
 }
 
-/* The scales of up to NORM_BLOCK rows of head dim 128 (the others' left 0): 1 / sqrt(sum / 128 + eps), as SCALES
-   computes them */
-static inline ALWAYS_INLINE void bf16x_scales128(const uint16_t *x, int64_t stride, int64_t rows, float eps,
-                                                float *scales) {
-    for (int r = 0; r < NORM_BLOCK; ++r)
-        scales[r] = 0;
-    bf16x_sums(x, stride, rows, 128, scales);
-    for (int r = 0; r < NORM_BLOCK; ++r)
-        scales[r] = 1.0f / sqrtf(scales[r] / 128.0f + eps);
-}
-
-/* A unit of `count` rows of head dim 128 that share their angles (c, s), pairs of halves, each written at out +
-   row * out_in: the common case (a token's heads, "b s h d", the angles at an offset), as DEFINE_NORM_ROTATE
-   runs it, without its per-row lookups of positions, out_index, angles and pairing: the same operations, so the
-   same bits, in less time (one core: Qwen3's q held in cache 0.129 -> 0.102 ns an element, at 2,048 tokens
-   5-10% less). */
-static void bf16x_norm_unit128(const uint16_t *x, int64_t x_in, uint16_t *out, int64_t out_in, int64_t count,
-                               const float *c, const float *s, const float *gain_a, const float *gain_b, float sign,
-                               float eps) {
-    float folded[4 * 64], scales[NORM_BLOCK], next[NORM_BLOCK];
-    bf16x_angles angles = {c, s, gain_a, gain_b, NULL, 1.0f};
-    bf16x_fold(&angles, 64, sign, folded);
-    angles.folded = folded;
-    bf16x_scales128(x, x_in, count < NORM_BLOCK ? count : NORM_BLOCK, eps, next);
-    for (int64_t block = 0; block < count; block += NORM_BLOCK) {
-        const int64_t rows = count - block < NORM_BLOCK ? count - block : NORM_BLOCK, from = block + NORM_BLOCK;
-        memcpy(scales, next, sizeof scales);
-        if (from < count)
-            bf16x_scales128(x + from * x_in, x_in, count - from < NORM_BLOCK ? count - from : NORM_BLOCK, eps, next);
-        for (int64_t r = 0; r < rows; ++r) {
-            angles.scale = scales[r];
-            bf16x_halves(x + (block + r) * x_in, out + (block + r) * out_in, 64, &angles, 1.0f);
-        }
+/* float32 pairs of halves of a row of head dim 128, normalised and rotated (bf16x_halves's, without conversions) */
+static inline ALWAYS_INLINE void f32x_halves(const float *xr, float *o, int64_t n, const bf16x_angles *r, float sign) {
+    for (int64_t j = 0; j < n; j += 16) {
+        __m512 first, second;
+        bf16x_rotate16(_mm512_loadu_ps(xr + j), _mm512_loadu_ps(xr + j + n), r, n, j, sign, &first, &second);
+        _mm512_storeu_ps(o + j, first);
+        _mm512_storeu_ps(o + j + n, second);
     }
 }
-#define BF16X_NORM_UNIT                                                                                       \
+
+/* NAME(x, x_in, out, out_in, count, c, s, gain_a, gain_b, sign, eps): a unit of `count` rows of head dim 128 that
+   share their angles (c, s), pairs of halves, each written at out + row * out_in: the common case (a token's heads,
+   "b s h d", the angles at an offset), as DEFINE_NORM_ROTATE runs it, without its per-row lookups of positions,
+   out_index, angles and pairing: the same operations, so the same bits, in less time (one core, bfloat16: Qwen3's
+   q held in cache 0.129 -> 0.102 ns an element, at 2,048 tokens 5-10% less). The scales of up to NORM_BLOCK rows,
+   1 / sqrt(sum / 128 + eps), as SCALES computes them, the next block's before this block's pairs. */
+#define DEFINE_NORM_UNIT128(NAME, T, SUMS, HALVES)                                                            \
+    static inline ALWAYS_INLINE void NAME##_scales(const T *x, int64_t stride, int64_t rows, float eps,       \
+                                                   float *scales) {                                          \
+        for (int r = 0; r < NORM_BLOCK; ++r)                                                                \
+            scales[r] = 0;                                                                                  \
+        SUMS(x, stride, rows, 128, scales);                                                                 \
+        for (int r = 0; r < NORM_BLOCK; ++r)                                                                \
+            scales[r] = 1.0f / sqrtf(scales[r] / 128.0f + eps);                                             \
+    }                                                                                                       \
+    static void NAME(const T *x, int64_t x_in, T *out, int64_t out_in, int64_t count, const float *c,         \
+                     const float *s, const float *gain_a, const float *gain_b, float sign, float eps) {       \
+        float folded[4 * 64], scales[NORM_BLOCK], next[NORM_BLOCK];                                         \
+        bf16x_angles angles = {c, s, gain_a, gain_b, NULL, 1.0f};                                           \
+        bf16x_fold(&angles, 64, sign, folded);                                                              \
+        angles.folded = folded;                                                                             \
+        NAME##_scales(x, x_in, count < NORM_BLOCK ? count : NORM_BLOCK, eps, next);                         \
+        for (int64_t block = 0; block < count; block += NORM_BLOCK) {                                       \
+            const int64_t rows = count - block < NORM_BLOCK ? count - block : NORM_BLOCK;                   \
+            const int64_t from = block + NORM_BLOCK;                                                        \
+            memcpy(scales, next, sizeof scales);                                                            \
+            if (from < count)                                                                               \
+                NAME##_scales(x + from * x_in, x_in, count - from < NORM_BLOCK ? count - from : NORM_BLOCK, eps, \
+                              next);                                                                        \
+            for (int64_t r = 0; r < rows; ++r) {                                                            \
+                angles.scale = scales[r];                                                                   \
+                HALVES(x + (block + r) * x_in, out + (block + r) * out_in, 64, &angles, 1.0f);               \
+            }                                                                                               \
+        }                                                                                                   \
+    }
+DEFINE_NORM_UNIT128(bf16x_norm_unit128, uint16_t, bf16x_sums, bf16x_halves)
+DEFINE_NORM_UNIT128(f32x_norm_unit128, float, f32x_sums, f32x_halves)
+
+/* DEFINE_NORM_ROTATE's unit, where it is the common case, by UNIT128 */
+#define X_NORM_UNIT(UNIT128)                                                                                  \
     if (table_in == 0 && positions_in == 0 && !out_index && half == 64 && channels == 128 && !interleaved) {  \
-        bf16x_norm_unit128(x + x_at, x_in, out + out_at, out_in, count, cos + ANGLES_AT(0), sin + ANGLES_AT(0), \
-                           gain_a, gain_b, (float)sign, (float)eps);                                         \
+        UNIT128(x + x_at, x_in, out + out_at, out_in, count, cos + ANGLES_AT(0), sin + ANGLES_AT(0), gain_a,    \
+                gain_b, (float)sign, (float)eps);                                                           \
         continue;                                                                                           \
     }
 
@@ -609,7 +675,9 @@ static void bf16x_norm_unit128(const uint16_t *x, int64_t x_in, uint16_t *out, i
 #define BF16_NORM_HALVES(T, C, LOAD, STORE, n) BF16X_NORM_ROW(bf16x_halves, n)
 #define BF16_NORM_SIDE_BY_SIDE(T, C, LOAD, STORE, n) BF16X_NORM_ROW(bf16x_words, n)
 #define BF16_NORM_STATE BF16X_NORM_STATE
-#define BF16_NORM_UNIT BF16X_NORM_UNIT
+#define BF16_NORM_UNIT X_NORM_UNIT(bf16x_norm_unit128)
+#define F32_NORM_UNIT X_NORM_UNIT(f32x_norm_unit128)
+#define F32_SUMS f32x_sums
 #define BF16_SUMS bf16x_sums
 #endif
 
@@ -646,10 +714,10 @@ static double weight_at(const void *weight, int64_t kind, int64_t i) {
    by side, bfloat16 ran at 3x a copy). */
 #define NORM_PAIRS(T, C, LOAD, STORE, n, first, second)                                                       \
     _Pragma("GCC ivdep") for (int64_t j = 0; j < (n); ++j) {                                                  \
-        const C cj = c[j], sj = s[j] * (C)sign;                                                             \
-        const C a = LOAD(xr[first]) * scale * gain_a[j], b = LOAD(xr[second]) * scale * gain_b[j];          \
-        o[first] = STORE(a * cj - b * sj);                                                                  \
-        o[second] = STORE(b * cj + a * sj);                                                                 \
+        const C cj = c[j], sj = s[j] * (C)sign, ga = gain_a[j], gb = gain_b[j];                             \
+        const C a = LOAD(xr[first]), b = LOAD(xr[second]);                                                  \
+        o[first] = STORE(NORM_FIRST(C, a, b, ga, gb, cj, sj));                                              \
+        o[second] = STORE(NORM_SECOND(C, a, b, ga, gb, cj, sj));                                            \
     }
 #define NORM_SIDE_BY_SIDE(T, C, LOAD, STORE, n) NORM_PAIRS(T, C, LOAD, STORE, n, 2 * j, 2 * j + 1)
 #define NORM_HALVES(T, C, LOAD, STORE, n) NORM_PAIRS(T, C, LOAD, STORE, n, j, j + (n))
@@ -661,9 +729,9 @@ static double weight_at(const void *weight, int64_t kind, int64_t i) {
         const float cj = c[j], sj = s[j] * (float)sign;                                                     \
         uint32_t word;                                                                                      \
         memcpy(&word, xr + 2 * j, sizeof word);                                                             \
-        const float a = float_bits(word << 16) * scale * gain_a[j];                                         \
-        const float b = float_bits(word & 0xffff0000u) * scale * gain_b[j];                                 \
-        word = (uint32_t)bf16_store(a * cj - b * sj) | (uint32_t)bf16_store(b * cj + a * sj) << 16;        \
+        const float a = float_bits(word << 16), b = float_bits(word & 0xffff0000u), ga = gain_a[j], gb = gain_b[j]; \
+        word = (uint32_t)bf16_store(NORM_FIRST(float, a, b, ga, gb, cj, sj)) |                              \
+               (uint32_t)bf16_store(NORM_SECOND(float, a, b, ga, gb, cj, sj)) << 16;                        \
         memcpy(o + 2 * j, &word, sizeof word);                                                              \
     }
 #else
@@ -675,6 +743,8 @@ static double weight_at(const void *weight, int64_t kind, int64_t i) {
 #define BF16_SUMS sums_bfloat16
 #define BF16_NORM_STATE
 #define BF16_NORM_UNIT
+#define F32_NORM_UNIT
+#define F32_SUMS sums_float32
 #endif
 
 #define NORM_PAIRING(SIDE_BY_SIDE_PAIRS, HALVES_PAIRS, T, C, LOAD, STORE, n)                                  \
@@ -866,7 +936,7 @@ DEFINE_SUMS(sums_float16, uint16_t, float, sum_squares_float16)
     }
 
 DEFINE_NORM_ROTATE(norm_rotate_float32, float, float, IDENTITY, IDENTITY, sqrtf, NORM_SIDE_BY_SIDE, NORM_HALVES,
-                   sums_float32, , )
+                   F32_SUMS, , F32_NORM_UNIT)
 DEFINE_NORM_ROTATE(norm_rotate_float64, double, double, IDENTITY, IDENTITY, sqrt, NORM_SIDE_BY_SIDE, NORM_HALVES,
                    sums_float64, , )
 DEFINE_NORM_ROTATE(norm_rotate_bfloat16, uint16_t, float, bf16_load, bf16_store, sqrtf, BF16_NORM_SIDE_BY_SIDE,
@@ -892,7 +962,7 @@ DEFINE_NORM_ROTATE(norm_rotate_float16, uint16_t, float, f16_load, f16_store, sq
     }
 
 #ifdef BF16X_FOLDED
-/* Whether a plan's call is bf16x_norm_unit128's common case, a unit per token: the count of its units, else 0 */
+/* Whether a plan's call is the common case of DEFINE_NORM_UNIT128, a unit per token: the count of its units, else 0 */
 static int64_t bf16x_tokens(const int64_t *plan, const int64_t *out_index) {
     const int64_t ndim = plan[0], inner = ndim - 1, *sizes = plan + 9, *table_strides = sizes + 3 * ndim;
     const int64_t *positions_strides = table_strides + ndim;
@@ -906,7 +976,7 @@ static int64_t bf16x_tokens(const int64_t *plan, const int64_t *out_index) {
 }
 
 /* A token's unit of one of the two calls */
-#define BF16X_PAIR_UNIT(s)                                                                                    \
+#define BF16X_PAIR_UNIT(UNIT128, s)                                                                           \
     {                                                                                                       \
         const int64_t ndim = plan##s[0], inner = ndim - 1, table_row = plan##s[8], *sizes = plan##s + 9;    \
         const int64_t *x_strides = sizes + ndim, *out_strides = x_strides + ndim;                           \
@@ -920,11 +990,10 @@ static int64_t bf16x_tokens(const int64_t *plan, const int64_t *out_index) {
         }                                                                                                   \
         if (positions##s)                                                                                   \
             table_at += positions##s[positions_at] * table_row;                                             \
-        bf16x_norm_unit128(x##s + x_at, x_strides[inner], out##s + out_at, out_strides[inner], sizes[inner],  \
-                           cos##s + table_at, sin##s + table_at, gain_a##s, gain_b##s, (float)plan##s[6],     \
-                           (float)eps##s);                                                                  \
+        UNIT128(x##s + x_at, x_strides[inner], out##s + out_at, out_strides[inner], sizes[inner],              \
+                cos##s + table_at, sin##s + table_at, gain_a##s, gain_b##s, (float)plan##s[6], (float)eps##s);   \
     }
-#define BF16X_TOGETHER                                                                                        \
+#define X_TOGETHER(UNIT128)                                                                                   \
     const int64_t tokens = bf16x_tokens(plan_a, out_index_a), threads = plan_a[7];                          \
     if (tokens && tokens == bf16x_tokens(plan_b, out_index_b) && threads == plan_b[7]) {                    \
         float gain_ab[128], gain_a_a[64], gain_b_a[64], gain_bb[128], gain_a_b[64], gain_b_b[64];            \
@@ -933,18 +1002,21 @@ static int64_t bf16x_tokens(const int64_t *plan, const int64_t *out_index) {
         (void)threads;                                                                                      \
         _Pragma("omp parallel for schedule(static) num_threads(threads) if (threads > 1)")                  \
         for (int64_t unit = 0; unit < tokens; ++unit) {                                                     \
-            BF16X_PAIR_UNIT(_a)                                                                             \
-            BF16X_PAIR_UNIT(_b)                                                                             \
+            BF16X_PAIR_UNIT(UNIT128, _a)                                                                    \
+            BF16X_PAIR_UNIT(UNIT128, _b)                                                                    \
         }                                                                                                   \
         return;                                                                                             \
     }
+#define BF16_TOGETHER X_TOGETHER(bf16x_norm_unit128)
+#define F32_TOGETHER X_TOGETHER(f32x_norm_unit128)
 #else
-#define BF16X_TOGETHER
+#define BF16_TOGETHER
+#define F32_TOGETHER
 #endif
 
-DEFINE_NORM_ROTATE_PAIR(norm_rotate_float32, float, float, )
+DEFINE_NORM_ROTATE_PAIR(norm_rotate_float32, float, float, F32_TOGETHER)
 DEFINE_NORM_ROTATE_PAIR(norm_rotate_float64, double, double, )
-DEFINE_NORM_ROTATE_PAIR(norm_rotate_bfloat16, uint16_t, float, BF16X_TOGETHER)
+DEFINE_NORM_ROTATE_PAIR(norm_rotate_bfloat16, uint16_t, float, BF16_TOGETHER)
 DEFINE_NORM_ROTATE_PAIR(norm_rotate_float16, uint16_t, float, )
 
 /* tables_float32(inv_freq, n, first, rows, cos, sin): the half-width float32 tables of the positions first ..
