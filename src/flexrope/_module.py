@@ -379,11 +379,13 @@ class RotaryEmbedding(nn.Module):
                 return None
             calls.append((x, length, where, *module_norm(norm, name + "_norm", x, self.head_dim), out))
         layout, prepared = self.layout, []
+        permutation = layout.permutation  # (None where the canonical view is not a permutation: "b s (h d)")
         for x, length, where, weight, eps, offset, out in calls:
             target = out if out is not None else torch.empty_like(x)  # x's strides where x is dense
-            prepared.append((target, _native.prepared(layout.canonical(x), layout.canonical(target), cos, sin, where,
-                                                      rotary_dim=self.rotary_dim, interleaved=self.interleaved,
-                                                      inverse=False, weight=weight, offset=offset, eps=eps)))
+            x_c, target_c = (x, target) if permutation else (layout.canonical(x), layout.canonical(target))
+            prepared.append((target, _native.prepared(x_c, target_c, cos, sin, where, rotary_dim=self.rotary_dim,
+                                                      interleaved=self.interleaved, inverse=False, weight=weight,
+                                                      offset=offset, eps=eps, permutation=permutation)))
         _native.run([call for _, call in prepared if call is not None])  # q's and k's: one call of the loop
         results = []
         for (target, call), (x, length, where, weight, eps, offset, out) in zip(prepared, calls):

@@ -392,7 +392,8 @@ def run(calls: list[tuple]) -> None:
 
 def prepared(x: torch.Tensor, out: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, where: Where, *,
              rotary_dim: int, interleaved: bool, inverse: bool, weight: torch.Tensor | None = None,
-             offset: float = 0.0, eps: float = 0.0, out_index: torch.Tensor | None = None) -> tuple | None:
+             offset: float = 0.0, eps: float = 0.0, out_index: torch.Tensor | None = None,
+             permutation: tuple[int, ...] | None = None) -> tuple | None:
     """The C loop's call that writes the rotation of canonical view ``x`` (*lead, b, h, s, d) into canonical view
     ``out`` (which may be ``x``) by the angles of the tables ``cos``, ``sin`` (context, >= r/2) at ``where`` (an
     int start, positions (s,) or (b, s), or RowStarts; their values already checked), negated where
@@ -413,10 +414,17 @@ def prepared(x: torch.Tensor, out: torch.Tensor, cos: torch.Tensor, sin: torch.T
 
     With ``out_index`` (int64 (b, s), its values checked: each below out's sequence length, none repeated in a
     row), ``out`` may differ from x in its sequence length, and each token's row is written at the sequence
-    index it holds there, or skipped where that is negative."""
-    x_stride, out_stride = x.stride(), out.stride()
+    index it holds there, or skipped where that is negative.
+
+    With ``permutation``, x and out are as a layout has them, and the permutation of their dims that makes their
+    canonical views: the views are then made only where a new plan needs them (a decoding step's four views
+    cost more than the rest of this function)."""
+    x_shape, x_stride, out_stride = x.shape, x.stride(), out.stride()
+    if permutation is not None:
+        x_shape, x_stride = tuple(x_shape[d] for d in permutation), tuple(x_stride[d] for d in permutation)
+        out_stride = tuple(out_stride[d] for d in permutation)
     if not (x.is_cpu and x.dtype in _FUNCTIONS and x_stride[-1] == 1 and out_stride[-1] == 1
-            and x.shape[-1] <= MAX_CHANNELS and torch._C._len_torch_dispatch_stack() == 0
+            and x_shape[-1] <= MAX_CHANNELS and torch._C._len_torch_dispatch_stack() == 0
             ) or _library is None and _loaded() is None:
         return None
     if not (plain(x) and plain(cos) and plain(sin) and (isinstance(where, int) or plain(
@@ -439,8 +447,8 @@ def prepared(x: torch.Tensor, out: torch.Tensor, cos: torch.Tensor, sin: torch.T
                 positions = positions.to("cpu", torch.int64)
         geometry = (table_stride, type(where), positions is not None and (positions.shape, positions.stride()))
     else:
-        where = position_tensor(where, x.shape[-2])
-        cos, sin = (as_dtype(angles_at(t, where, x.shape[-2], rotary_dim // 2), compute) for t in (cos, sin))
+        where = position_tensor(where, x_shape[-2])
+        cos, sin = (as_dtype(angles_at(t, where, x_shape[-2], rotary_dim // 2), compute) for t in (cos, sin))
         if cos.stride(-1) != 1 or cos.stride() != sin.stride():  # the loop reads both through one set of strides
             cos, sin = cos.contiguous(), sin.contiguous()
         geometry = (cos.shape, cos.stride(), None)
@@ -452,11 +460,13 @@ def prepared(x: torch.Tensor, out: torch.Tensor, cos: torch.Tensor, sin: torch.T
     if out_index is not None and out_index.dtype != torch.int64:
         out_index = out_index.to(torch.int64)
     indexed = out_index is not None and (out_index.shape, out_index.stride())
-    key = (x.shape, x_stride, out_stride, geometry, x.dtype, rotary_dim, interleaved, inverse, threads, norm, indexed)
+    key = (x_shape, x_stride, out_stride, geometry, x.dtype, rotary_dim, interleaved, inverse, threads, norm, indexed)
     plan = _plans.get(key)
     if plan is None:
         if len(_plans) >= 256:
             _plans.clear()
+        if permutation is not None:
+            x, out = x.permute(permutation), out.permute(permutation)
         seq_dim, ndim = x.ndim - 2, x.ndim
         table_strides, positions_strides, row = [0] * ndim, [0] * ndim, cos.stride(0)
         if converted:  # the rows of each token, over x's dims
