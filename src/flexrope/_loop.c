@@ -367,13 +367,13 @@ static inline __m512i bf16x32_round(__m512 low, __m512 high) {
     return fast;
 }
 
-/* The sums of squares of up to eight rows (row k at x + k * stride): sixty-four channels at a time in two vectors of
-   sixteen partial sums by bfloat16 dot products (vdpbf16ps: each lane adds the squares of two channels, the products
-   exact, each sum rounded to float32 as a fused multiply-add rounds it), each row's partials folded to eight, and
-   the eight rows' added across in one vector (horizontal adds): the same order for a row whatever the rows beside
-   it, so a result's bits do not depend on where its row falls in a block. The dot products read subnormal numbers as
-   zero and flush subnormal sums to zero: the squares of subnormal bfloat16 numbers are below float32's smallest, but
-   a sum made only of tiny squares could lose a flushed partial, so a row whose sum is below 2^-90 (above it, the
+/* bfloat16 rows' sums of squares (bf16x_sums): sixty-four channels at a time in two vectors of sixteen partial sums
+   by bfloat16 dot products (vdpbf16ps: each lane adds the squares of two channels, the products exact, each sum
+   rounded to float32 as a fused multiply-add rounds it), each row's partials folded to eight, and the eight rows'
+   added across in one vector (horizontal adds): the same order for a row whatever the rows beside it, so a
+   result's bits do not depend on where its row falls in a block. The dot products read subnormal numbers as zero
+   and flush subnormal sums to zero: the squares of subnormal bfloat16 numbers are below float32's smallest, but a
+   sum made only of tiny squares could lose a flushed partial, so a row whose sum is below 2^-90 (above it, the
    flushed partials, each below 2^-126, are under the sum's rounding) is summed again as sum_squares_bfloat16 sums
    it. */
 static inline float sum_squares_bfloat16(const uint16_t *xr, int64_t channels);
@@ -390,86 +390,80 @@ static inline ALWAYS_INLINE void sums_across(const __m256 *partial, float *sums)
                                          _mm256_permute2f128_ps(halves0123, halves4567, 0x31)));
 }
 
-static inline ALWAYS_INLINE void bf16x_sums_of(const uint16_t *x, int64_t stride, int64_t rows, int64_t channels,
-                                              float *sums) {
-    __m256 partial[8];
-    for (int k = 0; k < 8; ++k)
-        partial[k] = _mm256_setzero_ps();
-    for (int64_t k = 0; k < rows; ++k) {
-        const uint16_t *xr = x + k * stride;
-        __m512 even = _mm512_setzero_ps(), odd = even;
-        int64_t j = 0;
-        for (; j + 64 <= channels; j += 64) {
-            const __m512bh low = (__m512bh)_mm512_loadu_si512(xr + j), high = (__m512bh)_mm512_loadu_si512(xr + j + 32);
-            even = _mm512_dpbf16_ps(even, low, low);
-            odd = _mm512_dpbf16_ps(odd, high, high);
-        }
-        if (j + 32 <= channels) {
-            const __m512bh low = (__m512bh)_mm512_loadu_si512(xr + j);
-            even = _mm512_dpbf16_ps(even, low, low);
-        }
-        const __m512 both = _mm512_add_ps(even, odd);
-        partial[k] = _mm256_add_ps(_mm512_castps512_ps256(both), _mm512_extractf32x8_ps(both, 1));
+/* A bfloat16 row's two vectors of partial sums of squares; then the channels past whole vectors of thirty-two, and
+   the sum made again where it is below 2^-90 */
+static inline ALWAYS_INLINE void bf16x_row_partials(const uint16_t *xr, int64_t channels, __m512 *even, __m512 *odd) {
+    int64_t j = 0;
+    for (; j + 64 <= channels; j += 64) {
+        const __m512bh low = (__m512bh)_mm512_loadu_si512(xr + j), high = (__m512bh)_mm512_loadu_si512(xr + j + 32);
+        *even = _mm512_dpbf16_ps(*even, low, low);
+        *odd = _mm512_dpbf16_ps(*odd, high, high);
     }
-    sums_across(partial, sums);
-    for (int64_t k = 0; k < rows; ++k) {
-        for (int64_t j = channels / 32 * 32; j < channels; ++j) {
-            const float v = bf16_load(x[k * stride + j]);
-            sums[k] += v * v;
-        }
-        if (sums[k] < 0x1p-90f)
-            sums[k] = sum_squares_bfloat16(x + k * stride, channels);
+    if (j + 32 <= channels) {
+        const __m512bh low = (__m512bh)_mm512_loadu_si512(xr + j);
+        *even = _mm512_dpbf16_ps(*even, low, low);
     }
 }
 
-/* The loop above, unrolled for head dim 128 (and a whole block of rows) */
-static inline void bf16x_sums(const uint16_t *x, int64_t stride, int64_t rows, int64_t channels, float *sums) {
-    if (channels == 128 && rows == NORM_BLOCK)
-        bf16x_sums_of(x, stride, NORM_BLOCK, 128, sums);
-    else if (channels == 128)
-        bf16x_sums_of(x, stride, rows, 128, sums);
-    else
-        bf16x_sums_of(x, stride, rows, channels, sums);
+static inline ALWAYS_INLINE void bf16x_row_rest(const uint16_t *xr, int64_t channels, float *sum) {
+    for (int64_t j = channels / 32 * 32; j < channels; ++j) {
+        const float v = bf16_load(xr[j]);
+        *sum += v * v;
+    }
+    if (*sum < 0x1p-90f)
+        *sum = sum_squares_bfloat16(xr, channels);
 }
 
 /* float32 rows' sums of squares, as bf16x_sums adds them: thirty-two channels at a time in two vectors of sixteen
    partial sums by fused multiply-adds, each row's folded to eight, the rows' added across (the sum's order its own:
    the last bit of the norm may differ from torch's, as in every dtype) */
-static inline ALWAYS_INLINE void f32x_sums_of(const float *x, int64_t stride, int64_t rows, int64_t channels,
-                                             float *sums) {
-    __m256 partial[8];
-    for (int k = 0; k < 8; ++k)
-        partial[k] = _mm256_setzero_ps();
-    for (int64_t k = 0; k < rows; ++k) {
-        const float *xr = x + k * stride;
-        __m512 even = _mm512_setzero_ps(), odd = even;
-        int64_t j = 0;
-        for (; j + 32 <= channels; j += 32) {
-            const __m512 low = _mm512_loadu_ps(xr + j), high = _mm512_loadu_ps(xr + j + 16);
-            even = _mm512_fmadd_ps(low, low, even);
-            odd = _mm512_fmadd_ps(high, high, odd);
-        }
-        if (j + 16 <= channels) {
-            const __m512 low = _mm512_loadu_ps(xr + j);
-            even = _mm512_fmadd_ps(low, low, even);
-        }
-        const __m512 both = _mm512_add_ps(even, odd);
-        partial[k] = _mm256_add_ps(_mm512_castps512_ps256(both), _mm512_extractf32x8_ps(both, 1));
+static inline ALWAYS_INLINE void f32x_row_partials(const float *xr, int64_t channels, __m512 *even, __m512 *odd) {
+    int64_t j = 0;
+    for (; j + 32 <= channels; j += 32) {
+        const __m512 low = _mm512_loadu_ps(xr + j), high = _mm512_loadu_ps(xr + j + 16);
+        *even = _mm512_fmadd_ps(low, low, *even);
+        *odd = _mm512_fmadd_ps(high, high, *odd);
     }
-    sums_across(partial, sums);
-    for (int64_t k = 0; k < rows; ++k)
-        for (int64_t j = channels / 16 * 16; j < channels; ++j)
-            sums[k] += x[k * stride + j] * x[k * stride + j];
+    if (j + 16 <= channels) {
+        const __m512 low = _mm512_loadu_ps(xr + j);
+        *even = _mm512_fmadd_ps(low, low, *even);
+    }
 }
 
-static inline void f32x_sums(const float *x, int64_t stride, int64_t rows, int64_t channels, float *sums) {
-    if (channels == 128 && rows == NORM_BLOCK)
-        f32x_sums_of(x, stride, NORM_BLOCK, 128, sums);
-    else if (channels == 128)
-        f32x_sums_of(x, stride, rows, 128, sums);
-    else
-        f32x_sums_of(x, stride, rows, channels, sums);
+static inline ALWAYS_INLINE void f32x_row_rest(const float *xr, int64_t channels, float *sum) {
+    for (int64_t j = channels / 16 * 16; j < channels; ++j)
+        *sum += xr[j] * xr[j];
 }
+
+/* NAME(x, stride, rows, channels, sums): the sums of squares of up to eight rows (row k at x + k * stride), each
+   row's two vectors of partial sums (PARTIALS) added and folded to eight, the eight rows' added across
+   (sums_across), then the rest of each row (REST); unrolled for head dim 128 (and a whole block of rows) */
+#define DEFINE_X_SUMS(NAME, T, PARTIALS, REST)                                                                \
+    static inline ALWAYS_INLINE void NAME##_of(const T *x, int64_t stride, int64_t rows, int64_t channels,    \
+                                               float *sums) {                                                \
+        __m256 partial[8];                                                                                  \
+        for (int k = 0; k < 8; ++k)                                                                         \
+            partial[k] = _mm256_setzero_ps();                                                               \
+        for (int64_t k = 0; k < rows; ++k) {                                                                \
+            __m512 even = _mm512_setzero_ps(), odd = even;                                                  \
+            PARTIALS(x + k * stride, channels, &even, &odd);                                                \
+            const __m512 both = _mm512_add_ps(even, odd);                                                   \
+            partial[k] = _mm256_add_ps(_mm512_castps512_ps256(both), _mm512_extractf32x8_ps(both, 1));      \
+        }                                                                                                   \
+        sums_across(partial, sums);                                                                         \
+        for (int64_t k = 0; k < rows; ++k)                                                                  \
+            REST(x + k * stride, channels, sums + k);                                                       \
+    }                                                                                                       \
+    static inline void NAME(const T *x, int64_t stride, int64_t rows, int64_t channels, float *sums) {       \
+        if (channels == 128 && rows == NORM_BLOCK)                                                          \
+            NAME##_of(x, stride, NORM_BLOCK, 128, sums);                                                    \
+        else if (channels == 128)                                                                           \
+            NAME##_of(x, stride, rows, 128, sums);                                                          \
+        else                                                                                                \
+            NAME##_of(x, stride, rows, channels, sums);                                                     \
+    }
+DEFINE_X_SUMS(bf16x_sums, uint16_t, bf16x_row_partials, bf16x_row_rest)
+DEFINE_X_SUMS(f32x_sums, float, f32x_row_partials, f32x_row_rest)
 
 /* What a row's pairs are rotated by: the angles (c, s), and for the fused norm the gains of each pair's first and
    second channel and the row's scale. The norm's rotation is (a (ga c) - b (gb s), b (gb c) + a (ga s)) times
