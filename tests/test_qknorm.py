@@ -2,11 +2,15 @@
 the unfused formula (gradcheck in float64, the weight too), partial and interleaved rotation, torch.compile
 without a graph break, the module's q_norm / k_norm."""
 
+import einops
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import flexrope
 from flexrope import FlexRopeError, RotaryEmbedding, compute_rope
+from flexrope.testing import laid_out, layouts
 
 qwen3 = pytest.importorskip("transformers.models.qwen3.modeling_qwen3")
 gemma3 = pytest.importorskip("transformers.models.gemma3.modeling_gemma3")
@@ -340,3 +344,36 @@ def test_module_q_and_k_in_one_call_of_the_loop_equal_each_alone(layout, dtype, 
         q_rot, k_rot = rope(q, keys, offset=9, k_offset=0, q_norm=q_norm, k_norm=k_norm)
         assert torch.equal(k_rot, compute_rope(keys, rope.cos, rope.sin, layout, norm_weight=k_norm.weight,
                                                norm_eps=1e-6))
+
+
+@settings(max_examples=300)  # small tensors: 300 in about 3 s, enough to reach the loop's common unit
+@given(text=layouts(), head_dim=st.sampled_from([8, 128]), dtype=st.sampled_from([torch.float32, torch.bfloat16]),
+       interleaved=st.booleans(), per_row=st.booleans(), start=st.none() | st.integers(0, 20), data=st.data())
+def test_fused_norm_in_any_layout_has_the_bits_of_the_canonical_view(text, head_dim, dtype, interleaved, per_row,
+                                                                   start, data):
+    """Law: the C loop's norm and rotation of x in any layout whose channels are innermost in memory are, bit for
+    bit, those of the same values laid out canonically ("b h s d", contiguous), laid out back (other layouts go
+    through torch's operations: within their roundings); and within a few roundings of the float64 definition.
+    Head dim 128 reaches the loop's common unit where a token's heads sit together in memory."""
+    case = data.draw(laid_out(text, d=head_dim, dtype=dtype))
+    canonical = case.canonical
+    b, s = canonical.shape[-4], canonical.shape[-2]
+    cos, sin = flexrope.precompute_rope_params(head_dim, context_length=32)
+    generator = torch.Generator().manual_seed(data.draw(st.integers(0, 99)))
+    positions = torch.randint(0, 26, (b, s) if per_row else (s,), generator=generator)
+    where = dict(positions=positions) if start is None else dict(offset=start)
+    w = (torch.rand(head_dim, generator=generator) + 0.5).to(dtype)
+    kwargs = dict(interleaved=interleaved, norm_weight=w, norm_eps=1e-6, **where)
+    got = compute_rope(case.x, cos, sin, text, **kwargs, **case.lengths)
+    lead = "... " if canonical.ndim > 4 else ""
+    expected = compute_rope(canonical.contiguous(), cos, sin, lead + "b h s d", **kwargs)
+    tolerance = 8 * 2.0 ** -23 if dtype == torch.float32 else 2.0 ** -8
+    laid_back = einops.rearrange(expected, case.pattern, **case.lengths)
+    if text.replace(")", " ").split()[-1] == "d":  # the channels innermost: the C loop, both ways
+        assert torch.equal(got, laid_back)
+    else:
+        torch.testing.assert_close(got, laid_back, rtol=tolerance, atol=tolerance)
+    xd, wd = canonical.double(), w.double()
+    n = xd * torch.rsqrt(xd.pow(2).mean(-1, keepdim=True) + 1e-6) * wd
+    exact = compute_rope(n, cos.double(), sin.double(), lead + "b h s d", interleaved=interleaved, **where)
+    torch.testing.assert_close(expected.double(), exact, rtol=tolerance, atol=tolerance)
