@@ -175,7 +175,7 @@ class RotaryEmbedding(nn.Module):
                 out += rope(self._rotation, cos, sin, [(x, local) for x in xs], inplace=inplace,
                             table_len=cos.shape[0], inverse=inverse, positions_checked=True, outs=into)
             return tuple(out)
-        cos, sin = self.cos, self.sin
+        cos, sin = self._buffers["cos"], self._buffers["sin"]
         if short is not None and reach <= short:
             cos, sin = self.short_cos, self.short_sin
         return rope(self._rotation, cos, sin, [(x, where) for x, _, where in operands], inplace=inplace,
@@ -243,7 +243,7 @@ class RotaryEmbedding(nn.Module):
         """The sequence length of ``x`` and where its tokens are, checked."""
         try:
             shape = bound(self.layout, x)
-            cos = self.cos
+            cos = self._buffers["cos"]  # (nn.Module's __getattr__ is Python: every call reads the tables)
             if not self._dynamic:
                 where = checked_positions(x, shape, cos, positions, offset)
                 if not isinstance(where, int) and values_on_host(x):  # (on a GPU: on the device, in the call)
@@ -340,7 +340,7 @@ class RotaryEmbedding(nn.Module):
             if inverse or self._dynamic:
                 raise FlexRopeError("q_norm/k_norm with inverse=True or dynamic NTK scaling: normalise first, "
                                     "then rotate")
-            cos, sin = self.cos, self.sin
+            cos, sin = self._buffers["cos"], self._buffers["sin"]
             reach = max(_reach(where, length) for _, length, where, *_ in operands) if self._short_length else 0
             if self._short_length is not None and reach <= self._short_length:
                 cos, sin = self.short_cos, self.short_sin
@@ -436,7 +436,7 @@ class RotaryEmbedding(nn.Module):
             return self._rotate([(x, length, where)], inverse, (out,))[0]
         if self._dynamic:  # tables computed per call: through a temporary
             return write_at(self.layout, self._rotate([(x, length, where)], inverse, None)[0], out, index)
-        cos, sin = self.cos, self.sin
+        cos, sin = self._buffers["cos"], self._buffers["sin"]
         if self._short_length is not None and _reach(where, length) <= self._short_length:
             cos, sin = self.short_cos, self.short_sin
         return rope_at(self._rotation, cos, sin, x, where, out, index, table_len=cos.shape[0], inverse=inverse,
