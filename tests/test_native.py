@@ -487,3 +487,18 @@ def test_sin_strided_unlike_cos(patch, dtype, interleaved):
             for tables in ((cos, view(sin)), (view(cos), sin), (view(cos), view(sin))):
                 fast, slow = _both(patch, lambda: compute_rope(x, *tables, **kwargs))
                 assert torch.equal(fast, slow) and torch.equal(fast, want)
+
+
+def test_a_prepared_call_holds_what_it_points_into(patch):
+    """A call prepared for the loop (q's, while k's is prepared) holds the plan's array and the tensors made for
+    it: the cache of plans, full, may drop the plan before the call runs (it did, and the loop read freed memory)."""
+    patch.setenv("FLEXROPE_BACKEND", "native")
+    cos, sin = flexrope.precompute_rope_params(16, context_length=32)
+    x = torch.randn(2, 3, 5, 16)
+    expected = compute_rope(x, cos, sin, offset=2)
+    out = torch.empty_like(x)
+    call = _native.prepared(x, out, cos.double(), sin.double(), 2, rotary_dim=16, interleaved=False, inverse=False)
+    _native._plans.clear()
+    clutter = [torch.full((64,), -1, dtype=torch.int64) for _ in range(200)]  # the freed memory, written over
+    _native.run([call])
+    assert torch.equal(out, expected) and len(clutter) == 200

@@ -400,7 +400,8 @@ def prepared(x: torch.Tensor, out: torch.Tensor, cos: torch.Tensor, sin: torch.T
     ``out`` (which may be ``x``) by the angles of the tables ``cos``, ``sin`` (context, >= r/2) at ``where`` (an
     int start, positions (s,) or (b, s), or RowStarts; their values already checked), negated where
     ``inverse``, made but not run (``run`` runs it): (function, arguments, the norm's two-call function or None,
-    the tensors made for the call, held until it runs), or () where x is empty. None where the loop does not
+    the tensors its arguments point into that nothing else may hold, held until it runs: the plan's array, tables
+    or positions converted for the call), or () where x is empty. None where the loop does not
     apply: tensors off the CPU or not plain (subclasses such as fake tensors,
     vmap or grad wrappers: ``_kinds.plain``), a dispatch mode that must see eager operations, channels not
     contiguous or more than MAX_CHANNELS, or a loop that could not be built.
@@ -488,13 +489,14 @@ def prepared(x: torch.Tensor, out: torch.Tensor, cos: torch.Tensor, sin: torch.T
             index_strides[seq_dim - 2], index_strides[seq_dim] = _aligned(out_index, 2)
         plan = _plans[key] = _plan(x, out, table_strides, positions_strides, row, rotary_dim, interleaved, inverse,
                                    threads, norm, index_strides)
-    function, _, address, pair = plan
+    function, plan_array, address, pair = plan
     arguments = (x.data_ptr(), out.data_ptr(), cos.data_ptr() + first, sin.data_ptr() + first, address,
                  None if positions is None else positions.data_ptr(),
                  None if out_index is None else out_index.data_ptr())
     if norm:
         arguments += (weight.data_ptr(), _WEIGHT_KINDS[weight.dtype], offset, eps)
-    return function, arguments, pair, (cos, sin, positions, out_index, weight)
+    # held with the call: the plan's array too (the cache of plans may drop it, full, before the call runs)
+    return function, arguments, pair, (plan_array, cos, sin, positions, out_index, weight)
 
 
 def tables(inv_freq: torch.Tensor, positions: range) -> tuple[torch.Tensor, torch.Tensor] | None:
