@@ -377,3 +377,30 @@ def test_fused_norm_in_any_layout_has_the_bits_of_the_canonical_view(text, head_
     n = xd * torch.rsqrt(xd.pow(2).mean(-1, keepdim=True) + 1e-6) * wd
     exact = compute_rope(n, cos.double(), sin.double(), lead + "b h s d", interleaved=interleaved, **where)
     torch.testing.assert_close(expected.double(), exact, rtol=tolerance, atol=tolerance)
+
+
+def test_module_fused_call_follows_its_tables_and_pickles():
+    """The fused CPU call reads half-width copies of the module's tables, made on first use: a change to the
+    tables in place, or new tables, is seen at the next call (the same bits as compute_rope on the tables), and the
+    module still pickles and deep-copies after such a call."""
+    import copy
+    import pickle
+
+    rope = RotaryEmbedding(128, layout="b s h d", context_length=64)
+    q, k = torch.randn(1, 6, 4, 128), torch.randn(1, 6, 2, 128)
+    norm = torch.nn.RMSNorm(128, eps=1e-6)
+
+    def check():
+        q_rot, k_rot = rope(q, k, offset=3, q_norm=norm, k_norm=norm)
+        for got, x in ((q_rot, q), (k_rot, k)):
+            assert torch.equal(got, compute_rope(x, rope.cos, rope.sin, "b s h d", offset=3, norm_weight=norm.weight,
+                                                 norm_eps=1e-6))
+
+    with torch.no_grad():
+        check()
+        rope.cos.mul_(0.5), rope.sin.mul_(0.5)  # in place: the versions move
+        check()
+        rope.cos, rope.sin = rope.cos * 2, rope.sin * 2  # new tensors
+        check()
+    assert torch.equal(pickle.loads(pickle.dumps(rope)).cos, rope.cos)
+    assert torch.equal(copy.deepcopy(rope).sin, rope.sin)

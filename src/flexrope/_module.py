@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import weakref
 
 import torch
 from torch import nn
@@ -98,6 +99,7 @@ class RotaryEmbedding(nn.Module):
         self.head_dim, self.theta_base, self.context_length = head_dim, theta_base, context_length
         self.interleaved, self.scaling = interleaved, scaling
         self._rotation = Rotation(self.layout, self.rotary_dim, bool(interleaved))
+        self._halves: dict[int, tuple] = {}  # the fused CPU call's half-width tables (_half_tables)
         self._dynamic = self._recipe is not None and self._recipe.rope_type == "dynamic"
         recipe = self._recipe
         # L0 when calls of at most L0 positions use other tables than longer ones (dynamic, longrope)
@@ -369,6 +371,27 @@ class RotaryEmbedding(nn.Module):
         except FlexRopeError as error:
             raise self._context(error, "") from None
 
+    def _half_tables(self, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The first rotary_dim / 2 columns of the tables, contiguous, for the C loop's fused calls: the angles of a
+        token fill whole cache lines (read from the full-width rows, the CPU fetched twice their bytes: the
+        bfloat16 prefill of Qwen3's q and k took 4% longer). Made on first use and kept while the tables are the
+        same tensors at the same versions (half the tables' memory again; tables without a version counter,
+        inference tensors, are read as they are)."""
+        try:
+            versions = cos._version, sin._version
+        except RuntimeError:
+            return cos, sin
+        halves = self.__dict__.setdefault("_halves", {})
+        held = halves.get(id(cos))
+        if held is not None and held[0]() is cos and held[1]() is sin and held[2] == versions:
+            return held[3], held[4]
+        if len(halves) >= 2:  # the tables and the short ones (LongRoPE)
+            halves.clear()
+        half = self.rotary_dim // 2
+        cos_half, sin_half = cos[:, :half].contiguous(), sin[:, :half].contiguous()
+        halves[id(cos)] = (weakref.ref(cos), weakref.ref(sin), versions, cos_half, sin_half)
+        return cos_half, sin_half
+
     def _looped(self, operands: list[tuple], cos: torch.Tensor, sin: torch.Tensor) -> tuple | None:
         """A call without gradients on the CPU, each operand normed (a decoding step): straight to the C loop,
         norm, rotation and write in one pass per operand, with the checks of the general path (which takes an
@@ -380,10 +403,12 @@ class RotaryEmbedding(nn.Module):
             calls.append((x, length, where, *module_norm(norm, name + "_norm", x, self.head_dim), out))
         layout, prepared = self.layout, []
         permutation = layout.permutation  # (None where the canonical view is not a permutation: "b s (h d)")
+        cos_half, sin_half = self._half_tables(cos, sin)
         for x, length, where, weight, eps, offset, out in calls:
             target = out if out is not None else torch.empty_like(x)  # x's strides where x is dense
             x_c, target_c = (x, target) if permutation else (layout.canonical(x), layout.canonical(target))
-            prepared.append((target, _native.prepared(x_c, target_c, cos, sin, where, rotary_dim=self.rotary_dim,
+            prepared.append((target, _native.prepared(x_c, target_c, cos_half, sin_half, where,
+                                                      rotary_dim=self.rotary_dim,
                                                       interleaved=self.interleaved, inverse=False, weight=weight,
                                                       offset=offset, eps=eps, permutation=permutation)))
         _native.run([call for _, call in prepared if call is not None])  # q's and k's: one call of the loop
@@ -441,6 +466,11 @@ class RotaryEmbedding(nn.Module):
             cos, sin = self.short_cos, self.short_sin
         return rope_at(self._rotation, cos, sin, x, where, out, index, table_len=cos.shape[0], inverse=inverse,
                        positions_checked=values_on_host(x))
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state["_halves"] = {}  # (weak references do not pickle; the half-width tables are made again on use)
+        return state
 
     def extra_repr(self) -> str:
         parts = [
