@@ -404,3 +404,26 @@ def test_module_fused_call_follows_its_tables_and_pickles():
         check()
     assert torch.equal(pickle.loads(pickle.dumps(rope)).cos, rope.cos)
     assert torch.equal(copy.deepcopy(rope).sin, rope.sin)
+
+
+def test_module_fused_call_under_a_dispatch_mode_makes_no_table_copies():
+    """Under a dispatch mode (a fake-tensor or flop-counting one) the fused call takes the eager path, which the mode
+    sees: no half-width copies of the tables are made there (the mode would see them made, or wrap them, and they
+    would be kept)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.utils.flop_counter import FlopCounterMode
+
+    rope = RotaryEmbedding(128, layout="b s h d", context_length=64)
+    q, k = torch.randn(1, 4, 4, 128), torch.randn(1, 4, 2, 128)
+    norm = torch.nn.RMSNorm(128, eps=1e-6)
+    with torch.no_grad():
+        expected = rope(q, k, q_norm=norm, k_norm=norm)
+        rope._halves.clear()
+        with FlopCounterMode(display=False):
+            counted = rope(q, k, q_norm=norm, k_norm=norm)
+        with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+            fake = rope(mode.from_tensor(q), mode.from_tensor(k), q_norm=norm, k_norm=norm)
+        assert not rope._halves
+        for got, want in zip(counted, expected):
+            torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+        assert [tuple(t.shape) for t in fake] == [tuple(q.shape), tuple(k.shape)]

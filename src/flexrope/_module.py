@@ -11,6 +11,7 @@ from torch import nn
 from ._dispatch import Rotation, check_out, check_out_index, rope, rope_at, write_at
 from ._errors import FlexRopeError
 from ._functional import bound, checked_flag, checked_positions, parse
+from ._kinds import plain
 from ._positions import RowStarts, Where, assert_values_async, check_values, position_tensor, values_on_host
 from . import _native
 from ._qknorm import check_norm, module_norm, native_applies, norm_settings, normed_rotation
@@ -376,7 +377,10 @@ class RotaryEmbedding(nn.Module):
         token fill whole cache lines (read from the full-width rows, the CPU fetched twice their bytes: the
         bfloat16 prefill of Qwen3's q and k took 4% longer). Made on first use and kept while the tables are the
         same tensors at the same versions (half the tables' memory again; tables without a version counter,
-        inference tensors, are read as they are)."""
+        inference tensors, and calls under a dispatch mode, which would see or wrap the copies, read them as they
+        are)."""
+        if torch._C._len_torch_dispatch_stack() != 0 or not (plain(cos) and plain(sin)):
+            return cos, sin
         try:
             versions = cos._version, sin._version
         except RuntimeError:
