@@ -957,7 +957,7 @@ DEFINE_NORM_ROTATE(norm_rotate_float16, uint16_t, float, f16_load, f16_store, sq
 
 #ifdef BF16X_FOLDED
 /* Whether a plan's call is the common case of DEFINE_NORM_UNIT128, a unit per token: the count of its units, else 0 */
-static int64_t bf16x_tokens(const int64_t *plan, const int64_t *out_index) {
+static int64_t unit128_tokens(const int64_t *plan, const int64_t *out_index) {
     const int64_t ndim = plan[0], inner = ndim - 1, *sizes = plan + 9, *table_strides = sizes + 3 * ndim;
     const int64_t *positions_strides = table_strides + ndim;
     if (out_index || plan[3] != 128 || plan[4] != 128 || plan[5] || plan[1] != sizes[inner] ||
@@ -970,7 +970,7 @@ static int64_t bf16x_tokens(const int64_t *plan, const int64_t *out_index) {
 }
 
 /* A token's unit of one of the two calls */
-#define BF16X_PAIR_UNIT(UNIT128, s)                                                                           \
+#define PAIR_UNIT128(UNIT128, s)                                                                            \
     {                                                                                                       \
         const int64_t ndim = plan##s[0], inner = ndim - 1, table_row = plan##s[8], *sizes = plan##s + 9;    \
         const int64_t *x_strides = sizes + ndim, *out_strides = x_strides + ndim;                           \
@@ -984,20 +984,20 @@ static int64_t bf16x_tokens(const int64_t *plan, const int64_t *out_index) {
         }                                                                                                   \
         if (positions##s)                                                                                   \
             table_at += positions##s[positions_at] * table_row;                                             \
-        UNIT128(x##s + x_at, x_strides[inner], out##s + out_at, out_strides[inner], sizes[inner],              \
-                cos##s + table_at, sin##s + table_at, gain_a##s, gain_b##s, (float)plan##s[6], (float)eps##s);   \
+        UNIT128(x##s + x_at, x_strides[inner], out##s + out_at, out_strides[inner], sizes[inner],           \
+                cos##s + table_at, sin##s + table_at, gain_a##s, gain_b##s, (float)plan##s[6], (float)eps##s); \
     }
-#define X_TOGETHER(UNIT128)                                                                                   \
-    const int64_t tokens = bf16x_tokens(plan_a, out_index_a), threads = plan_a[7];                          \
-    if (tokens && tokens == bf16x_tokens(plan_b, out_index_b) && threads == plan_b[7]) {                    \
-        float gain_ab[128], gain_a_a[64], gain_b_a[64], gain_bb[128], gain_a_b[64], gain_b_b[64];            \
-        GAINS(float, weight_a, weight_kind_a, offset_a, 128, 64, 0, gain_ab, gain_a_a, gain_b_a)             \
-        GAINS(float, weight_b, weight_kind_b, offset_b, 128, 64, 0, gain_bb, gain_a_b, gain_b_b)             \
+#define X_TOGETHER(UNIT128)                                                                                 \
+    const int64_t tokens = unit128_tokens(plan_a, out_index_a), threads = plan_a[7];                        \
+    if (tokens && tokens == unit128_tokens(plan_b, out_index_b) && threads == plan_b[7]) {                  \
+        float gain_ab[128], gain_a_a[64], gain_b_a[64], gain_bb[128], gain_a_b[64], gain_b_b[64];           \
+        GAINS(float, weight_a, weight_kind_a, offset_a, 128, 64, 0, gain_ab, gain_a_a, gain_b_a)            \
+        GAINS(float, weight_b, weight_kind_b, offset_b, 128, 64, 0, gain_bb, gain_a_b, gain_b_b)            \
         (void)threads;                                                                                      \
         _Pragma("omp parallel for schedule(static) num_threads(threads) if (threads > 1)")                  \
         for (int64_t unit = 0; unit < tokens; ++unit) {                                                     \
-            BF16X_PAIR_UNIT(UNIT128, _a)                                                                    \
-            BF16X_PAIR_UNIT(UNIT128, _b)                                                                    \
+            PAIR_UNIT128(UNIT128, _a)                                                                       \
+            PAIR_UNIT128(UNIT128, _b)                                                                       \
         }                                                                                                   \
         return;                                                                                             \
     }
