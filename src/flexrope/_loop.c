@@ -583,12 +583,17 @@ static inline ALWAYS_INLINE void f32x_halves(const float *xr, float *o, int64_t 
     }
 }
 
-/* How far ahead of the row it normalises and rotates a unit asks for x's lines (a prefetch: never a fault, past
-   the end of x or not). The CPU's own stream prefetchers stop at each 4 KiB page; asked a page ahead, the next page
-   is on its way while this one is rotated: Qwen3's q and k in bfloat16 at 2,048 tokens, two threads, in C, 1.11-1.28x
-   -> 1.03-1.06x a copy, with any offsets of q, k and their outs modulo 4 KiB (2 KiB ahead: 1.09-1.10x; 8 KiB:
-   1.06x). */
+/* The norm's common unit (below) asks for the lines of x a row's bytes at PREFETCH_AHEAD past each
+   row it starts (a prefetch: never a fault, past the end of x or not). The CPU's own stream prefetchers stop at
+   each 4 KiB page; asked a page ahead, the next page is on its way while this one is rotated: Qwen3's q and k in
+   bfloat16 at 2,048 tokens, two threads, in C, 1.11-1.28x -> 1.03-1.06x a copy, with any offsets of q, k and
+   their outs modulo 4 KiB (2 KiB ahead: 1.09-1.10x; 8 KiB: 1.06x). The general loop, asking the same, ran no
+   faster (interleaved pairs, "b h s d": its per-row work, not memory, holds it). */
 #define PREFETCH_AHEAD 4096
+static inline void prefetch_ahead(const void *row, int64_t bytes) {
+    for (int64_t line = 0; line < bytes; line += 64)
+        __builtin_prefetch((const char *)row + PREFETCH_AHEAD + line, 0, 3);
+}
 
 /* NAME(x, x_in, out, out_in, count, c, s, gain_a, gain_b, sign, eps): a unit of `count` rows of head dim 128 that
    share their angles (c, s), pairs of halves, each written at out + row * out_in: the common case (a token's heads,
@@ -620,9 +625,7 @@ static inline ALWAYS_INLINE void f32x_halves(const float *xr, float *o, int64_t 
                 NAME##_scales(x + from * x_in, x_in, count - from < NORM_BLOCK ? count - from : NORM_BLOCK, eps, \
                               next);                                                                        \
             for (int64_t r = 0; r < rows; ++r) {                                                            \
-                const char *row = (const char *)(x + (block + r) * x_in);                                    \
-                for (int line = 0; line < 128 * (int)sizeof(T); line += 64)                                  \
-                    _mm_prefetch(row + PREFETCH_AHEAD + line, _MM_HINT_T0);                                 \
+                prefetch_ahead(x + (block + r) * x_in, 128 * sizeof(T));                                     \
                 angles.scale = scales[r];                                                                   \
                 HALVES(x + (block + r) * x_in, out + (block + r) * out_in, 64, &angles, 1.0f);               \
             }                                                                                               \
