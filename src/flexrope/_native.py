@@ -339,9 +339,10 @@ def _plan(x: torch.Tensor, out: torch.Tensor, table_strides: list[int], position
     sizes = [x.shape[d] for d in dims]
     varies = [table_strides[d] != 0 or positions_strides[d] != 0 for d in dims]  # the angles, along each dim
     # rows that share their angles along the innermost dim go in groups there (contiguous rows); else along
-    # the dim outside it, where they share them there
-    group = (GROUP if len(sizes) >= 2 and varies[-1] and not varies[-2] and sizes[-2] >= GROUP and not norm
-             and not any(index_strides) and not out_seq else 1)
+    # the dim outside it, where they share them there: GROUP of them for the rotation, all of them for the norm,
+    # whose unit folds the norm's gains into each row's angles once for them all
+    shared = len(sizes) >= 2 and varies[-1] and not varies[-2] and not any(index_strides) and not out_seq
+    group = (sizes[-2] if norm else GROUP if sizes[-2] >= GROUP else 1) if shared else 1
     outer = math.prod(sizes[:-2]) * -(-sizes[-2] // group) if len(sizes) >= 2 else 1
     threads = threads if x.numel() >= THREADED_MIN_ELEMENTS else 1
     # a unit of work is a run of the innermost dim at one group of outer indices; where there are fewer of
