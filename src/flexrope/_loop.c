@@ -598,21 +598,22 @@ static inline ALWAYS_INLINE void f32x_halves(const float *xr, float *o, int64_t 
    each 4 KiB page; asked a page ahead, the next page is on its way while this one is rotated: Qwen3's q and k in
    bfloat16 at 2,048 tokens, two threads, in C, 1.11-1.28x -> 1.03-1.06x a copy, with any offsets of q, k and
    their outs modulo 4 KiB (2 KiB ahead: 1.09-1.10x; 8 KiB: 1.06x). The general loop, asking the same, ran no
-   faster (interleaved pairs, "b h s d": its per-row work, not memory, holds it). */
+   faster: its per-row work, not memory, held it. */
 #define PREFETCH_AHEAD 4096
 static inline void prefetch_ahead(const void *row, int64_t bytes) {
     for (int64_t line = 0; line < bytes; line += 64)
         __builtin_prefetch((const char *)row + PREFETCH_AHEAD + line, 0, 3);
 }
 
-/* NAME(x, x_in, out, out_in, count, folded, folded_in, eps): `count` rows of head dim 128, pairs of halves, each
-   written at out + row * out_in, row r rotated by the folded angles (bf16x_fold) at folded + r * folded_in: the
-   common cases, as DEFINE_NORM_ROTATE runs them, without its per-row lookups of positions, out_index, angles and
-   pairing: the same operations, so the same bits, in less time. folded_in 0: rows that share their angles (a
-   token's heads, "b s h d"; one core, bfloat16: Qwen3's q held in cache 0.129 -> 0.102 ns an element, at 2,048
-   tokens 5-10% less); 4 * 64: a run of tokens of one head ("b h s d"), their angles folded once for all the heads
-   of the unit (X_NORM_UNIT). The scales of up to NORM_BLOCK rows, 1 / sqrt(sum / 128 + eps), as SCALES computes
-   them, the next block's before this block's pairs. */
+/* NAME(x, x_in, out, out_in, count, folded, folded_in, eps): `count` rows of head dim 128, their pairs those of
+   HALVES (bf16x_halves, f32x_halves: pairs of halves; bf16x_words: side by side), row r written at
+   out + r * out_in, rotated by the folded angles (bf16x_fold) at folded + r * folded_in: the common cases, as
+   DEFINE_NORM_ROTATE runs them, without its per-row lookups of positions, out_index, angles and pairing: the same
+   operations, so the same bits, in less time. folded_in 0: rows that share their angles (a token's heads,
+   "b s h d"; one core, bfloat16: Qwen3's q held in cache 0.129 -> 0.102 ns an element, at 2,048 tokens 5-10%
+   less); 256: a run of tokens of one head ("b h s d"), their angles folded once for all the unit's heads
+   (X_NORM_UNIT). The scales of up to NORM_BLOCK rows, 1 / sqrt(sum / 128 + eps), as SCALES computes them, the
+   next block's before this block's pairs. */
 #define DEFINE_NORM_UNIT128(NAME, T, SUMS, HALVES)                                                            \
     static inline ALWAYS_INLINE void NAME##_scales(const T *x, int64_t stride, int64_t rows, float eps,       \
                                                    float *scales) {                                          \
@@ -643,6 +644,7 @@ static inline void prefetch_ahead(const void *row, int64_t bytes) {
         }                                                                                                   \
     }
 DEFINE_NORM_UNIT128(bf16x_norm_unit128, uint16_t, bf16x_sums, bf16x_halves)
+DEFINE_NORM_UNIT128(bf16x_norm_unit128_words, uint16_t, bf16x_sums, bf16x_words)
 DEFINE_NORM_UNIT128(f32x_norm_unit128, float, f32x_sums, f32x_halves)
 
 /* The folded angles (bf16x_fold) of 64 pairs at c, s */
@@ -652,7 +654,8 @@ static inline void fold64(const float *c, const float *s, const float *gain_a, c
     bf16x_fold(&angles, 64, sign, folded);
 }
 
-/* DEFINE_NORM_ROTATE's unit, where it is a common case (head dim 128, pairs of halves, no out_index), by UNIT128:
+/* DEFINE_NORM_ROTATE's unit, where it is a common case (head dim 128, no out_index; pairs side by side where there
+   is a unit for them, WORDS128: bfloat16, 1.50x -> 1.17x a copy at Qwen3's prefill), by HALVES128 or WORDS128:
    rows that share their angles (a token's heads, "b s h d"), their angles folded once; or rows along the innermost
    dim with angles of their own at each of the unit's `rows` indices of the grouped dim (a tile of tokens at every
    head, "b h s d"), the angles of TILE_FOLDED tokens folded once for all the heads. Folding each row's own angles,
@@ -660,13 +663,14 @@ static inline void fold64(const float *c, const float *s, const float *gain_a, c
    1.66-1.72x a copy; folded once per tile of 16 tokens, 1.15-1.17x (32: 1.22-1.25x; the folded angles of a tile,
    1 KiB a token, are read again for every head, from L1 where they fit). */
 #define TILE_FOLDED 16
-#define X_NORM_UNIT(UNIT128)                                                                                  \
-    if (!out_index && half == 64 && channels == 128 && !interleaved) {                                        \
+#define X_NORM_UNIT(HALVES128, WORDS128)                                                                      \
+    __typeof__(&HALVES128) const unit128 = interleaved ? WORDS128 : HALVES128;                              \
+    if (unit128 && !out_index && half == 64 && channels == 128) {                                            \
         if (table_in == 0 && positions_in == 0) {                                                           \
             float folded[4 * 64];                                                                           \
             fold64(cos + ANGLES_AT(0), sin + ANGLES_AT(0), gain_a, gain_b, (float)sign, folded);            \
             for (int64_t g = 0; g < rows; ++g)                                                              \
-                UNIT128(x + x_at + g * x_mid, x_in, out + out_at + g * out_mid, out_in, count, folded, 0,   \
+                unit128(x + x_at + g * x_mid, x_in, out + out_at + g * out_mid, out_in, count, folded, 0,   \
                         (float)eps);                                                                        \
             continue;                                                                                       \
         }                                                                                                   \
@@ -677,7 +681,7 @@ static inline void fold64(const float *c, const float *s, const float *gain_a, c
                 fold64(cos + ANGLES_AT(from + t), sin + ANGLES_AT(from + t), gain_a, gain_b, (float)sign,   \
                        folded + t * 4 * 64);                                                                \
             for (int64_t g = 0; g < rows; ++g)                                                              \
-                UNIT128(x + x_at + g * x_mid + from * x_in, x_in, out + out_at + g * out_mid + from * out_in, \
+                unit128(x + x_at + g * x_mid + from * x_in, x_in, out + out_at + g * out_mid + from * out_in, \
                         out_in, tokens, folded, 4 * 64, (float)eps);                                        \
         }                                                                                                   \
         continue;                                                                                           \
@@ -723,8 +727,8 @@ static inline void fold64(const float *c, const float *s, const float *gain_a, c
 #define BF16_NORM_HALVES(T, C, LOAD, STORE, n) BF16X_NORM_ROW(bf16x_halves, n)
 #define BF16_NORM_SIDE_BY_SIDE(T, C, LOAD, STORE, n) BF16X_NORM_ROW(bf16x_words, n)
 #define BF16_NORM_STATE BF16X_NORM_STATE
-#define BF16_NORM_UNIT X_NORM_UNIT(bf16x_norm_unit128)
-#define F32_NORM_UNIT X_NORM_UNIT(f32x_norm_unit128)
+#define BF16_NORM_UNIT X_NORM_UNIT(bf16x_norm_unit128, bf16x_norm_unit128_words)
+#define F32_NORM_UNIT X_NORM_UNIT(f32x_norm_unit128, NULL)
 #define F32_SUMS f32x_sums
 #define BF16_SUMS bf16x_sums
 #endif
@@ -1000,11 +1004,12 @@ DEFINE_NORM_ROTATE(norm_rotate_float16, uint16_t, float, f16_load, f16_store, sq
     }
 
 #ifdef BF16X_FOLDED
-/* Whether a plan's call is the common case of DEFINE_NORM_UNIT128, a unit per token: the count of its units, else 0 */
-static int64_t unit128_tokens(const int64_t *plan, const int64_t *out_index) {
+/* Whether a plan's call is the common case of DEFINE_NORM_UNIT128, a unit per token: the count of its units, else 0
+   (pairs side by side only where `words`, there being a unit for them) */
+static int64_t unit128_tokens(const int64_t *plan, const int64_t *out_index, int words) {
     const int64_t ndim = plan[0], inner = ndim - 1, *sizes = plan + 9, *table_strides = sizes + 3 * ndim;
     const int64_t *positions_strides = table_strides + ndim;
-    if (out_index || plan[3] != 128 || plan[4] != 128 || plan[5] || plan[1] != sizes[inner] ||
+    if (out_index || plan[3] != 128 || plan[4] != 128 || (plan[5] && !words) || plan[1] != sizes[inner] ||
         table_strides[inner] || positions_strides[inner])
         return 0;
     int64_t outer = 1;
@@ -1013,8 +1018,8 @@ static int64_t unit128_tokens(const int64_t *plan, const int64_t *out_index) {
     return outer;
 }
 
-/* A token's unit of one of the two calls */
-#define PAIR_UNIT128(UNIT128, s)                                                                            \
+/* A token's unit of one of the two calls, its pairs of halves by HALVES128, side by side by words128 */
+#define PAIR_UNIT128(HALVES128, s)                                                                          \
     {                                                                                                       \
         const int64_t ndim = plan##s[0], inner = ndim - 1, table_row = plan##s[8], *sizes = plan##s + 9;    \
         const int64_t *x_strides = sizes + ndim, *out_strides = x_strides + ndim;                           \
@@ -1030,25 +1035,26 @@ static int64_t unit128_tokens(const int64_t *plan, const int64_t *out_index) {
             table_at += positions##s[positions_at] * table_row;                                             \
         float folded[4 * 64];                                                                               \
         fold64(cos##s + table_at, sin##s + table_at, gain_a##s, gain_b##s, (float)plan##s[6], folded);      \
-        UNIT128(x##s + x_at, x_strides[inner], out##s + out_at, out_strides[inner], sizes[inner], folded, 0, \
-                (float)eps##s);                                                                             \
+        (plan##s[5] ? words128 : HALVES128)(x##s + x_at, x_strides[inner], out##s + out_at, out_strides[inner], \
+                                            sizes[inner], folded, 0, (float)eps##s);                        \
     }
-#define X_TOGETHER(UNIT128)                                                                                 \
-    const int64_t tokens = unit128_tokens(plan_a, out_index_a), threads = plan_a[7];                        \
-    if (tokens && tokens == unit128_tokens(plan_b, out_index_b) && threads == plan_b[7]) {                  \
+#define X_TOGETHER(HALVES128, WORDS128)                                                                     \
+    __typeof__(&HALVES128) const words128 = WORDS128;                                                      \
+    const int64_t tokens = unit128_tokens(plan_a, out_index_a, words128 != NULL), threads = plan_a[7];     \
+    if (tokens && tokens == unit128_tokens(plan_b, out_index_b, words128 != NULL) && threads == plan_b[7]) { \
         float gain_ab[128], gain_a_a[64], gain_b_a[64], gain_bb[128], gain_a_b[64], gain_b_b[64];           \
-        GAINS(float, weight_a, weight_kind_a, offset_a, 128, 64, 0, gain_ab, gain_a_a, gain_b_a)            \
-        GAINS(float, weight_b, weight_kind_b, offset_b, 128, 64, 0, gain_bb, gain_a_b, gain_b_b)            \
+        GAINS(float, weight_a, weight_kind_a, offset_a, 128, 64, plan_a[5], gain_ab, gain_a_a, gain_b_a)    \
+        GAINS(float, weight_b, weight_kind_b, offset_b, 128, 64, plan_b[5], gain_bb, gain_a_b, gain_b_b)    \
         (void)threads;                                                                                      \
         _Pragma("omp parallel for schedule(static) num_threads(threads) if (threads > 1)")                  \
         for (int64_t unit = 0; unit < tokens; ++unit) {                                                     \
-            PAIR_UNIT128(UNIT128, _a)                                                                       \
-            PAIR_UNIT128(UNIT128, _b)                                                                       \
+            PAIR_UNIT128(HALVES128, _a)                                                                     \
+            PAIR_UNIT128(HALVES128, _b)                                                                     \
         }                                                                                                   \
         return;                                                                                             \
     }
-#define BF16_TOGETHER X_TOGETHER(bf16x_norm_unit128)
-#define F32_TOGETHER X_TOGETHER(f32x_norm_unit128)
+#define BF16_TOGETHER X_TOGETHER(bf16x_norm_unit128, bf16x_norm_unit128_words)
+#define F32_TOGETHER X_TOGETHER(f32x_norm_unit128, NULL)
 #else
 #define BF16_TOGETHER
 #define F32_TOGETHER
