@@ -176,3 +176,70 @@ def test_out_under_torch_compile_has_no_graph_break():
     step(x, cache[:, 1:4])
     assert torch.equal(cache[:, 1:4], compute_rope(x, cos, sin, "b s h d", offset=1))
     assert cache[:, 0].abs().sum() == 0 and cache[:, 4:].abs().sum() == 0
+
+
+@pytest.mark.parametrize("norm", [False, True])
+def test_out_x_itself_has_the_in_place_checks(norm):
+    """out=x (q_out=q on the module, beside k's own out or not) is in place: an x whose elements overlap (expanded)
+    or an inference tensor outside inference_mode is refused with nothing written, with the fused norm or not."""
+    cos, sin = _tables()
+    extra = dict(norm_weight=torch.rand(8) + 0.5) if norm else {}
+    row = torch.randn(1, 3, 2, 8)
+    expanded = row.expand(2, 3, 2, 8)
+    _refused("out=x on a tensor whose elements overlap", expanded, cos, sin, "b s h d", out=expanded, **extra)
+    with torch.inference_mode():
+        inference = torch.randn(1, 3, 2, 8)
+    kept = inference.clone()
+    _refused("out=x on an inference tensor outside inference_mode", inference, cos, sin, "b s h d", out=inference,
+             **extra)
+    assert torch.equal(inference, kept)
+    rope = RotaryEmbedding(8, layout="b s h d", context_length=32)
+    norms = dict(q_norm=(extra["norm_weight"], 1e-6, 0.0), k_norm=(extra["norm_weight"], 1e-6, 0.0)) if norm else {}
+    k, cache = torch.randn(2, 3, 2, 8), torch.zeros(2, 3, 2, 8)
+    for outs in (dict(q_out=expanded), dict(q_out=expanded, k_out=cache), dict(q_out=expanded, k_out=k)):
+        with pytest.raises(FlexRopeError, match="q_out=q on a tensor whose elements overlap"):
+            rope(expanded, k.clone(), **outs, **norms)
+    with pytest.raises(FlexRopeError, match="q_out=q on an inference tensor"):
+        rope(inference, k[:1], q_out=inference, k_out=cache[:1], **norms)
+    assert torch.equal(inference, kept) and torch.equal(row.expand(2, 3, 2, 8), expanded)
+    assert cache.abs().sum() == 0
+
+
+@pytest.mark.parametrize("norm", [False, True])
+def test_module_out_over_the_other_operand_is_refused_with_nothing_written(norm):
+    """q_out over k (or k_out over q, or the two outs over each other) would overwrite an input before it is read:
+    refused, nothing written."""
+    rope = RotaryEmbedding(8, layout="b s h d", context_length=32)
+    norms = dict(q_norm=(torch.ones(8), 1e-6, 0.0), k_norm=(torch.ones(8), 1e-6, 0.0)) if norm else {}
+    buffer = torch.randn(1, 3, 8, 8)  # q in heads 0-3, k in heads 4-5
+    q, k, spare = buffer[:, :, :4], buffer[:, :, 4:6], buffer[:, :, 6:]
+    kept = buffer.clone()
+    for grad in (True, False):
+        with torch.set_grad_enabled(grad):
+            with pytest.raises(FlexRopeError, match="q_out overlaps k in memory"):
+                rope(q[:, :, :2], k, q_out=k, **norms)
+            with pytest.raises(FlexRopeError, match="k_out overlaps q in memory"):
+                rope(q, k, k_out=buffer[:, :, 2:4], **norms)
+            with pytest.raises(FlexRopeError, match="q_out and k_out overlap in memory"):
+                rope(q[:, :, :2], k, q_out=spare, k_out=spare, **norms)
+    assert torch.equal(buffer, kept)
+    # views of one buffer that share no element: q in place, k into the spare heads
+    q_rot, k_rot = rope(q.clone(), k.clone(), **norms)
+    rope(q, k, q_out=q, k_out=spare, **norms)
+    assert torch.equal(q, q_rot) and torch.equal(spare, k_rot) and torch.equal(buffer[:, :, 4:6], kept[:, :, 4:6])
+
+
+def test_module_q_through_autograd_beside_k_into_the_cache():
+    """q requiring grad beside k written into the cache (k_out=): q's rotation keeps its gradient, the cache gets
+    k's rotation (only an input that requires grad and is written into an out is refused)."""
+    rope = RotaryEmbedding(8, layout="b s h d", context_length=32)
+    q, k = torch.randn(1, 3, 4, 8, requires_grad=True), torch.randn(1, 3, 2, 8)
+    cache = torch.zeros(1, 5, 2, 8)
+    q_rot, k_rot = rope(q, k, offset=2, k_out=cache[:, 2:])
+    assert k_rot.data_ptr() == cache[:, 2:].data_ptr() and torch.equal(k_rot, rope(k, offset=2))
+    q_rot.pow(2).sum().backward()
+    expected = q.detach().clone().requires_grad_()
+    rope(expected, offset=2).pow(2).sum().backward()
+    assert torch.equal(q.grad, expected.grad)
+    with pytest.raises(FlexRopeError, match="q_out= with q requiring grad"):
+        rope(k.clone().requires_grad_(), q.detach(), k_offset=0, q_out=torch.empty(1, 3, 2, 8))

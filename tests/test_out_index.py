@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import flexrope
-from flexrope import _dispatch, _qknorm, compute_rope
+from flexrope import RotaryEmbedding, _dispatch, _qknorm, compute_rope
 
 # (layout, x shape, cache shape, how the cache is seen in the layout)
 CASES = [
@@ -161,3 +161,22 @@ def test_module_norm_step_without_gradients_equals_the_general_path():
             got_q, got_k = rope(q, keys, offset=3, k_out=cache[:, 3:4], **norms)
         assert torch.equal(got_q, expected_q) and torch.equal(cache[:, 3:4], expected_k)
         assert torch.equal(cache[:, :3], torch.zeros(2, 3, 2, 8))
+
+
+def test_out_index_under_torch_compile_fullgraph():
+    """out_index= traced by torch.compile (fullgraph: its values are not known while tracing, so an index past the
+    end is an assert when the graph runs, as on a GPU): the same cache as eagerly."""
+    rope = RotaryEmbedding(16, layout="b s h d", context_length=32)
+    q, k = torch.randn(2, 3, 4, 16), torch.randn(2, 3, 2, 16)
+    cache = torch.zeros(2, 8, 2, 16)
+    index = torch.tensor([[0, 5, -1], [7, 1, 2]])
+    step = torch.compile(lambda q, k, index: rope(q, k, offset=2, k_out=cache, k_out_index=index), fullgraph=True,
+                         backend="eager")
+    with torch.no_grad():
+        q_rot, _ = step(q, k, index)
+        compiled = cache.clone()
+        cache.zero_()
+        expected_q, _ = rope(q, k, offset=2, k_out=cache, k_out_index=index)
+        assert torch.equal(compiled, cache) and torch.equal(q_rot, expected_q)
+        with pytest.raises(RuntimeError, match="out_index holds an index >= out's sequence length 8"):
+            step(q, k, torch.tensor([[0, 5, -1], [8, 1, 2]]))

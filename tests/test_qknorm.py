@@ -427,3 +427,35 @@ def test_module_fused_call_under_a_dispatch_mode_makes_no_table_copies():
         for got, want in zip(counted, expected):
             torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
         assert [tuple(t.shape) for t in fake] == [tuple(q.shape), tuple(k.shape)]
+
+
+@pytest.mark.parametrize("grad", [True, False])
+def test_module_checks_both_norms_before_anything_is_written(grad):
+    """A bad k_norm (or one whose weight requires grad, beside k_out=) is refused before q's rotation is written
+    into q_out, with or without gradients enabled."""
+    rope = RotaryEmbedding(8, layout="b s h d", context_length=32)
+    q, k = torch.randn(1, 3, 4, 8), torch.randn(1, 3, 2, 8)
+    q_out, k_out = torch.zeros_like(q), torch.zeros_like(k)
+    good = (torch.ones(8), 1e-6, 0.0)
+    with torch.set_grad_enabled(grad):
+        with pytest.raises(FlexRopeError, match="k_norm_weight"):
+            rope(q, k, q_out=q_out, k_out=k_out, q_norm=good, k_norm=(torch.ones(7), 1e-6, 0.0))
+        if grad:
+            with pytest.raises(FlexRopeError, match="k_out= with an input that requires grad"):
+                rope(q, k, q_out=q_out, k_out=k_out, q_norm=good, k_norm=torch.nn.RMSNorm(8))
+            with pytest.raises(FlexRopeError, match="k_out= with k requiring grad"):
+                rope(q, k.clone().requires_grad_(), q_out=q_out, k_out=k_out, q_norm=good)
+    assert q_out.abs().sum() == 0 and k_out.abs().sum() == 0
+
+
+def test_norm_weight_requiring_grad_with_out_index_is_refused():
+    """out= (with out_index= or not) and a norm weight that requires grad: refused, as with x requiring grad
+    (the caller's cache would join the autograd graph)."""
+    cos, sin = flexrope.precompute_rope_params(8, context_length=16)
+    x, cache = torch.randn(1, 3, 2, 8), torch.zeros(1, 5, 2, 8)
+    w = torch.ones(8, requires_grad=True)
+    for index in (None, torch.tensor([0, 2, 4])):
+        out = cache if index is not None else cache[:, :3]
+        with pytest.raises(FlexRopeError, match="out= with an input that requires grad"):
+            compute_rope(x, cos, sin, "b s h d", norm_weight=w, out=out, out_index=index)
+    assert cache.abs().sum() == 0 and not cache.requires_grad

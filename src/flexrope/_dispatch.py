@@ -224,21 +224,22 @@ RUNNERS.update(triton=_run_triton, traced=_run_each, native=_run_each, compiled=
                small=_run_each)
 
 
-def _check_inplace(x: torch.Tensor) -> None:
-    """Refuse an in-place call that would fail half-way, or write garbage, before anything is written."""
+def _check_inplace(x: torch.Tensor, asked: str = "inplace=True", instead: str = "pass inplace=False") -> None:
+    """Refuse an in-place call (``asked``: how the caller asked for it; ``instead``: what to do) that would fail
+    half-way, or write garbage, before anything is written."""
     if x.is_inference() and not torch.is_inference_mode_enabled():
-        raise FlexRopeError("inplace=True on an inference tensor outside inference_mode: pass inplace=False, or "
-                            "rotate inside torch.inference_mode()")
+        raise FlexRopeError(f"{asked} on an inference tensor outside inference_mode: {instead}, or rotate inside "
+                            f"torch.inference_mode()")
     if torch.is_grad_enabled() and x.requires_grad:
         base = x._base if x._is_view() else x
         if base.is_leaf:
             what = "a view of a leaf tensor" if base is not x else "a leaf tensor"
-            raise FlexRopeError(f"inplace=True on {what} that requires grad: autograd cannot overwrite it; pass "
-                                f"inplace=False, or rotate a tensor computed from it")
+            raise FlexRopeError(f"{asked} on {what} that requires grad: autograd cannot overwrite it; {instead}, "
+                                f"or rotate a tensor computed from it")
     if overlapping(x):
-        raise FlexRopeError(f"inplace=True on a tensor whose elements overlap in memory (shape {tuple(x.shape)}, "
+        raise FlexRopeError(f"{asked} on a tensor whose elements overlap in memory (shape {tuple(x.shape)}, "
                             f"strides {x.stride()}, e.g. expanded or unfolded): elements would be written more "
-                            f"than once; pass inplace=False")
+                            f"than once; {instead}")
 
 
 def _offsets(t: torch.Tensor) -> torch.Tensor:
@@ -289,6 +290,7 @@ def check_out(layout: Layout, x: torch.Tensor, out: object, x_name: str = "x", o
         if indexed:
             raise FlexRopeError(f"{out_name} is {x_name} itself with an out_index: its tokens would be overwritten "
                                 f"while they are read; write into another tensor (e.g. the cache)")
+        _check_inplace(x, f"{out_name}={x_name}", f"pass a tensor apart from {x_name} as {out_name}")
         return True
     if torch.is_grad_enabled() and (x.requires_grad or out.requires_grad):
         who = x_name if x.requires_grad else out_name
@@ -320,8 +322,9 @@ def check_out(layout: Layout, x: torch.Tensor, out: object, x_name: str = "x", o
 def check_out_index(layout: Layout, x: torch.Tensor, out: torch.Tensor, index: object) -> torch.Tensor:
     """``out_index`` checked against x (one index per token: (s,) or (b, s)) and out's sequence length,
     broadcast to (b, s). On the CPU its values are checked here (and duplicates refused: which token would
-    land there is not defined); on a GPU an index past the end is an asynchronous device assert, as positions
-    are, and duplicates are not looked for (that would sync): which token lands there is then unspecified."""
+    land there is not defined); on a GPU, and traced by torch.compile (where values are not known while
+    tracing), an index past the end is an asynchronous assert (a RuntimeError when it runs), as positions are,
+    and duplicates are not looked for (that would sync): which token lands there is then unspecified."""
     x_c, length = layout.canonical(x), layout.canonical(out).shape[-2]
     b, s = x_c.shape[-4], x_c.shape[-2]
     if (not isinstance(index, torch.Tensor) or index.dtype.is_floating_point or index.dtype.is_complex
@@ -331,7 +334,7 @@ def check_out_index(layout: Layout, x: torch.Tensor, out: torch.Tensor, index: o
     if index.device != x.device:
         raise FlexRopeError(f"out_index is on {index.device} but x is on {x.device}: move it with .to(x.device)")
     index = index.long().expand(b, s)
-    if index.is_cpu:
+    if index.is_cpu and not torch.compiler.is_compiling():  # (traced: values are not known, as on a GPU)
         if index.numel() and int(index.max()) >= length:
             raise FlexRopeError(f"out_index holds {int(index.max())}, past out's sequence length {length}: "
                                 f"indices must be < {length} (negative ones skip their token)")
@@ -439,8 +442,13 @@ def rope(rotation: Rotation, cos: torch.Tensor, sin: torch.Tensor, operands: lis
     backend = choose(x, inplace=inplace, numel=numel, into=outs is not None)
     if outs is not None:  # straight to the backend: out= has no autograd, as in torch
         if torch.is_grad_enabled() and any(x_.requires_grad for x_, _ in operands):
-            raise FlexRopeError("out= with an input that requires grad: functions with out= arguments do not "
-                                "support automatic differentiation (as in torch); rotate without out= and copy")
+            if any(out is not None and x_.requires_grad for (x_, _), out in zip(operands, outs)):
+                raise FlexRopeError("out= with an input that requires grad: functions with out= arguments do not "
+                                    "support automatic differentiation (as in torch); rotate without out= and copy")
+            # q through autograd beside k into the cache: each on its own
+            return tuple(rope(rotation, cos, sin, [operand], inplace=False, table_len=table_len, inverse=inverse,
+                              positions_checked=positions_checked, outs=(out,))[0]
+                         for operand, out in zip(operands, outs))
         for x_, where in operands:
             if not (isinstance(where, int) or positions_checked or backend == "triton"):
                 _check_values(rotation.layout, x_, where, table_len)

@@ -277,8 +277,7 @@ def compute_rope(
                 index = None if out_index is None else check_out_index(parsed, x, out, out_index)
             if not per_token:
                 _check_values(parsed, x, where, cos.shape[0])
-            if (out is not None and out_index is None and torch.is_grad_enabled()
-                    and (x.requires_grad or weight.requires_grad)):
+            if out is not None and torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
                 raise FlexRopeError("out= with an input that requires grad: functions with out= arguments do not "
                                     "support automatic differentiation (as in torch)")
             return normed_rotation(parsed, x, weight, eps, gain_offset, cos, sin, where, shape.s, rotary_dim,

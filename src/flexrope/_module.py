@@ -8,7 +8,7 @@ import weakref
 import torch
 from torch import nn
 
-from ._dispatch import Rotation, check_out, check_out_index, rope, rope_at, write_at
+from ._dispatch import Rotation, _shares_elements, check_out, check_out_index, rope, rope_at, write_at
 from ._errors import FlexRopeError
 from ._functional import bound, checked_flag, checked_positions, parse
 from ._kinds import plain
@@ -26,6 +26,20 @@ def _rows(where: Where, seq_len: int) -> tuple[torch.Tensor | range, int | torch
         return range(where, where + seq_len), 0
     positions = position_tensor(where, seq_len)
     return positions.flatten(), torch.arange(positions.numel(), device=positions.device).view(positions.shape)
+
+
+def _apart(pairs: list[tuple], outs: list) -> None:
+    """Refuse q's out over k or k's out over q (the first one written over the other before it is read), and two
+    outs over each other. ``pairs``: (x, out, name, out_index) of q and k; ``outs``: their checked outs."""
+    (q, _, q_name, _), (k, _, k_name, _) = pairs
+    q_out, k_out = outs
+    for out, name, other, other_name in ((q_out, q_name, k, k_name), (k_out, k_name, q, q_name)):
+        if out is not None and _shares_elements(out, other):
+            raise FlexRopeError(f"{name}_out overlaps {other_name} in memory: {other_name} would be overwritten "
+                                f"before it is read; pass a {name}_out apart from {other_name}")
+    if q_out is not None and k_out is not None and _shares_elements(q_out, k_out):
+        raise FlexRopeError(f"{q_name}_out and {k_name}_out overlap in memory: one would be written over the "
+                            f"other; pass outs apart from each other")
 
 
 def _reach(where: Where, seq_len: int) -> int:
@@ -351,23 +365,32 @@ class RotaryEmbedding(nn.Module):
                 looped = self._looped(operands, cos, sin)
                 if looped is not None:
                     return looped
-            results = []
-            for i, (x, length, where, norm, out, name) in enumerate(operands):
-                index = None if indices is None else indices[i]
+            settings = []
+            for x, length, where, norm, out, name in operands:  # every operand checked before any is written
                 if norm is None:
-                    results.append(self._at(x, length, where, out, index, False) if index is not None else
-                                   self._rotate([(x, length, where)], False, (out,))[0])
+                    if out is not None and torch.is_grad_enabled() and x.requires_grad:
+                        raise FlexRopeError(f"{name}_out= with an input that requires grad: functions with out= "
+                                            f"arguments do not support automatic differentiation (as in torch)")
+                    settings.append(None)
                     continue
                 # (not module_norm: traced by torch.compile, addresses and versions are not to be read)
                 weight, eps, offset = check_norm(*norm_settings(norm, f"{name}_norm", x.dtype), x, self.head_dim,
                                                  f"{name}_norm")
-                if not isinstance(where, int) and not values_on_host(x):
-                    assert_values_async(where, length, cos.shape[0])
                 if out is not None and torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
                     raise FlexRopeError(f"{name}_out= with an input that requires grad: functions with out= "
                                         f"arguments do not support automatic differentiation (as in torch)")
-                results.append(normed_rotation(self.layout, x, weight, eps, offset, cos, sin, where, length,
-                                               self.rotary_dim, self.interleaved, out=out, out_index=index))
+                settings.append((weight, eps, offset))
+            results = []
+            for i, ((x, length, where, norm, out, name), setting) in enumerate(zip(operands, settings)):
+                index = None if indices is None else indices[i]
+                if setting is None:
+                    results.append(self._at(x, length, where, out, index, False) if index is not None else
+                                   self._rotate([(x, length, where)], False, (out,))[0])
+                    continue
+                if not isinstance(where, int) and not values_on_host(x):
+                    assert_values_async(where, length, cos.shape[0])
+                results.append(normed_rotation(self.layout, x, *setting, cos, sin, where, length, self.rotary_dim,
+                                               self.interleaved, out=out, out_index=index))
             return tuple(results)
         except FlexRopeError as error:
             raise self._context(error, "") from None
@@ -442,6 +465,8 @@ class RotaryEmbedding(nn.Module):
                     checked.append(x)
                 else:
                     checked.append(out)
+            if len(pairs) == 2 and not torch.compiler.is_compiling():  # (a traced graph has no addresses)
+                _apart(pairs, checked)
         except FlexRopeError as error:
             raise self._context(error, "") from None
         return tuple(checked)
