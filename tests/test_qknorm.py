@@ -459,3 +459,131 @@ def test_norm_weight_requiring_grad_with_out_index_is_refused():
         with pytest.raises(FlexRopeError, match="out= with an input that requires grad"):
             compute_rope(x, cos, sin, "b s h d", norm_weight=w, out=out, out_index=index)
     assert cache.abs().sum() == 0 and not cache.requires_grad
+
+
+def _model_norm(module, name):
+    return getattr(pytest.importorskip(f"transformers.models.{module}.modeling_{module}"), name)
+
+
+# (module, class, scales by 1 + weight): names alone do not tell (Gemma 3n's and Gemma 4's scale by weight,
+# Qwen3-Next's and T5Gemma 2's by 1 + weight)
+MODEL_NORMS = [("qwen3", "Qwen3RMSNorm", False), ("gemma3", "Gemma3RMSNorm", True),
+               ("gemma3n", "Gemma3nRMSNorm", False), ("gemma4", "Gemma4RMSNorm", False),
+               ("qwen3_next", "Qwen3NextRMSNorm", True), ("t5gemma2", "T5Gemma2RMSNorm", True),
+               ("olmo2", "Olmo2RMSNorm", False)]
+
+
+@pytest.mark.parametrize("module, name, one_plus", MODEL_NORMS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_model_norms_are_told_apart_by_what_they_compute(module, name, one_plus, dtype):
+    """Each model's own q_norm, fused, equals that norm then the rotation, whatever its class is called."""
+    norm = _hf(_model_norm(module, name), dtype)
+    rope = RotaryEmbedding(D, layout="b s h d", context_length=32)
+    cos, sin = flexrope.precompute_rope_params(D, context_length=32)
+    q = torch.randn(2, 3, 4, D).to(dtype)
+    with torch.no_grad():
+        ours = rope(q, offset=2, q_norm=norm)
+        theirs = compute_rope(norm(q), cos, sin, "b s h d", offset=2)
+        exact = _unfused64(q, norm.weight, 1.0 if one_plus else 0.0, 1e-6, *(
+            t[2:5, :D // 2].double()[None, :, None] for t in (cos, sin)))
+    if dtype == torch.float32:
+        torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-5)
+    else:  # rounded once: within bfloat16's half ulp of the definition; theirs within a few roundings of ours
+        assert ((ours.double() - exact).abs() <= 2.0 ** -8 * exact.abs() * 1.001 + 1e-6).all()
+        head_scale = 2.0 ** -8 * exact.abs().amax(-1, keepdim=True)
+        assert ((ours.double() - theirs.double()).abs() <= 8 * head_scale).all()
+
+
+class _EpsElsewhere(torch.nn.Module):
+    """An RMSNorm whose .eps says 1e-6 while its forward uses 1e-2."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight, self.eps = torch.nn.Parameter(torch.rand(D) + 0.5), 1e-6
+
+    def forward(self, x):
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-2) * self.weight
+
+
+@pytest.mark.parametrize("make, match", [
+    (lambda: torch.nn.LayerNorm(D, eps=1e-6), "fits neither"),
+    (lambda: _model_norm("cohere", "CohereLayerNorm")(D, eps=1e-6), "fits neither"),
+    (_EpsElsewhere, "fits neither"),
+    (lambda: torch.nn.RMSNorm(D, elementwise_affine=False), r"without a weight .*torch.ones\(16\)"),
+    (lambda: torch.nn.Identity(), "expected an RMSNorm module"),
+])
+def test_norms_that_are_not_an_rmsnorm_of_their_eps_are_refused_with_nothing_written(make, match):
+    rope = RotaryEmbedding(D, layout="b s h d", context_length=32)
+    q, k = torch.randn(1, 3, 2, D), torch.randn(1, 3, 1, D)
+    q_out, cache = torch.zeros_like(q), torch.zeros(1, 8, 1, D)
+    with pytest.raises(FlexRopeError, match=match), torch.no_grad():
+        rope(q, k, offset=1, q_norm=torch.nn.RMSNorm(D, eps=1e-6), k_norm=make(), q_out=q_out,
+             k_out=cache[:, 1:4])
+    assert not q_out.any() and not cache.any()
+
+
+def test_a_fresh_norm_is_probed_while_compiling():
+    """Gemma 4's norm (scales by weight) and Qwen3-Next's (by 1 + weight), first seen inside
+    torch.compile(fullgraph=True): the probe runs while tracing, without a graph break."""
+    rope = RotaryEmbedding(D, layout="b s h d", context_length=32)
+    q_norm = _hf(_model_norm("gemma4", "Gemma4RMSNorm"), torch.float32)
+    k_norm = _hf(_model_norm("qwen3_next", "Qwen3NextRMSNorm"), torch.float32)
+    q, k = torch.randn(1, 4, 2, D), torch.randn(1, 4, 1, D)
+
+    @torch.compile(fullgraph=True, backend="eager")
+    def fn(q, k):
+        return rope(q, k, offset=3, q_norm=q_norm, k_norm=k_norm)
+
+    cos, sin = flexrope.precompute_rope_params(D, context_length=32)
+    with torch.no_grad():
+        got = fn(q, k)
+        expected = [compute_rope(n(x), cos, sin, "b s h d", offset=3) for n, x in ((q_norm, q), (k_norm, k))]
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g, e, rtol=0, atol=1e-5)
+
+
+def test_every_q_norm_of_the_installed_transformers_is_matched_or_refused():
+    """Every class a transformers model builds its ``self.q_norm`` from (found in the installed models' source),
+    fused, equals that norm then the rotation, or is refused (its LayerNorms): never a wrong number."""
+    import glob
+    import importlib
+    import os
+    import re
+
+    import transformers
+
+    root = os.path.dirname(transformers.__file__)
+    rope = RotaryEmbedding(D, layout="b s h d", context_length=32)
+    cos, sin = flexrope.precompute_rope_params(D, context_length=32)
+    matched, refused = [], []
+    for path in sorted(glob.glob(f"{root}/models/*/modeling_*.py")):
+        with open(path) as source:
+            names = set(re.findall(r"self\.q_norm = (\w+)\(", source.read()))
+        if not names:
+            continue
+        try:
+            module = importlib.import_module("transformers." + os.path.relpath(path, root)[:-3].replace(os.sep, "."))
+        except ImportError:  # a model needing a package the tests do not install
+            continue
+        for name in sorted(names):
+            try:
+                norm = getattr(module, name)(D, eps=1e-6)
+            except (TypeError, AttributeError):  # built from a config or not a class of (dim, eps)
+                continue
+            if not isinstance(getattr(norm, "weight", None), torch.Tensor):  # no gain: refused, as tested above
+                continue
+            with torch.no_grad():
+                norm.weight.normal_(0.2, 0.5)
+            q = torch.randn(1, 3, 2, D)
+            try:
+                with torch.no_grad():
+                    ours = rope(q, offset=2, q_norm=norm)
+            except FlexRopeError as error:
+                assert "fits neither" in str(error), name
+                refused.append(name)
+                continue
+            with torch.no_grad():
+                theirs = compute_rope(norm(q), cos, sin, "b s h d", offset=2)
+            torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-5, msg=name)
+            matched.append(name)
+    assert len(matched) >= 10 and "Qwen3RMSNorm" in matched and "Gemma3RMSNorm" in matched, matched

@@ -125,10 +125,11 @@ def test_norm_weight_written_through_data_is_not_served_a_stale_gain():
 
 
 def test_module_norm_whose_class_changes_is_read_again():
-    # the offset follows the class's name (Gemma's 1 + weight): a norm given another class between calls was
-    # served the offset remembered for the one before
-    class GemmaRMSNorm(torch.nn.RMSNorm):
-        pass
+    # a norm given another class between calls, one that scales by 1 + weight, was served the offset
+    # remembered for the one before
+    class OnePlusRMSNorm(torch.nn.RMSNorm):
+        def forward(self, x):
+            return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * (1.0 + self.weight)
 
     rope = RotaryEmbedding(16, layout="b h s d", context_length=8)
     cos, sin = flexrope.precompute_rope_params(16, context_length=8)
@@ -136,10 +137,14 @@ def test_module_norm_whose_class_changes_is_read_again():
     norm = torch.nn.RMSNorm(16, eps=1e-6)
     with torch.no_grad():
         rope(x, q_norm=norm)
-        norm.__class__ = GemmaRMSNorm
+        norm.__class__ = OnePlusRMSNorm
         got = rope(x, q_norm=norm)
     expected = flexrope.compute_rope(x, cos, sin, norm_weight=torch.ones(16), norm_eps=1e-6, norm_weight_offset=1.0)
     torch.testing.assert_close(got, expected)
+
+
+def _rms(x, weight, eps):
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight
 
 
 class _ClassEps(torch.nn.Module):
@@ -149,12 +154,18 @@ class _ClassEps(torch.nn.Module):
         super().__init__()
         self.weight = torch.nn.Parameter(torch.ones(16))
 
+    def forward(self, x):
+        return _rms(x, self.weight, self.eps)
+
 
 class _SlotsEps:
     __slots__ = ("weight", "eps", "__weakref__")  # no __dict__ at all
 
     def __init__(self):
         self.weight, self.eps = torch.ones(16), 1.0
+
+    def __call__(self, x):
+        return _rms(x, self.weight, self.eps)
 
 
 class _PropertyEps(torch.nn.Module):
@@ -165,6 +176,9 @@ class _PropertyEps(torch.nn.Module):
     @property
     def variance_epsilon(self):
         return 1.0
+
+    def forward(self, x):
+        return _rms(x, self.weight, self.variance_epsilon)
 
 
 @pytest.mark.parametrize("norm_class", [_ClassEps, _SlotsEps, _PropertyEps])

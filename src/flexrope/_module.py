@@ -14,7 +14,7 @@ from ._functional import bound, checked_flag, checked_positions, parse
 from ._kinds import plain
 from ._positions import RowStarts, Where, assert_values_async, check_values, position_tensor, values_on_host
 from . import _native
-from ._qknorm import check_norm, module_norm, native_applies, norm_settings, normed_rotation
+from ._qknorm import module_norm, native_applies, norm_settings, normed_rotation
 from ._hf_config import check_default_length, layer_rope, settings_from_hf_config
 from ._scaling import frequencies, parse_scaling, softmax_scale_factor
 from ._tables import check_rotary_dim, precompute_rope_params, tables_at
@@ -306,8 +306,9 @@ class RotaryEmbedding(nn.Module):
                 returned; ``q_out=q`` is in place. As torch's ``out=``, no autograd.
             q_norm, k_norm: the attention's QK-norm, applied to each head before the rotation in the same pass:
                 a ``torch.nn.RMSNorm`` over the head dim, or a model's own (``.weight`` and ``.eps`` or
-                ``.variance_epsilon``: transformers' Qwen3RMSNorm; Gemma's norms, by class name, scale by
-                ``1 + weight``), or a tuple (weight, eps, offset). Gradients flow to q, k and the weights.
+                ``.variance_epsilon``: transformers' Qwen3RMSNorm), called once on a probe to learn whether it
+                scales by ``weight`` or, as Gemma's do, by ``1 + weight`` (a norm that is neither, a LayerNorm,
+                is refused); or a tuple (weight, eps, offset). Gradients flow to q, k and the weights.
             q_out_index, k_out_index: integer tensors (s,) or (b, s) of q's (k's) tokens: each token's sequence
                 index in ``q_out`` (``k_out``), as ``compute_rope``'s ``out_index``: a ring buffer or a shared
                 cache written by index, a negative index skipping its token; the out's sequence length may then
@@ -374,8 +375,7 @@ class RotaryEmbedding(nn.Module):
                     settings.append(None)
                     continue
                 # (not module_norm: traced by torch.compile, addresses and versions are not to be read)
-                weight, eps, offset = check_norm(*norm_settings(norm, f"{name}_norm", x.dtype), x, self.head_dim,
-                                                 f"{name}_norm")
+                weight, eps, offset = norm_settings(norm, f"{name}_norm", x, self.head_dim)
                 if out is not None and torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
                     raise FlexRopeError(f"{name}_out= with an input that requires grad: functions with out= "
                                         f"arguments do not support automatic differentiation (as in torch)")

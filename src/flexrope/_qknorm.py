@@ -88,19 +88,77 @@ def _eps_attribute(norm: object) -> object:
     return None
 
 
-def norm_settings(norm: object, name: str, dtype: torch.dtype) -> tuple[torch.Tensor, float, float]:
-    """(weight, eps, offset) of a model's RMSNorm module for an x of ``dtype``: ``torch.nn.RMSNorm`` or anything
-    with ``.weight`` and ``.eps`` or ``.variance_epsilon`` (transformers' Qwen3RMSNorm), offset 1.0 for Gemma's
-    norms (their class name starts with "Gemma": they scale by ``1 + weight``); or a tuple (weight, eps, offset)."""
+_probed: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # norm -> (class, weight dtype, eps, offset)
+
+
+@torch.compiler.assume_constant_result  # (traced by torch.compile: run once while tracing, a constant in the graph)
+def _gain_offset(norm: object, name: str, eps: float) -> float:
+    """0.0 if ``norm`` scales by ``weight``, 1.0 if by ``1 + weight`` (Gemma's), found by calling it once on a
+    probe in its weight's dtype (two rows of head_dim channels with a non-zero mean, the second as small as eps;
+    its hooks run too) and comparing with the formula in float64; remembered per module, its class, its
+    weight's dtype and eps. Anything else (a LayerNorm, another eps, a norm over another axis) is refused: a
+    class name or a source text could not say so, and a wrong offset or a LayerNorm taken for an RMSNorm would
+    give wrong numbers without an error."""
+    weight = norm.weight
+    try:
+        remembered = _probed.get(norm)
+    except TypeError:  # (not weakly referenceable: probed each time)
+        remembered = None
+    if remembered is not None and remembered[:3] == (type(norm), weight.dtype, eps):
+        return remembered[3]
+    d = weight.shape[-1]
+    row = torch.linspace(-1.0, 2.0, d, dtype=torch.float64)  # mean 0.5: a LayerNorm differs
+    rows = [row] + ([row * (eps / row.pow(2).mean()).sqrt()] if eps > 0 else [])  # the second: eps matters
+    probe = torch.stack(rows)
+    try:
+        with torch.no_grad():
+            got = norm(probe.to(weight.dtype).to(weight.device))
+        got = got.detach().to("cpu", torch.float64)
+    except Exception as error:  # (any failure of the caller's module: reported with it)
+        raise FlexRopeError(f"{name} ({type(norm).__name__}) failed on a probe {tuple(probe.shape)} in "
+                            f"{weight.dtype} ({type(error).__name__}: {error}): pass a tuple (weight, eps, offset) "
+                            f"instead") from None
+    probe = probe.to(weight.dtype).double()  # (as the module saw it)
+    w = weight.detach().to("cpu", torch.float64)
+    normed = probe * (probe.pow(2).mean(-1, keepdim=True) + eps).rsqrt()
+    tolerance = 4 * torch.finfo(weight.dtype).eps if weight.dtype != torch.float64 else 1e-12
+    fits = []
+    for offset in (0.0, 1.0):
+        expected = normed * (offset + w)
+        if got.shape == expected.shape and float((got - expected).abs().max()) <= tolerance * (
+                1.0 + float(expected.abs().max())):
+            fits.append(offset)
+    if len(fits) != 1:
+        what = ("fits neither x / sqrt(mean(x^2) + eps) * weight nor * (1 + weight)" if not fits else
+                "fits both * weight and * (1 + weight) within the rounding (its weights are too large to tell)")
+        raise FlexRopeError(f"{name} ({type(norm).__name__}, eps={eps}) {what} on a probe over its {d} channels: "
+                            f"the fused norm is an RMSNorm over the head dim (a LayerNorm subtracts the mean); pass "
+                            f"a tuple (weight, eps, offset) if it is one, or normalise before the rotation")
+    try:
+        _probed[norm] = (type(norm), weight.dtype, eps, fits[0])
+    except TypeError:
+        pass
+    return fits[0]
+
+
+def norm_settings(norm: object, name: str, x: torch.Tensor, head_dim: int) -> tuple[torch.Tensor, float, float]:
+    """(weight, eps, offset) of a model's RMSNorm module for ``x``, checked: ``torch.nn.RMSNorm`` or anything
+    with ``.weight`` and ``.eps`` or ``.variance_epsilon`` (transformers' Qwen3RMSNorm), its offset (1.0 where
+    it scales by ``1 + weight``, as Gemma's do) found by calling it once on a probe (``_gain_offset``); or a
+    tuple (weight, eps, offset)."""
     if isinstance(norm, tuple) and len(norm) == 3:
-        return norm
+        return check_norm(*norm, x, head_dim, name)
     weight, eps = getattr(norm, "weight", None), _eps_attribute(norm)
-    if not isinstance(weight, torch.Tensor):
+    if isinstance(norm, torch.nn.Module) and weight is None and hasattr(norm, "weight"):  # a norm with no gain
+        raise FlexRopeError(f"{name} is a {type(norm).__name__} without a weight (e.g. elementwise_affine=False): "
+                            f"pass a tuple (torch.ones({head_dim}), eps, 0.0)")
+    if not isinstance(weight, torch.Tensor) or not callable(norm):
         raise FlexRopeError(f"{name} is a {type(norm).__name__}: expected an RMSNorm module (.weight and .eps or "
                             f".variance_epsilon, e.g. torch.nn.RMSNorm) or a tuple (weight, eps, offset)")
     if eps is None:  # torch.nn.RMSNorm(eps=None): the machine epsilon of the dtype it computes in, as torch does
-        eps = torch.finfo(compute_dtype(dtype)).eps
-    return weight, eps, 1.0 if type(norm).__name__.startswith("Gemma") else 0.0
+        eps = torch.finfo(compute_dtype(x.dtype)).eps
+    weight, eps, _ = check_norm(weight, eps, 0.0, x, head_dim, name)
+    return weight, eps, _gain_offset(norm, name, eps)
 
 
 _modules: dict[tuple, tuple] = {}
@@ -122,8 +180,8 @@ def _weight_of(norm: object) -> object:
 
 
 def module_norm(norm: object, name: str, x: torch.Tensor, head_dim: int) -> tuple[torch.Tensor, float, float]:
-    """``norm_settings`` then ``check_norm`` of ``norm`` for a CPU ``x``: a module's remembered while it is of the
-    same class (Gemma's offset follows the class), holds the same weight tensor, of the same shape and dtype and
+    """``norm_settings`` of ``norm`` for a CPU ``x``: a module's remembered while it is of the
+    same class, holds the same weight tensor, of the same shape and dtype and
     on the CPU (``.data =`` can change them), and the same eps (a decoding step asks for each layer's two norms
     every call, and the lookups and checks cost more than the loop's work). The weight's values are not
     remembered: the loop reads them at each call."""
@@ -136,7 +194,7 @@ def module_norm(norm: object, name: str, x: torch.Tensor, head_dim: int) -> tupl
                 and _eps_attribute(norm) is eps_attribute and weight.dtype is dtype and weight.ndim == 1
                 and weight.shape[0] == head_dim and weight.is_cpu):
             return (weight, *settings)
-    weight, eps, offset = check_norm(*norm_settings(norm, name, x.dtype), x, head_dim, name)
+    weight, eps, offset = norm_settings(norm, name, x, head_dim)
     try:
         owner = weakref.ref(norm)
     except TypeError:  # a tuple (no weak reference)
