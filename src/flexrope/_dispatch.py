@@ -263,10 +263,11 @@ def _shares_elements(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 
 def check_out(layout: Layout, x: torch.Tensor, out: object, x_name: str = "x", out_name: str = "out",
-              indexed: bool = False) -> bool:
+              indexed: bool = False, own_storages: bool = False) -> bool:
     """Check ``out`` as the tensor ``x``'s rotation is written into, before anything is written: True where it
     is ``x`` itself (the rotation is then in place). ``indexed``: written at the sequence indices of an
-    out_index, so the sequence lengths may differ."""
+    out_index, so the sequence lengths may differ. ``own_storages``: the caller has seen that x and out are in
+    different storages (then no element is looked for in both)."""
     if not isinstance(out, torch.Tensor):
         raise FlexRopeError(f"{out_name} is a {type(out).__name__}: expected a torch.Tensor of {x_name}'s shape")
     if indexed:
@@ -305,7 +306,7 @@ def check_out(layout: Layout, x: torch.Tensor, out: object, x_name: str = "x", o
     if not out.is_contiguous() and torch._debug_has_internal_overlap(out) == 1:
         raise FlexRopeError(f"{out_name} has elements that overlap in memory (strides {out.stride()}, e.g. "
                             f"expanded): each would be written more than once; pass a tensor of its own")
-    if _shares_elements(x, out):
+    if not own_storages and _shares_elements(x, out):
         raise FlexRopeError(
             f"{out_name} overlaps {x_name} in memory without being {x_name} itself (strides {out.stride()} and "
             f"{x.stride()}): {x_name} would be overwritten while it is read; pass {out_name}={x_name} to rotate "

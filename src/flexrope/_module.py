@@ -28,6 +28,17 @@ def _rows(where: Where, seq_len: int) -> tuple[torch.Tensor | range, int | torch
     return positions.flatten(), torch.arange(positions.numel(), device=positions.device).view(positions.shape)
 
 
+def _own_storages(pairs: list[tuple]) -> bool:
+    """Whether the tensors of ``pairs`` ((x, out, name, out_index) of q and k) are each in a storage of their
+    own (an out that is x is not)."""
+    storages = []
+    for x, out, _, _ in pairs:
+        storages.append(x.untyped_storage().data_ptr())
+        if isinstance(out, torch.Tensor):
+            storages.append(out.untyped_storage().data_ptr())
+    return len(set(storages)) == len(storages)
+
+
 def _apart(pairs: list[tuple], outs: list) -> None:
     """Refuse q's out over k or k's out over q (the first one written over the other before it is read), and two
     outs over each other. ``pairs``: (x, out, name, out_index) of q and k; ``outs``: their checked outs."""
@@ -455,17 +466,21 @@ class RotaryEmbedding(nn.Module):
         if all(out is None and index is None for _, out, _, index in pairs):
             return None
         checked = []
+        # q, k and the outs each in a storage of their own (a decoding step's usual case): no element to look for
+        # in two of them (a traced graph has no storages: check_out and _apart know)
+        own = not torch.compiler.is_compiling() and _own_storages(pairs)
         try:
             for x, out, name, index in pairs:
                 if out is None:
                     if index is not None:
                         raise FlexRopeError(f"{name}_out_index= needs {name}_out=, the tensor it indexes")
                     checked.append(None)
-                elif check_out(self.layout, x, out, name, name + "_out", indexed=index is not None):
+                elif check_out(self.layout, x, out, name, name + "_out", indexed=index is not None,
+                               own_storages=own):
                     checked.append(x)
                 else:
                     checked.append(out)
-            if len(pairs) == 2 and not torch.compiler.is_compiling():  # (a traced graph has no addresses)
+            if len(pairs) == 2 and not own and not torch.compiler.is_compiling():
                 _apart(pairs, checked)
         except FlexRopeError as error:
             raise self._context(error, "") from None
