@@ -24,9 +24,10 @@ from flexrope import RotaryEmbedding
 HEADS, KV_HEADS, HEAD_DIM, CACHE = 32, 8, 128, 4096
 
 
-def qwen3_step(seq_len: int, dtype: torch.dtype, device: str = "cpu") -> tuple[str, Callable, dict[str, Callable]]:
-    """The case's name, its floor and the four callables (a)-(d), on ``device`` (bench_gpu times them on CUDA)."""
-    from transformers.models.qwen3.modeling_qwen3 import Qwen3RMSNorm, apply_rotary_pos_emb
+def _operands(seq_len: int, dtype: torch.dtype, device: str, layout: str) -> tuple:
+    """q, k, their Qwen3RMSNorms, q's buffer and k's slot of the cache, in ``layout`` ("b s h d" or "b h s d"),
+    and the first position."""
+    from transformers.models.qwen3.modeling_qwen3 import Qwen3RMSNorm
 
     start = 0 if seq_len > 1 else 2048
     q = torch.randn(1, seq_len, HEADS, HEAD_DIM, device=device).to(dtype)  # "b s h d": as the projections make them
@@ -35,10 +36,21 @@ def qwen3_step(seq_len: int, dtype: torch.dtype, device: str = "cpu") -> tuple[s
     with torch.no_grad():
         q_norm.weight.uniform_(0.5, 1.5), k_norm.weight.uniform_(0.5, 1.5)
     q_norm, k_norm = q_norm.to(device, dtype), k_norm.to(device, dtype)
-    rope = RotaryEmbedding(HEAD_DIM, layout="b s h d", context_length=CACHE, theta_base=1_000_000).to(device)
-    q_buffer = torch.empty_like(q)
     cache_k = torch.zeros(1, CACHE, KV_HEADS, HEAD_DIM, dtype=dtype, device=device)
-    k_slot = cache_k[:, start:start + seq_len]
+    if layout == "b h s d":
+        q, k, cache_k = (t.transpose(1, 2).contiguous() for t in (q, k, cache_k))
+        k_slot = cache_k[:, :, start:start + seq_len]
+    else:
+        k_slot = cache_k[:, start:start + seq_len]
+    return q, k, q_norm, k_norm, torch.empty_like(q), k_slot, start
+
+
+def qwen3_step(seq_len: int, dtype: torch.dtype, device: str = "cpu") -> tuple[str, Callable, dict[str, Callable]]:
+    """The case's name, its floor and the four callables (a)-(d), on ``device`` (bench_gpu times them on CUDA)."""
+    from transformers.models.qwen3.modeling_qwen3 import apply_rotary_pos_emb
+
+    q, k, q_norm, k_norm, q_buffer, k_slot, start = _operands(seq_len, dtype, device, "b s h d")
+    rope = RotaryEmbedding(HEAD_DIM, layout="b s h d", context_length=CACHE, theta_base=1_000_000).to(device)
     # transformers' per-token tables (1, s, d) in the model's dtype, as its rotary module returns them
     cos, sin = (table[start:start + seq_len, :HEAD_DIM][None].to(dtype) for table in (rope.cos, rope.sin))
 
@@ -78,6 +90,29 @@ def cases(seq_len: int, dtype: torch.dtype, rounds: int, number: int) -> list[ha
     return results
 
 
+def other_layouts(dtype: torch.dtype, rounds: int, number: int) -> list[harness.Result]:
+    """(c) at prefill where the common unit does not apply as it is: "b h s d" (a head's tokens side by side) and
+    interleaved pairs, each against its own floor."""
+    results = []
+    for layout, interleaved in (("b h s d", False), ("b s h d", True)):
+        q, k, q_norm, k_norm, q_buffer, k_slot, start = _operands(2048, dtype, "cpu", layout)
+        rope = RotaryEmbedding(HEAD_DIM, layout=layout, context_length=CACHE, theta_base=1_000_000,
+                               interleaved=interleaved)
+
+        def floor():
+            q_buffer.copy_(q), k_slot.copy_(k)
+
+        def fused():
+            rope(q, k, offset=start, q_norm=q_norm, k_norm=k_norm, q_out=q_buffer, k_out=k_slot)
+
+        with torch.inference_mode():
+            seconds, floor_seconds = harness.compare(fused, floor, rounds=rounds, number=number)
+        results.append(harness.Result(f"prefill 2048 {str(dtype).removeprefix('torch.')}",
+                                      f"(c) \"{layout}\"{', interleaved' if interleaved else ''}", seconds,
+                                      floor_seconds, "out.copy_(x)"))
+    return results
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true")
@@ -89,6 +124,7 @@ def main():
         results += cases(1, dtype, rounds, 200)
         results += cases(2048, dtype, rounds, 3)
     print(harness.table([r for r in results if r.floor_name != "(d)"]))
+    print(harness.table([r for dtype in (torch.float32, torch.bfloat16) for r in other_layouts(dtype, rounds, 3)]))
     for case in dict.fromkeys(r.case for r in results):
         by = {r.who[:3]: r for r in results if r.case == case and r.floor_name != "(d)"}
         step = next(r for r in results if r.case == case and r.floor_name == "(d)")
