@@ -105,6 +105,7 @@ def test_bad_out_is_refused_with_nothing_written():
     _refused(r"out has dtype torch.float64 but x has torch.float32", x, cos, sin, "b s h d",
              out=torch.zeros(2, 3, 2, 8, dtype=torch.float64))
     _refused("out is a list", x, cos, sin, "b s h d", out=[0])
+    _refused("out is a torch.sparse_coo tensor", x, cos, sin, "b s h d", out=torch.zeros(2, 3, 2, 8).to_sparse())
     _refused("overlaps x", buffer[:, :3], cos, sin, "b s h d", out=buffer[:, 1:])
     _refused("overlap in memory", x, cos, sin, "b s h d", out=torch.zeros(1, 1, 1, 8).expand(2, 3, 2, 8))
     _refused("position", x, cos, sin, "b s h d", positions=torch.tensor([0, 1, 40]), out=buffer[:, 1:])
@@ -127,6 +128,8 @@ def test_module_bad_k_out_names_k():
     q, k = torch.randn(2, 1, 4, 8), torch.randn(2, 1, 2, 8)
     with pytest.raises(FlexRopeError, match=r"k_out has shape \(2, 1, 4, 8\) but k has \(2, 1, 2, 8\)"):
         rope(q, k, q_out=torch.empty_like(q), k_out=torch.empty_like(q))
+    with pytest.raises(FlexRopeError, match="k_out is a torch.sparse_coo tensor"):
+        rope(q, k, k_out=torch.zeros_like(k).to_sparse())
 
 
 def _index_copied(x, rotated, cache, index, layout):
@@ -159,8 +162,10 @@ def test_bad_out_index_is_refused_with_nothing_written():
     kept = cache.clone()
     _refused("past out's sequence length 5", x, cos, sin, "b s h d", out=cache, out_index=torch.tensor([0, 5, 1]))
     _refused("repeats an index", x, cos, sin, "b s h d", out=cache, out_index=torch.tensor([1, 2, 1]))
-    _refused(r"expected an integer tensor \(3,\) or \(2, 3\)", x, cos, sin, "b s h d", out=cache,
+    _refused(r"expected a dense integer tensor \(3,\) or \(2, 3\)", x, cos, sin, "b s h d", out=cache,
              out_index=torch.tensor([0, 1]))
+    _refused(r"out_index is a torch.int64 sparse_coo tensor of shape \(3,\)", x, cos, sin, "b s h d", out=cache,
+             out_index=torch.tensor([0, 1, 2]).to_sparse())
     _refused("needs out=", x, cos, sin, "b s h d", out_index=torch.tensor([0, 1, 2]))
     assert torch.equal(cache, kept)
     # repeated negative indices are fine: every one of them is skipped

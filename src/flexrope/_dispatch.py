@@ -285,6 +285,9 @@ def check_out(layout: Layout, x: torch.Tensor, out: object, x_name: str = "x", o
                             f"in {x_name}'s dtype; make {out_name} {x.dtype} (or convert after)")
     if out.device != x.device:
         raise FlexRopeError(f"{out_name} is on {out.device} but {x_name} is on {x.device}: keep both on one device")
+    if out.layout != torch.strided:
+        raise FlexRopeError(f"{out_name} is a {out.layout} tensor: the rotation is written into a dense (strided) "
+                            f"one, element by element; pass a dense tensor (and convert the result after, if need be)")
     compiling = torch.compiler.is_compiling()  # a traced graph has no addresses: x itself is out is x there
     if out is x or not compiling and (out.data_ptr() == x.data_ptr() and out.stride() == x.stride()
                                       and out.untyped_storage().data_ptr() == x.untyped_storage().data_ptr()):
@@ -329,8 +332,8 @@ def check_out_index(layout: Layout, x: torch.Tensor, out: torch.Tensor, index: o
     x_c, length = layout.canonical(x), layout.canonical(out).shape[-2]
     b, s = x_c.shape[-4], x_c.shape[-2]
     if (not isinstance(index, torch.Tensor) or index.dtype.is_floating_point or index.dtype.is_complex
-            or index.dtype == torch.bool or index.shape not in ((s,), (b, s))):
-        raise FlexRopeError(f"out_index is a {described(index)}: expected an integer tensor ({s},) or ({b}, {s}), "
+            or index.dtype == torch.bool or index.shape not in ((s,), (b, s)) or index.layout != torch.strided):
+        raise FlexRopeError(f"out_index is a {described(index)}: expected a dense integer tensor ({s},) or ({b}, {s}), "
                             f"each token's sequence index in out")
     if index.device != x.device:
         raise FlexRopeError(f"out_index is on {index.device} but x is on {x.device}: move it with .to(x.device)")

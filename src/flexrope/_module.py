@@ -35,6 +35,8 @@ def _own_storages(pairs: list[tuple]) -> bool:
     for x, out, _, _ in pairs:
         storages.append(x.untyped_storage().data_ptr())
         if isinstance(out, torch.Tensor):
+            if out.layout != torch.strided:  # no storage to tell (check_out refuses it)
+                return False
             storages.append(out.untyped_storage().data_ptr())
     return len(set(storages)) == len(storages)
 
