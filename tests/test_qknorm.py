@@ -441,7 +441,7 @@ def test_module_checks_both_norms_before_anything_is_written(grad):
         with pytest.raises(FlexRopeError, match="k_norm_weight"):
             rope(q, k, q_out=q_out, k_out=k_out, q_norm=good, k_norm=(torch.ones(7), 1e-6, 0.0))
         if grad:
-            with pytest.raises(FlexRopeError, match="k_out= with an input that requires grad"):
+            with pytest.raises(FlexRopeError, match="k_out= with k_norm's weight requiring grad"):
                 rope(q, k, q_out=q_out, k_out=k_out, q_norm=good, k_norm=torch.nn.RMSNorm(8))
             with pytest.raises(FlexRopeError, match="k_out= with k requiring grad"):
                 rope(q, k.clone().requires_grad_(), q_out=q_out, k_out=k_out, q_norm=good)
@@ -456,7 +456,7 @@ def test_norm_weight_requiring_grad_with_out_index_is_refused():
     w = torch.ones(8, requires_grad=True)
     for index in (None, torch.tensor([0, 2, 4])):
         out = cache if index is not None else cache[:, :3]
-        with pytest.raises(FlexRopeError, match="out= with an input that requires grad"):
+        with pytest.raises(FlexRopeError, match="out= with norm_weight requiring grad"):
             compute_rope(x, cos, sin, "b s h d", norm_weight=w, out=out, out_index=index)
     assert cache.abs().sum() == 0 and not cache.requires_grad
 

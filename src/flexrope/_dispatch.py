@@ -227,7 +227,8 @@ RUNNERS.update(triton=_run_triton, traced=_run_each, native=_run_each, compiled=
 def _check_inplace(x: torch.Tensor, asked: str = "inplace=True", instead: str = "pass inplace=False") -> None:
     """Refuse an in-place call (``asked``: how the caller asked for it; ``instead``: what to do) that would fail
     half-way, or write garbage, before anything is written."""
-    if x.is_inference() and not torch.is_inference_mode_enabled():
+    compiling = torch.compiler.is_compiling()  # (a traced graph cannot ask these two: its in-place ops check)
+    if not compiling and x.is_inference() and not torch.is_inference_mode_enabled():
         raise FlexRopeError(f"{asked} on an inference tensor outside inference_mode: {instead}, or rotate inside "
                             f"torch.inference_mode()")
     if torch.is_grad_enabled() and x.requires_grad:
@@ -236,7 +237,7 @@ def _check_inplace(x: torch.Tensor, asked: str = "inplace=True", instead: str = 
             what = "a view of a leaf tensor" if base is not x else "a leaf tensor"
             raise FlexRopeError(f"{asked} on {what} that requires grad: autograd cannot overwrite it; {instead}, "
                                 f"or rotate a tensor computed from it")
-    if overlapping(x):
+    if not compiling and overlapping(x):
         raise FlexRopeError(f"{asked} on a tensor whose elements overlap in memory (shape {tuple(x.shape)}, "
                             f"strides {x.stride()}, e.g. expanded or unfolded): elements would be written more "
                             f"than once; {instead}")
@@ -260,6 +261,19 @@ def _shares_elements(a: torch.Tensor, b: torch.Tensor) -> bool:
     if ends[0][1] < ends[1][0] or ends[1][1] < ends[0][0]:
         return False
     return bool(torch.isin(_offsets(a), _offsets(b)).any())
+
+
+def refuse_grad_into(out_name: str, named: list[tuple[str, torch.Tensor]]) -> None:
+    """Refuse writing into ``out_name`` where autograd would have to follow the result: one of ``named``
+    ((name, tensor): the operand, the out, a norm's weight) requires grad and grad mode is on."""
+    if not torch.is_grad_enabled():
+        return
+    who = next((name for name, t in named if t.requires_grad), None)
+    if who is not None:
+        raise FlexRopeError(
+            f"{out_name}= with {who} requiring grad: functions with out= arguments do not support automatic "
+            f"differentiation (as in torch); write into {out_name} under torch.no_grad() or "
+            f"torch.inference_mode() (as a decoding step runs), or rotate without {out_name}= and copy")
 
 
 def check_out(layout: Layout, x: torch.Tensor, out: object, x_name: str = "x", out_name: str = "out",
@@ -290,30 +304,28 @@ def check_out(layout: Layout, x: torch.Tensor, out: object, x_name: str = "x", o
                             f"one, element by element; pass a dense tensor (and convert the result after, if need be)")
     compiling = torch.compiler.is_compiling()  # a traced graph has no addresses: x itself is out is x there
     if out is x or not compiling and (out.data_ptr() == x.data_ptr() and out.stride() == x.stride()
+                                      and out.shape == x.shape
                                       and out.untyped_storage().data_ptr() == x.untyped_storage().data_ptr()):
         if indexed:
             raise FlexRopeError(f"{out_name} is {x_name} itself with an out_index: its tokens would be overwritten "
                                 f"while they are read; write into another tensor (e.g. the cache)")
         _check_inplace(x, f"{out_name}={x_name}", f"pass a tensor apart from {x_name} as {out_name}")
         return True
-    if torch.is_grad_enabled() and (x.requires_grad or out.requires_grad):
-        who = x_name if x.requires_grad else out_name
-        raise FlexRopeError(
-            f"{out_name}= with {who} requiring grad: functions with out= arguments do not support automatic "
-            f"differentiation (as in torch); rotate without {out_name}= and copy, or call under torch.no_grad()")
+    refuse_grad_into(out_name, [(x_name, x), (out_name, out)])
     if compiling:
         return False
     if out.is_inference() and not torch.is_inference_mode_enabled():
         raise FlexRopeError(f"{out_name} is an inference tensor outside inference_mode: it cannot be written; "
                             f"write inside torch.inference_mode(), or pass another tensor")
-    if not out.is_contiguous() and torch._debug_has_internal_overlap(out) == 1:
+    if not out.is_contiguous() and overlapping(out):
         raise FlexRopeError(f"{out_name} has elements that overlap in memory (strides {out.stride()}, e.g. "
                             f"expanded): each would be written more than once; pass a tensor of its own")
     if not own_storages and _shares_elements(x, out):
         raise FlexRopeError(
             f"{out_name} overlaps {x_name} in memory without being {x_name} itself (strides {out.stride()} and "
-            f"{x.stride()}): {x_name} would be overwritten while it is read; pass {out_name}={x_name} to rotate "
-            f"in place, or a tensor apart from it")
+            f"{x.stride()}): {x_name} would be overwritten while it is read; pass "
+            + ("a tensor apart from it" if indexed else f"{out_name}={x_name} to rotate in place, or a tensor apart "
+                                                        f"from it"))
     if layout.permutation is None:
         view = einops.rearrange(out, layout.to_canonical, **dict(layout.lengths))
         if view.untyped_storage().data_ptr() != out.untyped_storage().data_ptr():
@@ -446,9 +458,9 @@ def rope(rotation: Rotation, cos: torch.Tensor, sin: torch.Tensor, operands: lis
     backend = choose(x, inplace=inplace, numel=numel, into=outs is not None)
     if outs is not None:  # straight to the backend: out= has no autograd, as in torch
         if torch.is_grad_enabled() and any(x_.requires_grad for x_, _ in operands):
-            if any(out is not None and x_.requires_grad for (x_, _), out in zip(operands, outs)):
-                raise FlexRopeError("out= with an input that requires grad: functions with out= arguments do not "
-                                    "support automatic differentiation (as in torch); rotate without out= and copy")
+            for (x_, _), out in zip(operands, outs):
+                if out is not None:
+                    refuse_grad_into("out", [("x", x_)])
             # q through autograd beside k into the cache: each on its own
             return tuple(rope(rotation, cos, sin, [operand], inplace=False, table_len=table_len, inverse=inverse,
                               positions_checked=positions_checked, outs=(out,))[0]

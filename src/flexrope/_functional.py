@@ -8,7 +8,7 @@ import torch
 
 import difflib
 
-from ._dispatch import Rotation, _check_values, check_out, check_out_index, rope, rope_at
+from ._dispatch import Rotation, _check_values, check_out, check_out_index, refuse_grad_into, rope, rope_at
 from ._qknorm import check_norm, normed_rotation
 from ._errors import FlexRopeError, LayoutError, described
 from ._kinds import check_layout, plain
@@ -277,9 +277,8 @@ def compute_rope(
                 index = None if out_index is None else check_out_index(parsed, x, out, out_index)
             if not per_token:
                 _check_values(parsed, x, where, cos.shape[0])
-            if out is not None and torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
-                raise FlexRopeError("out= with an input that requires grad: functions with out= arguments do not "
-                                    "support automatic differentiation (as in torch)")
+            if out is not None:
+                refuse_grad_into("out", [("x", x), ("norm_weight", weight)])
             return normed_rotation(parsed, x, weight, eps, gain_offset, cos, sin, where, shape.s, rotary_dim,
                                    bool(interleaved), out=out, out_index=index)
         if out_index is not None:

@@ -8,7 +8,8 @@ import weakref
 import torch
 from torch import nn
 
-from ._dispatch import Rotation, _shares_elements, check_out, check_out_index, rope, rope_at, write_at
+from ._dispatch import (Rotation, _shares_elements, check_out, check_out_index, refuse_grad_into, rope, rope_at,
+                        write_at)
 from ._errors import FlexRopeError
 from ._functional import bound, checked_flag, checked_positions, parse
 from ._kinds import plain
@@ -382,16 +383,14 @@ class RotaryEmbedding(nn.Module):
             settings = []
             for x, length, where, norm, out, name in operands:  # every operand checked before any is written
                 if norm is None:
-                    if out is not None and torch.is_grad_enabled() and x.requires_grad:
-                        raise FlexRopeError(f"{name}_out= with an input that requires grad: functions with out= "
-                                            f"arguments do not support automatic differentiation (as in torch)")
+                    if out is not None:
+                        refuse_grad_into(f"{name}_out", [(name, x)])
                     settings.append(None)
                     continue
                 # (not module_norm: traced by torch.compile, addresses and versions are not to be read)
                 weight, eps, offset = norm_settings(norm, f"{name}_norm", x, self.head_dim)
-                if out is not None and torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
-                    raise FlexRopeError(f"{name}_out= with an input that requires grad: functions with out= "
-                                        f"arguments do not support automatic differentiation (as in torch)")
+                if out is not None:
+                    refuse_grad_into(f"{name}_out", [(name, x), (f"{name}_norm's weight", weight)])
                 settings.append((weight, eps, offset))
             results = []
             for i, ((x, length, where, norm, out, name), setting) in enumerate(zip(operands, settings)):
