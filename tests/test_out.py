@@ -164,9 +164,9 @@ def test_bad_out_index_is_refused_with_nothing_written():
     kept = cache.clone()
     _refused("past out's sequence length 5", x, cos, sin, "b s h d", out=cache, out_index=torch.tensor([0, 5, 1]))
     _refused("repeats an index", x, cos, sin, "b s h d", out=cache, out_index=torch.tensor([1, 2, 1]))
-    _refused(r"expected a dense integer tensor \(3,\) or \(2, 3\)", x, cos, sin, "b s h d", out=cache,
+    _refused(r"expected an integer tensor \(3,\) or \(2, 3\)", x, cos, sin, "b s h d", out=cache,
              out_index=torch.tensor([0, 1]))
-    _refused(r"out_index is a torch.int64 sparse_coo tensor of shape \(3,\)", x, cos, sin, "b s h d", out=cache,
+    _refused("out_index is a torch.sparse_coo tensor", x, cos, sin, "b s h d", out=cache,
              out_index=torch.tensor([0, 1, 2]).to_sparse())
     _refused("needs out=", x, cos, sin, "b s h d", out_index=torch.tensor([0, 1, 2]))
     _refused(r"out overlaps x in memory without being x itself .*pass a tensor apart from it$", cache[:, :3], cos,

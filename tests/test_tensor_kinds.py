@@ -283,3 +283,59 @@ def test_inplace_refuses_exactly_what_overlaps(tables, name, backend, monkeypatc
     expected = flexrope.compute_rope(before, cos, sin, layout)
     assert flexrope.compute_rope(x, cos, sin, layout, inplace=True) is x
     torch.testing.assert_close(x, expected, rtol=0, atol=1e-6)
+
+
+# outs of kinds a kernel must not write through a pointer, into which q, k (plain or of that kind) are rotated:
+# printed as {"case": max abs difference from rotating plain copies, or what went wrong}
+_OUT_SCRIPT = r"""
+import json, warnings
+warnings.simplefilter("ignore")
+import torch, flexrope
+from torch.testing._internal.logging_tensor import LoggingTensor
+from torch.testing._internal.two_tensor import TwoTensor
+
+torch.manual_seed(0)
+rope = flexrope.RotaryEmbedding(16, layout="b s h d", context_length=32)
+q, k = torch.randn(2, 5, 4, 16), torch.randn(2, 5, 2, 16)
+norm = (torch.rand(16) + 0.5, 1e-6, 0.0)
+expected = {normed: rope(q, k, **(dict(q_norm=norm, k_norm=norm) if normed else {})) for normed in (False, True)}
+kinds = {"two tensor": lambda t: TwoTensor(t, t.clone()), "logging": LoggingTensor}
+plain = lambda t: t.a if isinstance(t, TwoTensor) else t.elem if isinstance(t, LoggingTensor) else t
+results = {}
+for kind, make in kinds.items():
+    for normed, operands_too in ((False, False), (True, False), (False, True)):
+        key = f"{kind}{' normed' if normed else ''}{' operands' if operands_too else ''}"
+        try:
+            q_in, k_in = (make(q), make(k)) if operands_too else (q, k)
+            q_out, k_out = make(torch.zeros_like(q)), make(torch.zeros_like(k))
+            norms = dict(q_norm=norm, k_norm=norm) if normed else {}
+            rope(q_in, k_in, q_out=q_out, k_out=k_out, **norms)
+            single = flexrope.compute_rope(k, rope.cos, rope.sin, "b s h d", out=make(torch.zeros_like(k)),
+                                           **(dict(norm_weight=norm[0], norm_eps=norm[1]) if normed else {}))
+            results[key] = max(float((plain(got) - want).abs().max())
+                               for got, want in zip((q_out, k_out, single), (*expected[normed], expected[normed][1])))
+        except Exception as error:
+            results[key] = f"{type(error).__name__}: {error}"
+try:  # on the meta device nothing has an address: no overlap is read into the shared address 0
+    meta = flexrope.RotaryEmbedding(16, layout="b s h d", context_length=32).to("meta")
+    q_out, k_out = meta(q.to("meta"), k.to("meta"), q_out=torch.empty_like(q, device="meta"),
+                        k_out=torch.empty_like(k, device="meta"))
+    results["meta"] = 0.0 if k_out.shape == k.shape and k_out.is_meta else f"{k_out}"
+except Exception as error:
+    results["meta"] = f"{type(error).__name__}: {error}"
+print(json.dumps(results))
+"""
+
+
+def test_outs_of_every_kind_are_written_by_torch_never_through_a_pointer():
+    """A subclass out (a wrapper whose storage is no memory, a logging tensor) is written by torch's operations,
+    never by the C loop through its pointer (a wrapper's crashed the process), plain operands or not, fused norm
+    or not; meta outs are no overlap. In a subprocess: a crash fails this test instead of ending the run."""
+    env = {**os.environ, "PYTHONPATH": SRC}
+    result = subprocess.run([sys.executable, "-c", _OUT_SCRIPT], capture_output=True, text=True, env=env,
+                            timeout=300)
+    assert result.returncode == 0, f"the process ended with {result.returncode}: {result.stderr[-3000:]}"
+    results = json.loads(result.stdout.strip().splitlines()[-1])
+    assert len(results) == 7, results
+    bad = {key: value for key, value in results.items() if not (isinstance(value, float) and value <= 1e-6)}
+    assert not bad, bad

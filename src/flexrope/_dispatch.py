@@ -33,7 +33,7 @@ from . import _compiled, _eager, _native
 from ._autograd import RUNNERS, Call, apply
 from ._dtensor import DTENSOR_MODULE, check_shards, dtensor_class, from_local
 from ._errors import FlexRopeError, described
-from ._kinds import overlapping, plain
+from ._kinds import check_layout, overlapping, plain
 from ._layout import Layout
 from ._pairs import over_pairs
 from ._positions import (RowStarts, Where, angles_at, assert_values_async, check_values, position_tensor,
@@ -251,10 +251,24 @@ def _offsets(t: torch.Tensor) -> torch.Tensor:
     return offsets.flatten()
 
 
+def storage_address(t: torch.Tensor) -> int | None:
+    """The address of ``t``'s storage (one for all its views), or None where it has no memory flexrope can read:
+    a meta tensor, or a subclass whose storage is its own operations' concern (their writes check it)."""
+    if t.is_meta:
+        return None
+    try:
+        return t.untyped_storage().data_ptr()
+    except (RuntimeError, NotImplementedError):  # (a wrapper subclass: "an invalid python storage")
+        return None
+
+
 def _shares_elements(a: torch.Tensor, b: torch.Tensor) -> bool:
     """Whether ``a`` and ``b`` have an element in common: their address ranges first, then (only where those
     meet, e.g. views into one buffer of q, k and v) element by element."""
-    if a.numel() == 0 or b.numel() == 0 or a.untyped_storage().data_ptr() != b.untyped_storage().data_ptr():
+    if a.numel() == 0 or b.numel() == 0:
+        return False
+    address = storage_address(a)
+    if address is None or address != storage_address(b):
         return False
     ends = [(t.storage_offset(), t.storage_offset() + sum((n - 1) * st for n, st in zip(t.shape, t.stride())))
             for t in (a, b)]
@@ -284,6 +298,7 @@ def check_out(layout: Layout, x: torch.Tensor, out: object, x_name: str = "x", o
     different storages (then no element is looked for in both)."""
     if not isinstance(out, torch.Tensor):
         raise FlexRopeError(f"{out_name} is a {type(out).__name__}: expected a torch.Tensor of {x_name}'s shape")
+    check_layout(out_name, out)
     if indexed:
         x_c, out_c = layout.canonical(x), layout.canonical(out)
         if out.ndim != x.ndim or x_c.shape[:-2] != out_c.shape[:-2] or x_c.shape[-1] != out_c.shape[-1]:
@@ -299,13 +314,11 @@ def check_out(layout: Layout, x: torch.Tensor, out: object, x_name: str = "x", o
                             f"in {x_name}'s dtype; make {out_name} {x.dtype} (or convert after)")
     if out.device != x.device:
         raise FlexRopeError(f"{out_name} is on {out.device} but {x_name} is on {x.device}: keep both on one device")
-    if out.layout != torch.strided:
-        raise FlexRopeError(f"{out_name} is a {out.layout} tensor: the rotation is written into a dense (strided) "
-                            f"one, element by element; pass a dense tensor (and convert the result after, if need be)")
     compiling = torch.compiler.is_compiling()  # a traced graph has no addresses: x itself is out is x there
-    if out is x or not compiling and (out.data_ptr() == x.data_ptr() and out.stride() == x.stride()
-                                      and out.shape == x.shape
-                                      and out.untyped_storage().data_ptr() == x.untyped_storage().data_ptr()):
+    if out is x or not (compiling or own_storages) and (out.shape == x.shape and out.stride() == x.stride()
+                                              and out.storage_offset() == x.storage_offset()
+                                              and storage_address(x) is not None
+                                              and storage_address(out) == storage_address(x)):
         if indexed:
             raise FlexRopeError(f"{out_name} is {x_name} itself with an out_index: its tokens would be overwritten "
                                 f"while they are read; write into another tensor (e.g. the cache)")
@@ -328,7 +341,7 @@ def check_out(layout: Layout, x: torch.Tensor, out: object, x_name: str = "x", o
                                                         f"from it"))
     if layout.permutation is None:
         view = einops.rearrange(out, layout.to_canonical, **dict(layout.lengths))
-        if view.untyped_storage().data_ptr() != out.untyped_storage().data_ptr():
+        if storage_address(view) != storage_address(out):
             raise FlexRopeError(f"{out_name} of strides {out.stride()} cannot be viewed as {layout.text!r} without "
                                 f"a copy (its grouped axes are not adjacent in memory): pass a tensor whose "
                                 f"grouped axes are")
@@ -343,9 +356,11 @@ def check_out_index(layout: Layout, x: torch.Tensor, out: torch.Tensor, index: o
     and duplicates are not looked for (that would sync): which token lands there is then unspecified."""
     x_c, length = layout.canonical(x), layout.canonical(out).shape[-2]
     b, s = x_c.shape[-4], x_c.shape[-2]
+    if isinstance(index, torch.Tensor):
+        check_layout("out_index", index)
     if (not isinstance(index, torch.Tensor) or index.dtype.is_floating_point or index.dtype.is_complex
-            or index.dtype == torch.bool or index.shape not in ((s,), (b, s)) or index.layout != torch.strided):
-        raise FlexRopeError(f"out_index is a {described(index)}: expected a dense integer tensor ({s},) or ({b}, {s}), "
+            or index.dtype == torch.bool or index.shape not in ((s,), (b, s))):
+        raise FlexRopeError(f"out_index is a {described(index)}: expected an integer tensor ({s},) or ({b}, {s}), "
                             f"each token's sequence index in out")
     if index.device != x.device:
         raise FlexRopeError(f"out_index is on {index.device} but x is on {x.device}: move it with .to(x.device)")

@@ -21,8 +21,7 @@ def described(value: object) -> str:
     """What was passed where a tensor was expected, for an error message: "float32 tensor of shape (3,)", or the
     type's name."""
     if isinstance(value, torch.Tensor):
-        layout = "" if value.layout == torch.strided else str(value.layout).removeprefix("torch.") + " "
-        return f"{value.dtype} {layout}tensor of shape {tuple(value.shape)}"
+        return f"{value.dtype} tensor of shape {tuple(value.shape)}"
     return type(value).__name__
 
 

@@ -434,9 +434,9 @@ def prepared(x: torch.Tensor, out: torch.Tensor, cos: torch.Tensor, sin: torch.T
             ) or _library is None and _loaded() is None:
         return None
     if not (plain(x) and plain(cos) and plain(sin) and (isinstance(where, int) or plain(
-            where.starts if isinstance(where, RowStarts) else where))):  # out: x, or made like it
+            where.starts if isinstance(where, RowStarts) else where))):
         return None
-    if out_index is not None and not (plain(out) and plain(out_index)):
+    if not (out is x or plain(out)) or out_index is not None and not plain(out_index):  # (a caller's out too)
         return None
     if weight is not None and not plain(weight):  # (its shape and device checked by the caller)
         return None
